@@ -1,0 +1,29 @@
+"""eligen: entity-level controlled image generation (EliGen) on diffusers FLUX.
+
+``Entity``/``Layout`` are light (numpy and PIL); ``EliGenPipeline`` imports diffusers on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .entities import Entity, Layout, LayoutError, load_layout, save_layout
+
+if TYPE_CHECKING:
+    from .pipeline import EliGenPipeline
+    from .schedules import reference_sigmas
+
+__version__ = "0.1.0"
+__all__ = ["EliGenPipeline", "Entity", "Layout", "LayoutError", "load_layout", "reference_sigmas", "save_layout"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EliGenPipeline":
+        from .pipeline import EliGenPipeline
+
+        return EliGenPipeline
+    if name == "reference_sigmas":
+        from .schedules import reference_sigmas
+
+        return reference_sigmas
+    raise AttributeError(f"module 'eligen' has no attribute {name!r}")

@@ -1,0 +1,428 @@
+"""Entities and layouts: the user-facing data model, mask normalisation and layout JSON I/O.
+
+An entity is a local prompt plus exactly one spatial field:
+
+- ``mask``: a PNG path, PIL image, numpy array or torch tensor at any resolution;
+- ``box``: pixel coordinates ``(x0, y0, x1, y1)`` of the output image;
+- ``polygon``: pixel vertices ``[(x, y), ...]`` of the output image.
+
+Masks are binarised with the reference rule (DESIGN.md section 2): a pixel is on when the mean of its
+channels mapped to [-1, 1] is positive, i.e. an 8-bit value >= 128. Everything here is plain numpy and
+PIL; the tensor maths lives in :mod:`eligen.masks`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+try:  # torch is a hard dependency of the package, but this module must not need it to import.
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+
+MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
+DATA_URI_PREFIX = "data:image/png;base64,"
+
+LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities"})
+ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon"})
+SPATIAL_FIELDS = ("mask", "box", "polygon")
+
+
+class LayoutError(ValueError):
+    """Invalid layout or entity. ``entity`` is the entity index (None for the layout), ``field`` the key."""
+
+    def __init__(self, message: str, *, entity: int | None = None, field: str | None = None):
+        where = []
+        if entity is not None:
+            where.append(f"entity {entity}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.entity = entity
+        self.field = field
+
+
+@dataclass
+class Entity:
+    """A local prompt and where it goes: exactly one of ``mask``, ``box`` or ``polygon``."""
+
+    prompt: str
+    mask: Any = None
+    box: Sequence[float] | None = None
+    polygon: Sequence[Sequence[float]] | None = None
+
+    @property
+    def spatial_field(self) -> str:
+        """Name of the one spatial field that is set (call :meth:`validate` first)."""
+        return next(name for name in SPATIAL_FIELDS if getattr(self, name) is not None)
+
+    def validate(self, index: int, width: int, height: int) -> None:
+        """Raise :class:`LayoutError` naming ``index`` and the field if this entity is malformed."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise LayoutError("the entity prompt is missing or empty; give each entity a non-empty local prompt",
+                              entity=index, field="prompt")
+        present = [name for name in SPATIAL_FIELDS if getattr(self, name) is not None]
+        if len(present) != 1:
+            found = ", ".join(present) if present else "none"
+            raise LayoutError(f"an entity needs exactly one of mask, box or polygon (found: {found})",
+                              entity=index, field="mask/box/polygon")
+        if self.box is not None:
+            _check_box(self.box, index, width, height)
+        elif self.polygon is not None:
+            _check_polygon(self.polygon, index, width, height)
+        else:
+            binarize_mask(self.mask, index=index)
+
+    def rasterize(self, width: int, height: int, index: int = 0) -> np.ndarray:
+        """The entity's binary mask, ``(H, W)`` bool.
+
+        Boxes and polygons are drawn at the output size ``(height, width)``; a mask keeps its own resolution
+        (the caller resizes it to the latent grid with NEAREST, as the reference does).
+        """
+        if self.box is not None:
+            return box_to_mask(self.box, width, height)
+        if self.polygon is not None:
+            return polygon_to_mask(self.polygon, width, height)
+        if self.mask is None:
+            raise LayoutError("an entity needs exactly one of mask, box or polygon (found: none)",
+                              entity=index, field="mask/box/polygon")
+        return binarize_mask(self.mask, index=index)
+
+
+@dataclass
+class Layout:
+    """A global prompt, an output size and the entities: the contents of a layout JSON file."""
+
+    prompt: str
+    width: int
+    height: int
+    entities: list[Entity] = field(default_factory=list)
+    negative_prompt: str | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Check the layout and every entity; raises :class:`LayoutError` naming the first problem."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise LayoutError("the global prompt is missing or empty", field="prompt")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise LayoutError(f"must be a positive integer number of pixels, got {value!r}", field=name)
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise LayoutError(f"must be a string, got {type(self.negative_prompt).__name__}",
+                              field="negative_prompt")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise LayoutError(f"must be an integer, got {self.seed!r}", field="seed")
+        for i, entity in enumerate(self.entities):
+            entity.validate(i, self.width, self.height)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks from arrays, images and tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mask_error(message: str, index: int | None) -> LayoutError:
+    return LayoutError(message, entity=index, field="mask")
+
+
+def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
+    """Open a mask file fully (so unreadable files fail here, not later)."""
+    text = str(path)
+    if text.startswith(DATA_URI_PREFIX):
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(text[len(DATA_URI_PREFIX):], validate=True)))
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - PIL and base64 raise many types
+            raise _mask_error(f"the inline PNG data URI could not be decoded ({exc})", index) from exc
+        return image
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError as exc:
+        raise _mask_error(f"mask file not found: {path}; paths in a layout file are relative to that file",
+                          index) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _mask_error(f"mask file {path} could not be read as an image ({exc})", index) from exc
+
+
+def _binarize_integer(values: np.ndarray, index: int | None) -> np.ndarray:
+    """8-bit rule ``v >= 128`` (16-bit: ``v >= 32768``); a mask holding only 0 and 1 is read as binary."""
+    lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if lo < 0:
+        raise _mask_error(f"integer masks must be non-negative, got a minimum of {lo}", index)
+    if hi <= 1:
+        return values.astype(bool)
+    if values.dtype == np.uint8 or hi <= 255:
+        return values >= 128
+    if values.dtype == np.uint16 or hi <= 65535:
+        return values >= 32768
+    raise _mask_error(f"integer mask values up to {hi} are ambiguous; use 8-bit (0-255), 16-bit, bool or "
+                      "float in [0, 1]", index)
+
+
+def _binarize_float(values: np.ndarray, index: int | None) -> np.ndarray:
+    """Float masks lie in [0, 1]; a pixel is on when ``2v - 1 > 0``."""
+    if not np.all(np.isfinite(values)):
+        raise _mask_error("float mask contains NaN or infinity", index)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        raise _mask_error(f"float masks must lie in [0, 1], got values in [{lo:g}, {hi:g}]; divide 8-bit data "
+                          "by 255 or pass a uint8 array", index)
+    return values > 0.5
+
+
+def _binarize_values(values: np.ndarray, index: int | None) -> np.ndarray:
+    if values.dtype == bool:
+        return values
+    if np.issubdtype(values.dtype, np.integer):
+        return _binarize_integer(values, index)
+    if np.issubdtype(values.dtype, np.floating):
+        return _binarize_float(values.astype(np.float64), index)
+    raise _mask_error(f"unsupported mask dtype {values.dtype}; use bool, uint8, uint16 or float", index)
+
+
+def _binarize_channels(array: np.ndarray, index: int | None) -> np.ndarray:
+    """``(H, W, C)`` with C in 1..4: alpha when it varies, else the mean of the colour channels."""
+    channels = array.shape[2]
+    if channels in (2, 4):
+        alpha = array[..., -1]
+        if alpha.size and alpha.min() != alpha.max():
+            return _binarize_values(alpha, index)
+        array = array[..., :-1]
+    if array.shape[2] == 1:
+        return _binarize_values(array[..., 0], index)
+    if array.dtype == bool:
+        return array.mean(axis=2) > 0.5
+    if np.issubdtype(array.dtype, np.integer):
+        lo, hi = int(array.min(initial=0)), int(array.max(initial=0))
+        if lo < 0 or hi > 65535:
+            raise _mask_error("integer colour masks must lie in 0-255 (8-bit) or 0-65535 (16-bit)", index)
+        full = 1 if hi <= 1 else 255 if (array.dtype == np.uint8 or hi <= 255) else 65535
+        # mean over channels of (v * 2 / full - 1) > 0  <=>  2 * sum(v) > full * C, in exact integers
+        return 2 * array.astype(np.int64).sum(axis=2) > full * array.shape[2]
+    return _binarize_float(array.astype(np.float64).mean(axis=2), index)
+
+
+def _array_from_image(image: Image.Image) -> np.ndarray:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "I;16", "F"):
+        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    array = np.asarray(image)
+    if image.mode == "I;16":
+        array = array.astype(np.uint16)
+    return array
+
+
+def binarize_mask(mask: MaskLike, index: int | None = None) -> np.ndarray:
+    """Normalise any accepted mask to ``(H, W)`` bool with the reference's >= 128 rule.
+
+    Accepts a path (or a ``data:image/png;base64`` URI), a PIL image in any mode, a numpy array
+    ``(H, W)`` / ``(H, W, C)`` or a tensor ``(H, W)`` / ``(C, H, W)`` / ``(1, C, H, W)`` with C in 1..4.
+    """
+    if isinstance(mask, (str, Path)):
+        mask = load_mask_image(mask, index)
+    if isinstance(mask, Image.Image):
+        array = _array_from_image(mask)
+    elif torch is not None and isinstance(mask, torch.Tensor):
+        tensor = mask.detach().cpu()
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim == 3:
+            if tensor.shape[0] not in (1, 2, 3, 4):
+                raise _mask_error(f"tensor masks are (H, W) or (C, H, W) with C <= 4, got {tuple(mask.shape)}",
+                                  index)
+            tensor = tensor.permute(1, 2, 0)
+        if tensor.dtype == torch.bfloat16 or tensor.dtype == torch.float16:
+            tensor = tensor.float()
+        array = tensor.numpy()
+    elif isinstance(mask, np.ndarray):
+        array = mask
+    else:
+        raise _mask_error(f"unsupported mask type {type(mask).__name__}; pass a PNG path, PIL image, numpy array "
+                          "or torch tensor", index)
+    if array.ndim == 3 and array.shape[2] in (1, 2, 3, 4):
+        binary = _binarize_channels(array, index)
+    elif array.ndim == 2:
+        binary = _binarize_values(array, index)
+    else:
+        raise _mask_error(f"mask arrays are (H, W) or (H, W, C) with C <= 4, got shape {array.shape}", index)
+    if binary.shape[0] == 0 or binary.shape[1] == 0:
+        raise _mask_error(f"mask has zero size {binary.shape}", index)
+    return np.ascontiguousarray(binary)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Boxes and polygons
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _numbers(values: Sequence[Any], count: int | None, index: int, name: str) -> list[float]:
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise LayoutError(f"expected numbers, got {values!r}", entity=index, field=name) from exc
+    if count is not None and len(numbers) != count:
+        raise LayoutError(f"expected {count} numbers (x0, y0, x1, y1), got {len(numbers)}", entity=index,
+                          field=name)
+    if not all(math.isfinite(v) for v in numbers):
+        raise LayoutError(f"coordinates must be finite, got {values!r}", entity=index, field=name)
+    return numbers
+
+
+def _check_box(box: Sequence[float], index: int, width: int, height: int) -> None:
+    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence):
+        raise LayoutError(f"a box is [x0, y0, x1, y1] in output pixels, got {box!r}", entity=index, field="box")
+    x0, y0, x1, y1 = _numbers(box, 4, index, "box")
+    if x1 <= x0 or y1 <= y0:
+        raise LayoutError(f"degenerate box {list(box)}: need x1 > x0 and y1 > y0 (pixel corners x0, y0, x1, y1)",
+                          entity=index, field="box")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise LayoutError(f"box {list(box)} lies entirely outside the {width}x{height} image", entity=index,
+                          field="box")
+
+
+def _check_polygon(polygon: Sequence[Sequence[float]], index: int, width: int, height: int) -> None:
+    if isinstance(polygon, (str, bytes)) or not isinstance(polygon, Sequence) or len(polygon) < 3:
+        raise LayoutError(f"a polygon is a list of at least 3 [x, y] vertices, got {polygon!r}", entity=index,
+                          field="polygon")
+    points = []
+    for vertex in polygon:
+        if isinstance(vertex, (str, bytes)) or not isinstance(vertex, Sequence) or len(vertex) != 2:
+            raise LayoutError(f"each polygon vertex is [x, y], got {vertex!r}", entity=index, field="polygon")
+        points.append(_numbers(vertex, None, index, "polygon"))
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if max(xs) <= 0 or max(ys) <= 0 or min(xs) >= width or min(ys) >= height:
+        raise LayoutError(f"polygon lies entirely outside the {width}x{height} image", entity=index,
+                          field="polygon")
+
+
+def box_to_mask(box: Sequence[float], width: int, height: int) -> np.ndarray:
+    """Pixels whose centre lies in ``[x0, x1) x [y0, y1)``: ``(height, width)`` bool."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    xs = np.arange(width) + 0.5
+    ys = np.arange(height) + 0.5
+    cols = (xs >= x0) & (xs < x1)
+    rows = (ys >= y0) & (ys < y1)
+    return rows[:, None] & cols[None, :]
+
+
+def polygon_to_mask(polygon: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
+    """Filled polygon drawn by PIL at the output size: ``(height, width)`` bool."""
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in polygon], fill=255, outline=255)
+    return np.asarray(canvas) >= 128
+
+
+def mask_to_png_data_uri(mask: np.ndarray) -> str:
+    """Encode a bool mask as an inline PNG (0/255, mode L) that :func:`binarize_mask` reads back exactly."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG", optimize=True)
+    return DATA_URI_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout JSON
+# ----------------------------------------------------------------------------------------------------------
+
+
+def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
+    """One entity of a layout file; mask paths resolve against ``base_dir`` and are read right away."""
+    if not isinstance(data, dict):
+        raise LayoutError(f"each entity is a JSON object, got {type(data).__name__}", entity=index)
+    unknown = sorted(set(data) - ENTITY_KEYS)
+    if unknown:
+        raise LayoutError(f"unknown key(s) {unknown}; an entity has 'prompt' and one of 'mask', 'box', 'polygon'",
+                          entity=index, field=unknown[0])
+    mask = data.get("mask")
+    if mask is not None:
+        if not isinstance(mask, str) or not mask:
+            raise LayoutError("a mask in a layout file is a PNG path (relative to the file) or a PNG data URI",
+                              entity=index, field="mask")
+        if not mask.startswith(DATA_URI_PREFIX):
+            path = Path(mask)
+            mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+        load_mask_image(mask, index)  # unreadable files fail now, not mid-generation
+    return Entity(prompt=data.get("prompt"), mask=mask, box=data.get("box"), polygon=data.get("polygon"))
+
+
+def layout_from_dict(data: Any, base_dir: str | Path | None = None) -> Layout:
+    """Build and validate a :class:`Layout` from parsed JSON."""
+    if not isinstance(data, dict):
+        raise LayoutError(f"a layout is a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - LAYOUT_KEYS)
+    if unknown:
+        raise LayoutError(f"unknown key(s) {unknown}; allowed: {sorted(LAYOUT_KEYS)}", field=unknown[0])
+    for required in ("prompt", "width", "height"):
+        if required not in data:
+            raise LayoutError("is required", field=required)
+    entities = data.get("entities", [])
+    if not isinstance(entities, list):
+        raise LayoutError("must be a list of entity objects", field="entities")
+    base = Path(base_dir) if base_dir is not None else None
+    layout = Layout(
+        prompt=data["prompt"],
+        width=data["width"],
+        height=data["height"],
+        entities=[entity_from_dict(e, i, base) for i, e in enumerate(entities)],
+        negative_prompt=data.get("negative_prompt"),
+        seed=data.get("seed"),
+    )
+    layout.validate()
+    return layout
+
+
+def load_layout(path: str | Path) -> Layout:
+    """Read a layout JSON file; mask paths inside are relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LayoutError(f"cannot read layout file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LayoutError(f"{path} is not valid JSON: {exc}") from exc
+    return layout_from_dict(data, base_dir=path.parent)
+
+
+def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:
+    """JSON form of an entity. With ``embed_masks`` the mask becomes an inline PNG, so the dict is self-contained."""
+    out: dict[str, Any] = {"prompt": entity.prompt}
+    if entity.box is not None:
+        out["box"] = [float(v) for v in entity.box]
+    elif entity.polygon is not None:
+        out["polygon"] = [[float(x), float(y)] for x, y in entity.polygon]
+    elif embed_masks or not isinstance(entity.mask, (str, Path)):
+        out["mask"] = mask_to_png_data_uri(binarize_mask(entity.mask))
+    else:
+        out["mask"] = str(entity.mask)
+    return out
+
+
+def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
+    """JSON form of a layout (inverse of :func:`layout_from_dict`)."""
+    out: dict[str, Any] = {"prompt": layout.prompt, "width": layout.width, "height": layout.height}
+    if layout.negative_prompt is not None:
+        out["negative_prompt"] = layout.negative_prompt
+    if layout.seed is not None:
+        out["seed"] = layout.seed
+    out["entities"] = [entity_to_dict(e, embed_masks) for e in layout.entities]
+    return out
+
+
+def save_layout(layout: Layout, path: str | Path, embed_masks: bool = True) -> None:
+    Path(path).write_text(json.dumps(layout_to_dict(layout, embed_masks), indent=2) + "\n", encoding="utf-8")

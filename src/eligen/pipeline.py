@@ -1,0 +1,360 @@
+"""EliGenPipeline: diffusers' FluxPipeline with entity prompts and regional attention (DESIGN.md section 2).
+
+The text sequence is ``[e_1 | ... | e_N | global]`` (each entity T5-encoded exactly like the global prompt),
+all text RoPE ids are zero, the pooled CLIP vector comes from the global prompt alone, and one bool mask
+``(1, 1, L, L)`` built per call and CFG branch reaches every attention layer through
+``joint_attention_kwargs["attention_mask"]``. With no entities every step is stock FluxPipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from .attention import check_regional_attention_support
+from .entities import Entity, LayoutError, binarize_mask
+from .masks import latent_grid_size, mask_tokens, regional_attention_mask
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class EntityBatch:
+    """Entities resolved for one call: text segments ``(B, T_i, D)`` and token covers ``(1, N, n_img)``."""
+
+    embeds: list[torch.Tensor]
+    cover: torch.Tensor
+
+    @property
+    def lengths(self) -> list[int]:
+        return [e.shape[1] for e in self.embeds]
+
+    def context(self, global_embeds: torch.Tensor) -> torch.Tensor:
+        """``[e_1 | ... | e_N | global]`` along the sequence axis: ``(B, sum T_i + T, D)``."""
+        return torch.cat([*self.embeds, global_embeds], dim=1)
+
+    def mask(self, global_length: int) -> torch.Tensor:
+        return regional_attention_mask(self.cover, self.lengths, global_length)
+
+
+def _broadcast_batch(embeds: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """``(T, D)``, ``(1, T, D)`` or ``(batch, T, D)`` -> ``(batch, T, D)``."""
+    if embeds.ndim == 2:
+        embeds = embeds.unsqueeze(0)
+    if embeds.ndim != 3 or embeds.shape[0] not in (1, batch):
+        raise ValueError(f"{what} must be (T, D), (1, T, D) or ({batch}, T, D), got {tuple(embeds.shape)}")
+    return embeds.expand(batch, -1, -1)
+
+
+class EliGenPipeline(FluxPipeline):
+    """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``."""
+
+    # ------------------------------------------------------------------------------------------------------
+    # Entities -> text segments and token covers
+    # ------------------------------------------------------------------------------------------------------
+
+    def entity_token_covers(
+        self, masks: Sequence[Any], height: int, width: int, fields: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Binary masks of any resolution -> ``(1, N, n_img)`` bool covers on this pipeline's token grid.
+
+        Raises :class:`LayoutError` naming the entity whose mask covers no token.
+        """
+        lat_h, lat_w = latent_grid_size(height, width, self.vae_scale_factor)
+        covers = []
+        for i, mask in enumerate(masks):
+            binary = mask if isinstance(mask, np.ndarray) and mask.dtype == bool else binarize_mask(mask, index=i)
+            cover = mask_tokens(binary, height, width, self.vae_scale_factor)
+            if not cover.any():
+                field = fields[i] if fields is not None else "mask"
+                raise LayoutError(
+                    f"the {field} covers no token at the {lat_w}x{lat_h} latent grid of a {width}x{height} image "
+                    f"(one token = {self.vae_scale_factor * 2}x{self.vae_scale_factor * 2} pixels); make it larger",
+                    entity=i, field=field,
+                )
+            covers.append(cover)
+        n_img = (lat_h // 2) * (lat_w // 2)
+        stacked = torch.stack(covers) if covers else torch.zeros(0, n_img, dtype=torch.bool)
+        return stacked.unsqueeze(0)
+
+    def _resolve_entities(
+        self,
+        entities: Sequence[Entity] | None,
+        entity_prompts: Sequence[str] | None,
+        entity_prompt_embeds: Sequence[torch.Tensor] | None,
+        entity_masks: Sequence[Any] | None,
+        height: int,
+        width: int,
+        batch: int,
+        max_sequence_length: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> EntityBatch | None:
+        """Validate the entity arguments and encode them; None when there are no entities."""
+        if entities is not None and (entity_prompts is not None or entity_prompt_embeds is not None
+                                     or entity_masks is not None):
+            raise ValueError("pass either `entities` or `entity_prompts`/`entity_prompt_embeds` + `entity_masks`")
+        if entity_prompts is not None and entity_prompt_embeds is not None:
+            raise ValueError("pass either `entity_prompts` or `entity_prompt_embeds`, not both")
+        fields: list[str] | None = None
+        if entities is not None:
+            entities = list(entities)
+            for i, entity in enumerate(entities):
+                if not isinstance(entity, Entity):
+                    raise TypeError(f"entities[{i}] must be an eligen.Entity, got {type(entity).__name__}")
+                entity.validate(i, width, height)
+            entity_prompts = [e.prompt for e in entities]
+            entity_masks = [e.rasterize(width, height, i) for i, e in enumerate(entities)]
+            fields = [e.spatial_field for e in entities]
+        texts = entity_prompts if entity_prompts is not None else entity_prompt_embeds
+        if texts is None and entity_masks is None:
+            return None
+        if texts is None or entity_masks is None or len(texts) != len(entity_masks):
+            raise ValueError(
+                "entity prompts (or `entity_prompt_embeds`) and `entity_masks` must be given together, one mask per "
+                f"entity; got {0 if texts is None else len(texts)} prompts and "
+                f"{0 if entity_masks is None else len(entity_masks)} masks"
+            )
+        if len(texts) == 0:
+            return None
+        cover = self.entity_token_covers(entity_masks, height, width, fields).to(device)
+        if entity_prompts is not None:
+            for i, text in enumerate(entity_prompts):
+                if not isinstance(text, str) or not text.strip():
+                    raise LayoutError("the entity prompt is missing or empty", entity=i, field="prompt")
+            encoded = self._get_t5_prompt_embeds(
+                prompt=list(entity_prompts), max_sequence_length=max_sequence_length, device=device
+            )
+            embeds = [_broadcast_batch(e, batch, "entity prompt embeds") for e in encoded.unsqueeze(1)]
+        else:
+            embeds = [
+                _broadcast_batch(e.to(device=device, dtype=dtype), batch, f"entity_prompt_embeds[{i}]")
+                for i, e in enumerate(entity_prompt_embeds)
+            ]
+        return EntityBatch(embeds=embeds, cover=cover)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Schedule
+    # ------------------------------------------------------------------------------------------------------
+
+    def _timesteps(
+        self, num_inference_steps: int, sigmas: Sequence[float] | None, shift_sigmas: bool, image_seq_len: int,
+        device: torch.device,
+    ):
+        """Set up the scheduler exactly as FluxPipeline does; ``shift_sigmas=False`` uses ``sigmas`` verbatim."""
+        scheduler = self.scheduler
+        if not shift_sigmas:
+            if sigmas is None:
+                raise ValueError("`shift_sigmas=False` needs explicit `sigmas`, e.g. eligen.reference_sigmas(50)")
+            # shift 1 without dynamic shifting is the identity, so the given sigmas are used exactly.
+            scheduler = type(self.scheduler).from_config(self.scheduler.config, use_dynamic_shifting=False, shift=1.0)
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas,
+                                                            mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, timesteps, num_inference_steps
+
+    # ------------------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------------------
+
+    def _velocity(
+        self, latents, timestep, guidance, pooled, context, text_ids, image_ids, mask, cache_name: str
+    ) -> torch.Tensor:
+        """One transformer forward; ``mask`` (or None) reaches every attention layer."""
+        attention_kwargs = dict(self._joint_attention_kwargs)
+        if mask is not None:
+            attention_kwargs["attention_mask"] = mask
+        with self.transformer.cache_context(cache_name):
+            return self.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=context,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                joint_attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        entities: Sequence[Entity] | None = None,
+        entity_prompts: Sequence[str] | None = None,
+        entity_prompt_embeds: Sequence[torch.Tensor] | None = None,
+        entity_masks: Sequence[Any] | None = None,
+        entities_on_negative: bool = False,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: Sequence[float] | None = None,
+        shift_sigmas: bool = True,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+    ) -> FluxPipelineOutput | tuple:
+        r"""Generate images with entity control.
+
+        Args beyond diffusers' FluxPipeline:
+            entities: :class:`eligen.Entity` list (a prompt and one of mask / box / polygon each).
+            entity_prompts / entity_prompt_embeds: the entity texts, or their T5 embeddings ``(T, D)``,
+                ``(1, T, D)`` or ``(B, T, D)`` each (the low-level path), with ``entity_masks``.
+            entity_masks: one mask per entity (PIL image, numpy array or tensor, any resolution).
+            entities_on_negative: the reference's "enable on negative": run the negative CFG branch with the
+                negative prompt copied into every entity slot under the same masks. Default: no entities there.
+            shift_sigmas: with False, ``sigmas`` are used verbatim (e.g. ``eligen.reference_sigmas(50)``);
+                with True (default) they are shifted by the scheduler exactly as in FluxPipeline.
+        """
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        self.check_inputs(
+            prompt, prompt_2, height, width,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            max_sequence_length=max_sequence_length,
+        )
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = dict(joint_attention_kwargs or {})
+        self._current_timestep = None
+        self._interrupt = False
+
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        batch = batch_size * num_images_per_prompt
+        device = self._execution_device
+        lora_scale = self._joint_attention_kwargs.get("scale", None)
+        has_neg_prompt = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
+        )
+        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+
+        # 1. Text: global prompt (T5 sequence + pooled CLIP), entity segments, negative prompt.
+        prompt_embeds, pooled_prompt_embeds, _ = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length, lora_scale=lora_scale,
+        )
+        ents = self._resolve_entities(
+            entities, entity_prompts, entity_prompt_embeds, entity_masks, height, width, batch,
+            max_sequence_length, device, prompt_embeds.dtype,
+        )
+        context, mask = prompt_embeds, None
+        if ents is not None:
+            check_regional_attention_support(self.transformer)
+            context = ents.context(prompt_embeds)
+            mask = ents.mask(prompt_embeds.shape[1])
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
+                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
+            )
+            neg_context, neg_mask = negative_prompt_embeds, None
+            if ents is not None and entities_on_negative:
+                neg_ents = EntityBatch([negative_prompt_embeds] * len(ents.embeds), ents.cover)
+                neg_context = neg_ents.context(negative_prompt_embeds)
+                same_shape = neg_ents.lengths == ents.lengths and neg_context.shape[1] == context.shape[1]
+                neg_mask = mask if same_shape else neg_ents.mask(negative_prompt_embeds.shape[1])
+        text_dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
+        text_ids = torch.zeros(context.shape[1], 3, device=device, dtype=text_dtype)
+        if do_true_cfg:
+            neg_text_ids = torch.zeros(neg_context.shape[1], 3, device=device, dtype=text_dtype)
+
+        # 2. Latents, schedule, embedded guidance.
+        num_channels_latents = self.transformer.config.in_channels // 4
+        latents, image_ids = self.prepare_latents(
+            batch, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        if ents is not None and ents.cover.shape[-1] != latents.shape[1]:
+            raise ValueError(f"`latents` hold {latents.shape[1]} tokens but the entity masks were rasterised for "
+                             f"{ents.cover.shape[-1]} ({width}x{height}); pass matching height/width")
+        scheduler, timesteps, num_inference_steps = self._timesteps(
+            num_inference_steps, sigmas, shift_sigmas, latents.shape[1], device
+        )
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * scheduler.order, 0)
+        self._num_timesteps = len(timesteps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+
+        # 3. Denoising loop: Euler steps on the (true-CFG-combined) velocity.
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                velocity = self._velocity(latents, timestep, guidance, pooled_prompt_embeds, context, text_ids,
+                                          image_ids, mask, "cond")
+                if do_true_cfg:
+                    neg_velocity = self._velocity(latents, timestep, guidance, negative_pooled_prompt_embeds,
+                                                  neg_context, neg_text_ids, image_ids, neg_mask, "uncond")
+                    velocity = neg_velocity + true_cfg_scale * (velocity - neg_velocity)
+                latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    state = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
+                    progress_bar.update()
+        self._current_timestep = None
+
+        # 4. Decode.
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            latents = latents.to(get_module_execution_device(self.vae))
+            image = self.vae.decode(latents, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return FluxPipelineOutput(images=image)

@@ -1,0 +1,1 @@
+"""Tiny FLUX-architecture models built locally from config objects (no download)."""
