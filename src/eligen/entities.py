@@ -127,6 +127,22 @@ class Layout:
         for i, entity in enumerate(self.entities):
             entity.validate(i, self.width, self.height)
 
+    def resized(self, width: int, height: int) -> Layout:
+        """The same layout at another output size: boxes and polygons scale with it, masks are size-free."""
+        sx, sy = width / self.width, height / self.height
+
+        def scale(entity: Entity) -> Entity:
+            box = None if entity.box is None else [entity.box[0] * sx, entity.box[1] * sy,
+                                                   entity.box[2] * sx, entity.box[3] * sy]
+            polygon = None if entity.polygon is None else [[x * sx, y * sy] for x, y in entity.polygon]
+            return Entity(entity.prompt, mask=entity.mask, box=box, polygon=polygon)
+
+        return Layout(self.prompt, width, height, [scale(e) for e in self.entities], self.negative_prompt, self.seed)
+
+    def masks(self) -> list[np.ndarray]:
+        """Every entity rasterised: ``(H, W)`` bool each (boxes and polygons at the output size)."""
+        return [e.rasterize(self.width, self.height, i) for i, e in enumerate(self.entities)]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Masks from arrays, images and tensors

@@ -61,6 +61,17 @@ class EliGenPipeline(FluxPipeline):
     # Entities -> text segments and token covers
     # ------------------------------------------------------------------------------------------------------
 
+    def encode_entity_prompts(
+        self, prompts: Sequence[str], max_sequence_length: int = 512, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """T5-encode entity prompts exactly like the global prompt (same padding): ``(N, T, D)``."""
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str) or not text.strip():
+                raise LayoutError("the entity prompt is missing or empty", entity=i, field="prompt")
+        return self._get_t5_prompt_embeds(
+            prompt=list(prompts), max_sequence_length=max_sequence_length, device=device or self._execution_device
+        )
+
     def entity_token_covers(
         self, masks: Sequence[Any], height: int, width: int, fields: Sequence[str] | None = None
     ) -> torch.Tensor:
@@ -127,12 +138,7 @@ class EliGenPipeline(FluxPipeline):
             return None
         cover = self.entity_token_covers(entity_masks, height, width, fields).to(device)
         if entity_prompts is not None:
-            for i, text in enumerate(entity_prompts):
-                if not isinstance(text, str) or not text.strip():
-                    raise LayoutError("the entity prompt is missing or empty", entity=i, field="prompt")
-            encoded = self._get_t5_prompt_embeds(
-                prompt=list(entity_prompts), max_sequence_length=max_sequence_length, device=device
-            )
+            encoded = self.encode_entity_prompts(entity_prompts, max_sequence_length, device)
             embeds = [_broadcast_batch(e, batch, "entity prompt embeds") for e in encoded.unsqueeze(1)]
         else:
             embeds = [

@@ -1,0 +1,83 @@
+"""Configs as validated dataclasses, and the one mapping from their fields to CLI flags.
+
+A field's ``metadata`` holds its ``help`` text and optionally ``flag`` (default ``--field-name``), ``short``,
+``choices``, ``repeat`` (a list filled by repeating the flag) and ``positional``. The CLI builds its
+parser from these fields, so every flag is a config field and every config field is a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def option(default: Any = None, help: str = "", **meta: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with CLI metadata."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def _scalar_type(annotation: Any) -> type:
+    """``int | None`` -> int, ``list[str]`` -> str, ``bool`` -> bool."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0])
+    if origin is list:
+        return _scalar_type(typing.get_args(annotation)[0])
+    return annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        kind = _scalar_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = meta.get("help", "")
+        if default not in (None, [], False):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
+        if meta.get("positional"):
+            kwargs.pop("dest")
+            kwargs["default"] = None  # argparse would run type() on SUPPRESS; None means "not given"
+            parser.add_argument(f.name, nargs="?", type=kind, **kwargs)
+            continue
+        names = [meta.get("flag", "--" + f.name.replace("_", "-"))]
+        if "short" in meta:
+            names.insert(0, meta["short"])
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = meta.get("metavar", f.name.upper())
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+                kwargs.pop("metavar")
+            if meta.get("repeat"):
+                kwargs["action"] = "append"
+        parser.add_argument(*names, **kwargs)
+
+
+def config_from_mapping(cls: type, *layers: Mapping[str, Any]):
+    """Build ``cls`` from defaults overlaid by each mapping in turn (later wins); unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        unknown = sorted(set(layer) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+        values.update(layer)
+    return cls(**values)

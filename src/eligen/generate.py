@@ -1,0 +1,201 @@
+"""The main job: a layout in, a PNG out (with its layout and parameters in the PNG's metadata)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from . import __version__
+from .config import DTYPES, option
+from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
+from .overlay import render_overlay
+
+METADATA_KEY = "eligen"
+# Fields that describe the output files or the run, not the image: never read back by --from.
+RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device")
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `eligen generate` reads. The CLI flags are built from these fields."""
+
+    layout: Path | None = option(None, "layout JSON file (prompt, width, height, entities)", positional=True)
+    output: Path | None = option(None, "output PNG path", short="-o", flag="--output", metavar="OUT.png")
+    from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
+                                   "(other flags override it)", flag="--from", metavar="PNG")
+    model: str | None = option(None, "diffusers FLUX pipeline directory or hub id")
+    lora: list[str] = option([], "LoRA weights file or directory to load (repeat to stack)", repeat=True,
+                             metavar="PATH")
+    steps: int = option(50, "number of denoising steps")
+    true_cfg: float = option(3.0, "true CFG scale; 1 disables the negative pass")
+    guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
+    seed: int | None = option(None, "random seed (default: the layout's seed, else a random one; always recorded)")
+    height: int | None = option(None, "output height in pixels (default: the layout's; boxes and polygons scale)")
+    width: int | None = option(None, "output width in pixels (default: the layout's; boxes and polygons scale)")
+    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
+                               choices=sorted(DTYPES))
+    overlay: bool = option(False, "also write OUT_overlay.png: every entity mask tinted and labelled")
+    max_sequence_length: int = option(512, "T5 tokens per prompt segment (FLUX and the released LoRA use 512)")
+    entities_on_negative: bool = option(False, "reference behaviour: also apply the entities on the negative "
+                                        "CFG pass (with the negative prompt in every entity slot)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("layout", "output", "from_png"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.true_cfg < 1:
+            raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
+        if self.guidance < 0:
+            raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def recorded(self) -> dict[str, Any]:
+        """The parameters stored in the PNG (everything that shapes the image)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
+
+
+@dataclass
+class GenerateResult:
+    image: Image.Image
+    path: Path
+    overlay_path: Path | None
+    metadata: dict[str, Any]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def overlay_path_for(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_overlay.png")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The eligen record stored in a PNG by :func:`save_png`."""
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path} as a PNG: {exc}") from exc
+    if text is None:
+        raise ValueError(f"{path} carries no eligen metadata (was it written by `eligen generate`?)")
+    return json.loads(text)
+
+
+def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
+    """Write ``image`` with ``metadata`` as iTXt, atomically (temp file + rename), creating parent folders."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(metadata, separators=(",", ":")))
+    info.add_text("Software", f"eligen {__version__}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> Layout:
+    """The layout to render: from the file or the stored record, resized if asked, validated."""
+    if stored_layout is not None:
+        layout = layout_from_dict(stored_layout)
+    elif config.layout is not None:
+        layout = load_layout(config.layout)
+    else:
+        raise ValueError("give a layout JSON file or --from PNG")
+    width, height = config.width or layout.width, config.height or layout.height
+    if (width, height) != (layout.width, layout.height):
+        layout = layout.resized(width, height)
+        layout.validate()
+    return layout
+
+
+def load_pipeline(model: str, device: str, dtype: str, loras: list[str]):
+    """``EliGenPipeline.from_pretrained`` on ``device`` in ``dtype``, with LoRAs stacked at weight 1."""
+    from .pipeline import EliGenPipeline
+
+    pipe = EliGenPipeline.from_pretrained(model, dtype=DTYPES[dtype])
+    pipe.to(device)
+    names = []
+    for i, lora in enumerate(loras):
+        name = f"lora_{i}"
+        pipe.load_lora_weights(lora, adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, [1.0] * len(names))
+    return pipe
+
+
+def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None, pipe=None) -> GenerateResult:
+    """Render a layout to ``config.output`` (and an overlay), recording layout and parameters in the PNG."""
+    if config.output is None:
+        raise ValueError("give an output path with -o OUT.png")
+    if config.model is None:
+        raise ValueError("give a model with --model (a diffusers FLUX directory or hub id)")
+    layout = resolve_layout(config, stored_layout)
+    seed = config.seed if config.seed is not None else layout.seed
+    if seed is None:
+        seed = secrets.randbelow(2**32)
+    device = config.device or default_device()
+    dtype = config.dtype or default_dtype(device)
+    if pipe is None:
+        pipe = load_pipeline(config.model, device, dtype, config.lora)
+    pipe.set_progress_bar_config(disable=not config.progress)
+    negative = layout.negative_prompt
+    if negative is None and config.true_cfg > 1:
+        negative = ""
+    image = pipe(
+        prompt=layout.prompt,
+        negative_prompt=negative,
+        entities=layout.entities,
+        height=layout.height,
+        width=layout.width,
+        num_inference_steps=config.steps,
+        true_cfg_scale=config.true_cfg,
+        guidance_scale=config.guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=config.max_sequence_length,
+        entities_on_negative=config.entities_on_negative,
+        output_type="pil",
+    ).images[0]
+    params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
+    metadata = {
+        "version": __version__,
+        "layout": layout_to_dict(layout, embed_masks=True),
+        "params": params,
+        "environment": {"device": device, "torch": torch.__version__},
+    }
+    save_png(image, config.output, metadata)
+    overlay_path = None
+    if config.overlay:
+        overlay_path = overlay_path_for(config.output)
+        overlay = render_overlay(image, layout.masks(), [e.prompt for e in layout.entities])
+        save_png(overlay, overlay_path, metadata)
+    return GenerateResult(image=image, path=config.output, overlay_path=overlay_path, metadata=metadata)

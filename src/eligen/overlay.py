@@ -1,0 +1,58 @@
+"""Pictures people look at: entity masks tinted and labelled over the generated image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .masks import resize_nearest
+
+PALETTE = [
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+]
+MIN_OVERLAY_SIDE = 512
+TINT = 0.45
+
+
+def entity_colour(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (or on the image border)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def render_overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequence[str]) -> Image.Image:
+    """Tint each mask over ``image`` in its own colour, outline it and label it with its prompt.
+
+    Small images are enlarged (NEAREST) so that the labels stay readable.
+    """
+    scale = max(1, MIN_OVERLAY_SIDE // max(image.size))
+    width, height = image.width * scale, image.height * scale
+    base = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.NEAREST)).astype(np.float32)
+    resized = [resize_nearest(m, height, width) for m in masks]
+    for i, mask in enumerate(resized):
+        colour = np.array(entity_colour(i), dtype=np.float32)
+        base[mask] = (1 - TINT) * base[mask] + TINT * colour
+        base[_edges(mask)] = colour
+    canvas = Image.fromarray(base.round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(12, height // 40))
+    for i, (mask, label) in enumerate(zip(resized, labels, strict=True)):
+        rows, cols = np.nonzero(mask)
+        if rows.size == 0:
+            continue
+        text = f"{i}: {label}" if len(label) <= 48 else f"{i}: {label[:45]}..."
+        x, y = int(cols.min()) + 2, int(rows.min()) + 2
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        x -= max(0, right - width + 2)
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=entity_colour(i))
+        draw.text((x, y), text, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    return canvas
