@@ -74,8 +74,8 @@ def test_console_script_installed():
 
 def test_every_config_field_is_a_flag():
     parser = build_parser()
-    generate_parser = parser._subparsers._group_actions[0].choices["generate"]  # noqa: SLF001
-    dests = {action.dest for action in generate_parser._actions}  # noqa: SLF001
+    generate_parser = parser._subparsers._group_actions[0].choices["generate"]
+    dests = {action.dest for action in generate_parser._actions}
     for field in dataclasses.fields(GenerateConfig):
         assert field.name in dests, field.name
 

@@ -19,7 +19,7 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def option(default: Any = None, help: str = "", **meta: Any) -> Any:  # noqa: A002 - mirrors argparse
+def option(default: Any = None, help: str = "", **meta: Any) -> Any:
     """A dataclass field with CLI metadata."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})

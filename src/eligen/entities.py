@@ -160,7 +160,7 @@ def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(base64.b64decode(text[len(DATA_URI_PREFIX):], validate=True)))
             image.load()
-        except Exception as exc:  # noqa: BLE001 - PIL and base64 raise many types
+        except Exception as exc:
             raise _mask_error(f"the inline PNG data URI could not be decoded ({exc})", index) from exc
         return image
     try:
@@ -170,7 +170,7 @@ def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
     except FileNotFoundError as exc:
         raise _mask_error(f"mask file not found: {path}; paths in a layout file are relative to that file",
                           index) from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _mask_error(f"mask file {path} could not be read as an image ({exc})", index) from exc
 
 
