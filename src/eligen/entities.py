@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 try:  # torch is a hard dependency of the package, but this module must not need it to import.
     import torch
@@ -337,10 +337,22 @@ def box_to_mask(box: Sequence[float], width: int, height: int) -> np.ndarray:
 
 
 def polygon_to_mask(polygon: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
-    """Filled polygon drawn by PIL at the output size: ``(height, width)`` bool."""
-    canvas = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in polygon], fill=255, outline=255)
-    return np.asarray(canvas) >= 128
+    """Pixels whose centre lies inside the polygon (even-odd rule, half-open like boxes): ``(height, width)`` bool.
+
+    An axis-aligned rectangle polygon rasterises exactly like the same ``box``.
+    """
+    points = np.asarray(polygon, dtype=np.float64)
+    xs = np.arange(width, dtype=np.float64) + 0.5  # (W,)
+    ys = np.arange(height, dtype=np.float64)[:, None] + 0.5  # (H, 1)
+    inside = np.zeros((height, width), dtype=bool)
+    for (xa, ya), (xb, yb) in zip(points, np.roll(points, -1, axis=0), strict=True):
+        crosses = (ya > ys) != (yb > ys)  # (H, 1): the edge spans this row's centre line
+        if not crosses.any():
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_cross = xa + (ys - ya) * (xb - xa) / (yb - ya)
+        inside ^= crosses & (xs[None, :] < x_cross)
+    return inside
 
 
 def mask_to_png_data_uri(mask: np.ndarray) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from .attention import check_regional_attention_support
 from .entities import Entity, LayoutError, binarize_mask
+from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
 from .masks import latent_grid_size, mask_tokens, regional_attention_mask
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -56,6 +58,41 @@ def _broadcast_batch(embeds: torch.Tensor, batch: int, what: str) -> torch.Tenso
 
 class EliGenPipeline(FluxPipeline):
     """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``."""
+
+    # ------------------------------------------------------------------------------------------------------
+    # EliGen LoRA
+    # ------------------------------------------------------------------------------------------------------
+
+    def load_eligen_lora(
+        self, path_or_hub_id: str | Path, adapter_name: str = "eligen", scale: float = 1.0,
+        filename: str | None = None,
+    ) -> str:
+        """Load an EliGen LoRA in any of the three key formats as the named peft adapter ``adapter_name``.
+
+        ``path_or_hub_id`` is a ``.safetensors`` file, a folder holding one, or a hub id (``modelscope/EliGen``
+        resolves to its ``model_bf16.safetensors``). The LoRA is checked against the transformer as a whole
+        before anything is applied, cast to the transformer's dtype, and activated at ``scale`` beside any
+        adapters already active (stack and re-weight them with ``set_adapters``). Returns the detected format.
+        """
+        weights, fmt = read_lora(load_state_dict(resolve_lora_path(path_or_hub_id, filename)))
+        check_fits(weights, self.transformer)
+        dtype = self.transformer.dtype
+        state = {k: v.to(dtype) for k, v in write_diffusers(weights, with_alpha=False).items()}
+        self.transformer.load_lora_adapter(
+            state, prefix="transformer", adapter_name=adapter_name, metadata=peft_config(weights), _pipeline=self,
+            low_cpu_mem_usage=True,
+        )
+        if scale != 1.0:
+            self.set_lora_scale(adapter_name, scale)
+        return fmt
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        """Re-weight one adapter of the transformer without touching the others."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "scaling", {}):
+                module.set_scale(adapter_name, scale)
 
     # ------------------------------------------------------------------------------------------------------
     # Entities -> text segments and token covers

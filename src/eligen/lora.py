@@ -1,0 +1,464 @@
+"""EliGen LoRA files: read and write the three key formats in the wild (DESIGN.md section 4).
+
+The in-memory form is :class:`LoraWeights`: one :class:`LoraLayer` ``(down A [r, in], up B [out, r], alpha)``
+per diffusers ``nn.Linear`` of the transformer, keyed by its module name (``transformer_blocks.3.attn.to_q``).
+The effective update of a layer is ``W += (alpha / r) * B @ A``.
+
+- ``diffsynth``: ``blocks.{i}.attn.a_to_qkv.lora_A[.default].weight`` ... (fused q/k/v; no alpha = rank);
+- ``kohya``: ``lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight`` ... with optional ``.alpha``;
+- ``diffusers``: ``transformer.<module>.lora_A.weight`` (peft names, optional ``.alpha``).
+
+Fused projections split on reading (lora_B rows in three for q/k/v, plus ``proj_mlp`` for the single blocks'
+``to_qkv_mlp``; lora_A shared) and fuse on writing. Widths come from the tensors, never from constants.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMATS = ("diffsynth", "kohya", "diffusers")
+HUB_DEFAULT_FILES = {"modelscope/EliGen": "model_bf16.safetensors"}
+
+# (block kind, reference name) -> diffusers module names inside the block, in fused row order.
+DOUBLE = {
+    "attn.a_to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.b_to_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "attn.a_to_out": ("attn.to_out.0",),
+    "attn.b_to_out": ("attn.to_add_out",),
+    "ff_a.0": ("ff.net.0.proj",),
+    "ff_a.2": ("ff.net.2",),
+    "ff_b.0": ("ff_context.net.0.proj",),
+    "ff_b.2": ("ff_context.net.2",),
+    "norm1_a.linear": ("norm1.linear",),
+    "norm1_b.linear": ("norm1_context.linear",),
+}
+SINGLE = {
+    "to_qkv_mlp": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "proj_out": ("proj_out",),
+    "norm.linear": ("norm.linear",),
+}
+KOHYA_DOUBLE = {
+    "img_attn_qkv": "attn.a_to_qkv", "txt_attn_qkv": "attn.b_to_qkv",
+    "img_attn_proj": "attn.a_to_out", "txt_attn_proj": "attn.b_to_out",
+    "img_mlp_0": "ff_a.0", "img_mlp_2": "ff_a.2", "txt_mlp_0": "ff_b.0", "txt_mlp_2": "ff_b.2",
+    "img_mod_lin": "norm1_a.linear", "txt_mod_lin": "norm1_b.linear",
+}
+KOHYA_SINGLE = {"linear1": "to_qkv_mlp", "linear2": "proj_out", "modulation_lin": "norm.linear"}
+BLOCK_PREFIX = {"blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+GROUPS = {"blocks": DOUBLE, "single_blocks": SINGLE}
+
+DIFFSYNTH_KEY = re.compile(
+    r"^(?:pipe\.dit\.|dit\.)?(blocks|single_blocks)\.(\d+)\.(.+)\.lora_([AB])(\.default)?\.weight$"
+)
+KOHYA_KEY = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+DIFFUSERS_KEY = re.compile(r"^(?:transformer\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_A\.default\.weight|"
+                           r"lora_B\.default\.weight|alpha)$")
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot be read, or does not fit the model."""
+
+
+def _few(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+@dataclass
+class LoraLayer:
+    """One adapted linear layer: ``down`` A ``(r, in)``, ``up`` B ``(out, r)``, ``alpha`` (None means r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight update ``(alpha / r) * B @ A``: ``(out, in)`` in float32."""
+        return self.scale * (self.up.float() @ self.down.float())
+
+    def folded(self) -> LoraLayer:
+        """The same update with ``alpha = r`` (the scale folded into ``up``)."""
+        if self.alpha is None or self.alpha == self.rank:
+            return LoraLayer(self.down, self.up, None)
+        return LoraLayer(self.down, (self.up.float() * self.scale).to(self.up.dtype), None)
+
+
+LoraWeights = dict[str, LoraLayer]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Format detection and readers (all produce split, diffusers-named layers)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``diffsynth``, ``kohya`` or ``diffusers``; raises :class:`LoraFormatError` for anything else."""
+    keys = list(state_dict)
+    if not keys:
+        raise LoraFormatError("the LoRA file holds no tensors")
+    for name, pattern in (("diffsynth", DIFFSYNTH_KEY), ("kohya", KOHYA_KEY), ("diffusers", DIFFUSERS_KEY)):
+        if all(pattern.match(k) for k in keys):
+            if name == "diffusers" and any(DIFFSYNTH_KEY.match(k) for k in keys):
+                continue
+            return name
+    recognised = {k for k in keys if DIFFSYNTH_KEY.match(k) or KOHYA_KEY.match(k) or DIFFUSERS_KEY.match(k)}
+    raise LoraFormatError(
+        "not an EliGen/FLUX LoRA in a known key format (DiffSynth, kohya or diffusers/peft); unrecognised keys: "
+        + _few(set(keys) - recognised if recognised else keys)
+    )
+
+
+def _split(fused: str, kind: str, index: int, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
+           key: str) -> LoraWeights:
+    """A fused reference layer -> diffusers layers. lora_A is shared, lora_B rows split by output width."""
+    targets = GROUPS[kind].get(fused)
+    if targets is None:
+        allowed = ", ".join(GROUPS[kind])
+        raise LoraFormatError(f"unknown layer '{fused}' in {kind}.{index} (key {key}); expected one of: {allowed}")
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise LoraFormatError(f"mis-shaped LoRA pair at {kind}.{index}.{fused}: lora_A {tuple(down.shape)}, "
+                              f"lora_B {tuple(up.shape)} (need A [r, in], B [out, r])")
+    prefix = f"{BLOCK_PREFIX[kind]}.{index}."
+    if len(targets) == 1:
+        return {prefix + targets[0]: LoraLayer(down, up, alpha)}
+    width = down.shape[1]  # q, k and v each have the model width as output
+    sizes = [width] * 3 + ([up.shape[0] - 3 * width] if len(targets) == 4 else [])
+    if sizes[-1] <= 0 or sum(sizes) != up.shape[0]:
+        raise LoraFormatError(f"lora_B of {kind}.{index}.{fused} has {up.shape[0]} rows, which do not split into "
+                              f"{len(targets)} projections of a width-{width} model")
+    return {prefix + t: LoraLayer(down, part, alpha) for t, part in zip(targets, up.split(sizes), strict=True)}
+
+
+def _pairs(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -> None:
+    for layer, parts in grouped.items():
+        missing = {"down", "up"} - set(parts)
+        if missing:
+            raise LoraFormatError(f"{what} layer {'.'.join(map(str, layer))} has no lora_{'/'.join(sorted(missing))}")
+
+
+def read_diffsynth(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
+    grouped: dict[tuple, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = DIFFSYNTH_KEY.match(key)
+        if match is None:
+            raise LoraFormatError(f"not a DiffSynth LoRA key: {key}")
+        kind, index, layer, ab, _ = match.groups()
+        grouped.setdefault((kind, int(index), layer), {})["down" if ab == "A" else "up"] = tensor
+    _pairs(grouped, "DiffSynth")
+    out: LoraWeights = {}
+    for (kind, index, layer), parts in sorted(grouped.items()):
+        out.update(_split(layer, kind, index, parts["down"], parts["up"], None, f"{kind}.{index}.{layer}"))
+    return out
+
+
+def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
+    grouped: dict[tuple, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = KOHYA_KEY.match(key)
+        if match is None:
+            raise LoraFormatError(f"not a kohya FLUX LoRA key: {key}")
+        kind, index, name, part = match.groups()
+        table = KOHYA_DOUBLE if kind == "double" else KOHYA_SINGLE
+        if name not in table:
+            raise LoraFormatError(f"unknown kohya layer '{name}' in {kind}_blocks_{index} (key {key}); expected "
+                                  f"one of: {', '.join(table)}")
+        block = "blocks" if kind == "double" else "single_blocks"
+        slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part]
+        grouped.setdefault((block, int(index), table[name]), {})[slot] = tensor
+    _pairs(grouped, "kohya")
+    out: LoraWeights = {}
+    for (kind, index, layer), parts in sorted(grouped.items()):
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+        out.update(_split(layer, kind, index, parts["down"], parts["up"], alpha, f"{kind}.{index}.{layer}"))
+    return out
+
+
+def read_diffusers(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = DIFFUSERS_KEY.match(key)
+        if match is None:
+            raise LoraFormatError(f"not a diffusers/peft LoRA key: {key}")
+        module, part = match.groups()
+        slot = "alpha" if part == "alpha" else "down" if part.startswith("lora_A") else "up"
+        grouped.setdefault(module, {})[slot] = tensor
+    _pairs({(m,): p for m, p in grouped.items()}, "diffusers")
+    out: LoraWeights = {}
+    for module, parts in sorted(grouped.items()):
+        down, up = parts["down"], parts["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise LoraFormatError(f"mis-shaped LoRA pair at {module}: lora_A {tuple(down.shape)}, lora_B "
+                                  f"{tuple(up.shape)}")
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+        out[module] = LoraLayer(down, up, alpha)
+    return out
+
+
+READERS = {"diffsynth": read_diffsynth, "kohya": read_kohya, "diffusers": read_diffusers}
+
+
+def read_lora(state_dict: Mapping[str, torch.Tensor]) -> tuple[LoraWeights, str]:
+    """Detect the format and convert to diffusers-named split layers."""
+    fmt = detect_format(state_dict)
+    return READERS[fmt](state_dict), fmt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writers (fuse on the way out)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fuse(members: list[LoraLayer | None], widths: list[int]) -> LoraLayer:
+    """Diffusers layers of one fused reference layer -> one layer whose B stacks their rows.
+
+    Members that share one A and one alpha (as when read from a fused file) keep them, so the round trip is
+    exact; otherwise the As are stacked and B is block-diagonal with each scale folded in, which is exact at a
+    higher rank. Missing members get zero rows.
+    """
+    present = [m for m in members if m is not None]
+    first = present[0]
+    device, dtype = first.up.device, first.up.dtype
+    if all(m.alpha == first.alpha and m.down.shape == first.down.shape and torch.equal(m.down, first.down)
+           for m in present):
+        rows = [m.up if m is not None else torch.zeros(w, first.rank, dtype=dtype, device=device)
+                for m, w in zip(members, widths, strict=True)]
+        return LoraLayer(first.down, torch.cat(rows), first.alpha)
+    folded = [m.folded() if m is not None else None for m in members]
+    rank = sum(m.rank for m in folded if m is not None)
+    up = torch.zeros(sum(widths), rank, dtype=dtype, device=device)
+    row = col = 0
+    for m, w in zip(folded, widths, strict=True):
+        if m is not None:
+            up[row:row + w, col:col + m.rank] = m.up
+            col += m.rank
+        row += w
+    return LoraLayer(torch.cat([m.down for m in folded if m is not None]), up, None)
+
+
+def fuse_to_reference(weights: LoraWeights) -> dict[tuple[str, int, str], LoraLayer]:
+    """Diffusers-named layers -> reference layers ``(kind, block, name)`` (fused projections joined)."""
+    lookup = {}
+    for kind, table in GROUPS.items():
+        for fused, targets in table.items():
+            for position, target in enumerate(targets):
+                lookup[(BLOCK_PREFIX[kind], target)] = (kind, fused, position)
+    pattern = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+    grouped: dict[tuple[str, int, str], dict[int, LoraLayer]] = {}
+    unknown = []
+    for module, layer in weights.items():
+        match = pattern.match(module)
+        entry = lookup.get((match.group(1), match.group(3))) if match else None
+        if entry is None:
+            unknown.append(module)
+            continue
+        kind, fused, position = entry
+        grouped.setdefault((kind, int(match.group(2)), fused), {})[position] = layer
+    if unknown:
+        raise LoraFormatError("these layers have no DiffSynth/kohya name (only the 304 reference layers do): "
+                              + _few(unknown))
+    out = {}
+    for (kind, index, fused), members in sorted(grouped.items()):
+        count = len(GROUPS[kind][fused])
+        if count == 1:
+            out[(kind, index, fused)] = members[0]
+            continue
+        known = next(iter(members.values()))
+        width = known.down.shape[1]
+        widths = [width] * 3
+        if count == 4:
+            if 3 not in members:
+                raise LoraFormatError(f"{BLOCK_PREFIX[kind]}.{index}: writing a fused to_qkv_mlp needs the "
+                                      "proj_mlp layer (its width is not known otherwise)")
+            widths.append(members[3].up.shape[0])
+        out[(kind, index, fused)] = _fuse([members.get(i) for i in range(count)], widths)
+    return out
+
+
+def write_diffsynth(weights: LoraWeights, default_suffix: bool = False) -> dict[str, torch.Tensor]:
+    suffix = ".default" if default_suffix else ""
+    out = {}
+    for (kind, index, fused), layer in fuse_to_reference(weights).items():
+        layer = layer.folded()  # DiffSynth files carry no alpha: alpha = rank
+        out[f"{kind}.{index}.{fused}.lora_A{suffix}.weight"] = layer.down.contiguous()
+        out[f"{kind}.{index}.{fused}.lora_B{suffix}.weight"] = layer.up.contiguous()
+    return out
+
+
+def write_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    inverse = {("blocks", v): k for k, v in KOHYA_DOUBLE.items()}
+    inverse.update({("single_blocks", v): k for k, v in KOHYA_SINGLE.items()})
+    out = {}
+    for (kind, index, fused), layer in fuse_to_reference(weights).items():
+        name = f"lora_unet_{'double' if kind == 'blocks' else 'single'}_blocks_{index}_{inverse[(kind, fused)]}"
+        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(layer.alpha if layer.alpha is not None else layer.rank))
+    return out
+
+
+def write_diffusers(weights: LoraWeights, with_alpha: bool = True) -> dict[str, torch.Tensor]:
+    """``transformer.<module>.lora_A.weight`` keys; alpha kept as ``.alpha`` (or folded into B)."""
+    out = {}
+    for module, layer in sorted(weights.items()):
+        if not with_alpha:
+            layer = layer.folded()
+        out[f"transformer.{module}.lora_A.weight"] = layer.down.contiguous()
+        out[f"transformer.{module}.lora_B.weight"] = layer.up.contiguous()
+        if with_alpha and layer.alpha is not None:
+            out[f"transformer.{module}.alpha"] = torch.tensor(float(layer.alpha))
+    return out
+
+
+def write_lora(weights: LoraWeights, fmt: str) -> dict[str, torch.Tensor]:
+    if fmt == "diffsynth":
+        return write_diffsynth(weights)
+    if fmt == "kohya":
+        return write_kohya(weights)
+    if fmt == "diffusers":
+        return write_diffusers(weights)
+    raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files, hub ids, model checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_lora_path(path_or_hub_id: str | Path, filename: str | None = None) -> Path:
+    """A local file, a directory holding one ``.safetensors``, or a hub id (downloaded via huggingface_hub)."""
+    path = Path(path_or_hub_id)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        files = sorted(path.glob(filename or "*.safetensors"))
+        if len(files) != 1:
+            raise LoraFormatError(f"{path} holds {len(files)} .safetensors files; name the LoRA file itself")
+        return files[0]
+    text = str(path_or_hub_id)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        from huggingface_hub import hf_hub_download
+
+        name = filename or HUB_DEFAULT_FILES.get(text)
+        if name is None:
+            raise LoraFormatError(f"hub repo {text}: give the file name inside it (filename=...)")
+        return Path(hf_hub_download(text, name))
+    raise FileNotFoundError(f"LoRA not found: {path_or_hub_id} is neither a file, a directory nor a hub id")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise LoraFormatError(f"{path} is not a readable .safetensors file ({exc})") from exc
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, fmt: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata={"format": "pt",
+                                                                                          "eligen_format": fmt})
+
+
+def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
+    """Refuse a LoRA that does not fit ``transformer`` as a whole (nothing is applied partially)."""
+    modules = dict(transformer.named_modules())
+    missing, misshaped = [], []
+    for name, layer in weights.items():
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            missing.append(name)
+        elif layer.down.shape[1] != module.in_features or layer.up.shape[0] != module.out_features:
+            misshaped.append(f"{name} (LoRA {layer.up.shape[0]}x{layer.down.shape[1]}, layer "
+                             f"{module.out_features}x{module.in_features})")
+    if missing:
+        raise LoraFormatError(f"{len(missing)} LoRA layers do not exist in this transformer (a LoRA for another "
+                              f"architecture or depth?): {_few(missing)}")
+    if misshaped:
+        raise LoraFormatError(f"{len(misshaped)} LoRA layers do not match the layer shapes (a LoRA for a model of "
+                              f"another width?): {_few(misshaped, 3)}")
+
+
+@dataclass
+class LoraInfo:
+    format: str
+    layers: int
+    reference_layers: int
+    ranks: list[int]
+    alphas: list[float]
+    double_blocks: list[int]
+    single_blocks: list[int]
+    dtype: str
+
+
+def peft_config(weights: LoraWeights, prefix: str = "transformer") -> dict:
+    """``LoraConfig`` kwargs (keyed ``prefix.<field>`` as diffusers' loader expects) for ``weights`` with alpha
+    folded: alpha = rank in every layer, exact module names, per-layer ranks anchored with ``^`` like diffusers.
+    """
+    ranks = {name: layer.rank for name, layer in weights.items()}
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {f"^{name}": r for name, r in ranks.items() if r != common}
+    config = {
+        "r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(weights), "lora_dropout": 0.0, "bias": "none", "init_lora_weights": False,
+    }
+    return {f"{prefix}.{k}": v for k, v in config.items()}
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "none"
+
+
+def lora_info(state_dict: Mapping[str, torch.Tensor]) -> LoraInfo:
+    weights, fmt = read_lora(state_dict)
+    blocks = {"transformer_blocks": set(), "single_transformer_blocks": set()}
+    for module in weights:
+        head, _, rest = module.partition(".")
+        if head in blocks:
+            blocks[head].add(int(rest.split(".")[0]))
+    try:
+        reference = len(fuse_to_reference(weights))
+    except LoraFormatError:
+        reference = 0
+    first = next(iter(state_dict.values()))
+    return LoraInfo(
+        format=fmt, layers=len(weights), reference_layers=reference,
+        ranks=sorted({layer.rank for layer in weights.values()}),
+        alphas=sorted({layer.alpha if layer.alpha is not None else float(layer.rank) for layer in weights.values()}),
+        double_blocks=sorted(blocks["transformer_blocks"]), single_blocks=sorted(blocks["single_transformer_blocks"]),
+        dtype=str(first.dtype).removeprefix("torch."),
+    )
+
+
+def format_info(info: LoraInfo) -> str:
+    return "\n".join([
+        f"format: {info.format}",
+        f"rank: {', '.join(map(str, info.ranks))}",
+        f"alpha: {', '.join(f'{a:g}' for a in info.alphas)}",
+        f"adapted layers: {info.layers} diffusers linear layers ({info.reference_layers} reference layers)",
+        f"double blocks: {_ranges(info.double_blocks)}",
+        f"single blocks: {_ranges(info.single_blocks)}",
+        f"dtype: {info.dtype}",
+    ])
