@@ -11,10 +11,21 @@ from . import __version__
 from .config import add_dataclass_arguments, config_from_mapping
 from .entities import LayoutError
 from .generate import GenerateConfig, generate, read_metadata
+from .lora import (
+    LoraConvertConfig,
+    LoraFormatError,
+    LoraInfoConfig,
+    convert_lora_file,
+    format_info,
+    load_state_dict,
+    lora_info,
+)
 
 DESCRIPTION = "eligen: entity-level controlled image generation (EliGen) with diffusers FLUX."
 GENERATE_EPILOG = """examples:
-  eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora eligen.safetensors --overlay
+  eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora modelscope/EliGen --overlay
+  eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora eligen.safetensors --lora style.safetensors \\
+      --lora-scale 1.0 --lora-scale 0.6
   eligen generate --from out.png -o again.png          # reproduce from the PNG's metadata
   eligen generate --from out.png -o bigger.png --steps 60
 """
@@ -31,7 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(gen, GenerateConfig)
     gen.set_defaults(handler=run_generate)
+
+    lora = commands.add_parser("lora", help="inspect and convert EliGen LoRA files",
+                               description="Inspect and convert EliGen LoRA files (DiffSynth, kohya, diffusers keys).")
+    lora_commands = lora.add_subparsers(dest="lora_command", metavar="COMMAND", required=True)
+    info = lora_commands.add_parser("info", help="format, rank, alpha, adapted layers and blocks of a LoRA file")
+    add_dataclass_arguments(info, LoraInfoConfig)
+    info.set_defaults(handler=run_lora_info)
+    convert = lora_commands.add_parser("convert", help="rewrite a LoRA file in another key format")
+    add_dataclass_arguments(convert, LoraConvertConfig)
+    convert.set_defaults(handler=run_lora_convert)
     return parser
+
+
+def run_lora_info(given: dict) -> int:
+    config = config_from_mapping(LoraInfoConfig, given)
+    print(format_info(lora_info(load_state_dict(config.file))))
+    return 0
+
+
+def run_lora_convert(given: dict) -> int:
+    config = config_from_mapping(LoraConvertConfig, given)
+    source, count = convert_lora_file(config)
+    print(f"converted {config.input} ({source}) -> {config.output} ({config.to}, {count} tensors)")
+    return 0
 
 
 def run_generate(given: dict) -> int:
@@ -62,12 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     handler = args.pop("handler", None)
     args.pop("command", None)
+    args.pop("lora_command", None)
     if handler is None:
         parser.print_help()
         return 2
     try:
         return handler(args)
-    except (LayoutError, ValueError, FileNotFoundError) as exc:
+    except (LayoutError, LoraFormatError, ValueError, FileNotFoundError) as exc:
         print(f"eligen: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

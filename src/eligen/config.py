@@ -1,8 +1,8 @@
 """Configs as validated dataclasses, and the one mapping from their fields to CLI flags.
 
 A field's ``metadata`` holds its ``help`` text and optionally ``flag`` (default ``--field-name``), ``short``,
-``choices``, ``repeat`` (a list filled by repeating the flag) and ``positional``. The CLI builds its
-parser from these fields, so every flag is a config field and every config field is a flag.
+``choices``, ``metavar``, ``repeat`` (a list filled by repeating the flag), ``positional`` and ``required``.
+The CLI builds its parser from these fields, so every flag is a config field and every config field is a flag.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if meta.get("cli") is False:
-            continue
         kind = _scalar_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = meta.get("help", "")
@@ -53,7 +51,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if meta.get("positional"):
             kwargs.pop("dest")
             kwargs["default"] = None  # argparse would run type() on SUPPRESS; None means "not given"
-            parser.add_argument(f.name, nargs="?", type=kind, **kwargs)
+            parser.add_argument(f.name, nargs=None if meta.get("required") else "?", type=kind, **kwargs)
             continue
         names = [meta.get("flag", "--" + f.name.replace("_", "-"))]
         if "short" in meta:
@@ -68,6 +66,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs.pop("metavar")
             if meta.get("repeat"):
                 kwargs["action"] = "append"
+        if meta.get("required"):
+            kwargs["required"] = True
         parser.add_argument(*names, **kwargs)
 
 

@@ -32,8 +32,10 @@ class GenerateConfig:
     from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
                                    "(other flags override it)", flag="--from", metavar="PNG")
     model: str | None = option(None, "diffusers FLUX pipeline directory or hub id")
-    lora: list[str] = option([], "LoRA weights file or directory to load (repeat to stack)", repeat=True,
-                             metavar="PATH")
+    lora: list[str] = option([], "LoRA file, folder or hub id in DiffSynth, kohya or diffusers format (repeat to "
+                             "stack)", repeat=True, metavar="PATH")
+    lora_scale: list[float] = option([], "weight of the matching --lora, in order (default 1.0 each)", repeat=True,
+                                     metavar="S")
     steps: int = option(50, "number of denoising steps")
     true_cfg: float = option(3.0, "true CFG scale; 1 disables the negative pass")
     guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
@@ -66,6 +68,9 @@ class GenerateConfig:
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
         if not 1 <= self.max_sequence_length <= 512:
             raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
+        if len(self.lora_scale) > len(self.lora):
+            raise ValueError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} --lora files; give "
+                             "one scale per LoRA, in the same order")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -137,19 +142,17 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
     return layout
 
 
-def load_pipeline(model: str, device: str, dtype: str, loras: list[str]):
-    """``EliGenPipeline.from_pretrained`` on ``device`` in ``dtype``, with LoRAs stacked at weight 1."""
+def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float]):
+    """``EliGenPipeline.from_pretrained`` on ``device`` in ``dtype`` with the LoRAs stacked at ``scales``."""
     from .pipeline import EliGenPipeline
 
     pipe = EliGenPipeline.from_pretrained(model, dtype=DTYPES[dtype])
     pipe.to(device)
-    names = []
-    for i, lora in enumerate(loras):
-        name = f"lora_{i}"
-        pipe.load_lora_weights(lora, adapter_name=name)
-        names.append(name)
+    names = [f"lora_{i}" for i in range(len(loras))]
+    for name, lora in zip(names, loras, strict=True):
+        pipe.load_eligen_lora(lora, adapter_name=name)
     if names:
-        pipe.set_adapters(names, [1.0] * len(names))
+        pipe.set_adapters(names, [*scales, *[1.0] * (len(names) - len(scales))])
     return pipe
 
 
@@ -166,7 +169,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     device = config.device or default_device()
     dtype = config.dtype or default_dtype(device)
     if pipe is None:
-        pipe = load_pipeline(config.model, device, dtype, config.lora)
+        pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:

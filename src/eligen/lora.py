@@ -14,12 +14,15 @@ Fused projections split on reading (lora_B rows in three for q/k/v, plus ``proj_
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .config import option
 
 FORMATS = ("diffsynth", "kohya", "diffusers")
 HUB_DEFAULT_FILES = {"modelscope/EliGen": "model_bf16.safetensors"}
@@ -462,3 +465,44 @@ def format_info(info: LoraInfo) -> str:
         f"single blocks: {_ranges(info.single_blocks)}",
         f"dtype: {info.dtype}",
     ])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File-level commands (`eligen lora info / convert`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraInfoConfig:
+    file: Path = option(None, "LoRA .safetensors file (DiffSynth, kohya or diffusers keys)", positional=True,
+                        required=True)
+
+
+@dataclass
+class LoraConvertConfig:
+    input: Path = option(None, "LoRA .safetensors file to read (any of the three formats)", positional=True,
+                         required=True)
+    output: Path = option(None, "where to write the converted .safetensors file", positional=True, required=True)
+    to: str = option(None, "key format to write", choices=FORMATS, required=True)
+
+    def __post_init__(self) -> None:
+        if self.to not in FORMATS:
+            raise ValueError(f"--to must be one of {FORMATS}, got {self.to!r}")
+
+
+def convert_lora_file(config: LoraConvertConfig) -> tuple[str, int]:
+    """Read ``config.input`` in whatever format it has, write ``config.output`` in ``config.to``.
+
+    Returns the source format and the number of tensors written. The file is written atomically.
+    """
+    weights, source = read_lora(load_state_dict(config.input))
+    state = write_lora(weights, config.to)
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        save_state_dict(state, tmp, config.to)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return source, len(state)

@@ -8,6 +8,7 @@ all text RoPE ids are zero, the pooled CLIP vector comes from the global prompt 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +20,67 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
+from PIL import Image
 
 from .attention import check_regional_attention_support
 from .entities import Entity, LayoutError, binarize_mask
+from .inpaint import (
+    FUSIONS,
+    background_velocity,
+    fuse_velocity,
+    pack_mask,
+    paste_back,
+    snap_size,
+    soft_union,
+    to_rgb_array,
+    upsample_mask,
+)
 from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
-from .masks import latent_grid_size, mask_tokens, regional_attention_mask
+from .masks import latent_grid_size, regional_attention_mask, resize_nearest, token_cover
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InpaintSource:
+    """The input image as ``uint8 (H, W, 3)`` at the output size and at the working size (the patch grid)."""
+
+    rgb: np.ndarray
+    work_rgb: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return self.rgb.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.rgb.shape[1]
+
+    @property
+    def work_height(self) -> int:
+        return self.work_rgb.shape[0]
+
+    @property
+    def work_width(self) -> int:
+        return self.work_rgb.shape[1]
+
+
+def _resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
 
 
 @dataclass
 class EntityBatch:
-    """Entities resolved for one call: text segments ``(B, T_i, D)`` and token covers ``(1, N, n_img)``."""
+    """Entities resolved for one call: text segments ``(B, T_i, D)`` and masks on the latent grid ``(N, h, w)``."""
 
     embeds: list[torch.Tensor]
-    cover: torch.Tensor
+    latent_masks: torch.Tensor
+
+    @property
+    def cover(self) -> torch.Tensor:
+        """``(1, N, n_img)`` bool: which image tokens each entity covers."""
+        return token_cover(self.latent_masks).unsqueeze(0)
 
     @property
     def lengths(self) -> list[int]:
@@ -109,29 +156,33 @@ class EliGenPipeline(FluxPipeline):
             prompt=list(prompts), max_sequence_length=max_sequence_length, device=device or self._execution_device
         )
 
-    def entity_token_covers(
+    def entity_latent_masks(
         self, masks: Sequence[Any], height: int, width: int, fields: Sequence[str] | None = None
     ) -> torch.Tensor:
-        """Binary masks of any resolution -> ``(1, N, n_img)`` bool covers on this pipeline's token grid.
+        """Binary masks of any resolution -> ``(N, h, w)`` bool on this pipeline's latent grid (NEAREST).
 
         Raises :class:`LayoutError` naming the entity whose mask covers no token.
         """
         lat_h, lat_w = latent_grid_size(height, width, self.vae_scale_factor)
-        covers = []
+        latents = []
         for i, mask in enumerate(masks):
             binary = mask if isinstance(mask, np.ndarray) and mask.dtype == bool else binarize_mask(mask, index=i)
-            cover = mask_tokens(binary, height, width, self.vae_scale_factor)
-            if not cover.any():
+            latent = torch.from_numpy(resize_nearest(binary, lat_h, lat_w))
+            if not latent.any():
                 field = fields[i] if fields is not None else "mask"
                 raise LayoutError(
                     f"the {field} covers no token at the {lat_w}x{lat_h} latent grid of a {width}x{height} image "
                     f"(one token = {self.vae_scale_factor * 2}x{self.vae_scale_factor * 2} pixels); make it larger",
                     entity=i, field=field,
                 )
-            covers.append(cover)
-        n_img = (lat_h // 2) * (lat_w // 2)
-        stacked = torch.stack(covers) if covers else torch.zeros(0, n_img, dtype=torch.bool)
-        return stacked.unsqueeze(0)
+            latents.append(latent)
+        return torch.stack(latents) if latents else torch.zeros(0, lat_h, lat_w, dtype=torch.bool)
+
+    def entity_token_covers(
+        self, masks: Sequence[Any], height: int, width: int, fields: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Binary masks of any resolution -> ``(1, N, n_img)`` bool covers on this pipeline's token grid."""
+        return token_cover(self.entity_latent_masks(masks, height, width, fields)).unsqueeze(0)
 
     def _resolve_entities(
         self,
@@ -145,8 +196,13 @@ class EliGenPipeline(FluxPipeline):
         max_sequence_length: int,
         device: torch.device,
         dtype: torch.dtype,
+        grid: tuple[int, int] | None = None,
     ) -> EntityBatch | None:
-        """Validate the entity arguments and encode them; None when there are no entities."""
+        """Validate the entity arguments and encode them; None when there are no entities.
+
+        Boxes and polygons are drawn at ``height x width`` (the output); masks go to the latent grid of
+        ``grid`` (the size the model works at; by default the output size).
+        """
         if entities is not None and (entity_prompts is not None or entity_prompt_embeds is not None
                                      or entity_masks is not None):
             raise ValueError("pass either `entities` or `entity_prompts`/`entity_prompt_embeds` + `entity_masks`")
@@ -173,7 +229,8 @@ class EliGenPipeline(FluxPipeline):
             )
         if len(texts) == 0:
             return None
-        cover = self.entity_token_covers(entity_masks, height, width, fields).to(device)
+        grid_height, grid_width = grid or (height, width)
+        latent_masks = self.entity_latent_masks(entity_masks, grid_height, grid_width, fields).to(device)
         if entity_prompts is not None:
             encoded = self.encode_entity_prompts(entity_prompts, max_sequence_length, device)
             embeds = [_broadcast_batch(e, batch, "entity prompt embeds") for e in encoded.unsqueeze(1)]
@@ -182,7 +239,80 @@ class EliGenPipeline(FluxPipeline):
                 _broadcast_batch(e.to(device=device, dtype=dtype), batch, f"entity_prompt_embeds[{i}]")
                 for i, e in enumerate(entity_prompt_embeds)
             ]
-        return EntityBatch(embeds=embeds, cover=cover)
+        return EntityBatch(embeds=embeds, latent_masks=latent_masks)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Inpainting
+    # ------------------------------------------------------------------------------------------------------
+
+    def _inpaint_source(
+        self, image: Any, inpaint: bool, height: int | None, width: int | None, strength: float, fusion: str,
+        mask_dilate: int, mask_blur: float,
+    ) -> InpaintSource:
+        """Validate the inpainting arguments and prepare the input at the output and the working size."""
+        if not inpaint:
+            raise ValueError("`image` is only read for inpainting: pass inpaint=True (plain image-to-image is not "
+                             "supported)")
+        if image is None:
+            raise ValueError("inpaint=True needs the input `image`")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if isinstance(mask_dilate, bool) or not isinstance(mask_dilate, int) or mask_dilate < 0:
+            raise ValueError(f"mask_dilate is a number of latent pixels >= 0, got {mask_dilate!r}")
+        if not mask_blur >= 0:
+            raise ValueError(f"mask_blur is a Gaussian sigma in latent pixels >= 0, got {mask_blur!r}")
+        rgb, note = to_rgb_array(image)
+        if note:
+            logger.warning(note)
+        in_height, in_width = rgb.shape[:2]
+        height, width = height or in_height, width or in_width
+        if (height, width) != (in_height, in_width):
+            if abs(height / width - in_height / in_width) > 0.01 * (in_height / in_width):
+                raise ValueError(f"the input image is {in_width}x{in_height} but the output is asked to be "
+                                 f"{width}x{height}, another aspect ratio; resize or crop the image, or scale the "
+                                 "layout to it")
+            logger.warning(f"input image resized from {in_width}x{in_height} to {width}x{height}")
+            rgb = _resize_rgb(rgb, height, width)
+        grid = self.vae_scale_factor * 2
+        work_height, work_width = snap_size(height, grid), snap_size(width, grid)
+        work_rgb = rgb
+        if (work_height, work_width) != (height, width):
+            logger.warning(f"{width}x{height} is not a multiple of the model's {grid}-pixel patch grid: generating "
+                           f"at {work_width}x{work_height} and restoring {width}x{height}")
+            work_rgb = _resize_rgb(rgb, work_height, work_width)
+        return InpaintSource(rgb, work_rgb)
+
+    def encode_image_latents(self, rgb: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``uint8 (H, W, 3)`` -> packed, scaled VAE latents ``(1, n_img, C*4)`` (the latent mode, no sampling)."""
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+        pixels = pixels.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
+        z = self.vae.encode(pixels).latent_dist.mode()
+        z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        packed = self._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
+        return packed.to(device=device, dtype=dtype)
+
+    def _finish_inpaint(
+        self, decoded: torch.Tensor, source: InpaintSource, latent_union: torch.Tensor | None, output_type: str
+    ):
+        """Decoded ``(B, 3, h, w)`` -> the output type at the input's size, untouched pixels pasted back."""
+        images = self.image_processor.postprocess(decoded, output_type="np")
+        images = (images * 255).round().astype(np.uint8)  # exactly how diffusers makes PIL images
+        if images.shape[1:3] != (source.height, source.width):
+            images = np.stack([_resize_rgb(im, source.height, source.width) for im in images])
+        if latent_union is not None:
+            mask = upsample_mask(latent_union, self.vae_scale_factor)
+            if mask.shape != (source.height, source.width):
+                mask_image = Image.fromarray(mask.astype(np.float32), mode="F")
+                mask = np.asarray(mask_image.resize((source.width, source.height), Image.Resampling.NEAREST))
+            images = np.stack([paste_back(source.rgb, im, mask) for im in images])
+        if output_type == "pil":
+            return [Image.fromarray(im) for im in images]
+        as_float = images.astype(np.float32) / 255
+        if output_type == "np":
+            return as_float
+        return torch.from_numpy(as_float).permute(0, 3, 1, 2)
 
     # ------------------------------------------------------------------------------------------------------
     # Schedule
@@ -270,6 +400,13 @@ class EliGenPipeline(FluxPipeline):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int = 512,
+        image: Any = None,
+        inpaint: bool = False,
+        strength: float = 1.0,
+        fusion: str = "exact",
+        mask_dilate: int = 0,
+        mask_blur: float = 0.0,
+        paste_back: bool = True,
     ) -> FluxPipelineOutput | tuple:
         r"""Generate images with entity control.
 
@@ -282,13 +419,29 @@ class EliGenPipeline(FluxPipeline):
                 negative prompt copied into every entity slot under the same masks. Default: no entities there.
             shift_sigmas: with False, ``sigmas`` are used verbatim (e.g. ``eligen.reference_sigmas(50)``);
                 with True (default) they are shifted by the scheduler exactly as in FluxPipeline.
+
+        Inpainting fusion (``image=..., inpaint=True``): the entities' masks mark what to repaint, everything
+        else stays ``image``; all entities are rendered in one pass (DESIGN.md section 5).
+            image: the input (path, PIL image, numpy array or tensor); height/width default to its size, and
+                a size off the patch grid is resized for the model and restored at the end.
+            strength: below 1 starts from a partly noised input (skips the first steps).
+            fusion: "exact" (default; CFG first, latents outside the union end exactly at the input's) or
+                "paper" (fuse before CFG, as the paper and the reference do).
+            mask_dilate: grow the union by this many latent pixels. mask_blur: Gaussian sigma (latent pixels)
+                of a soft rim around the union.
+            paste_back: pixels outside the (dilated, blurred) union are copied from the input exactly.
         """
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        source = None
+        if image is not None or inpaint:
+            source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
+            height, width = source.height, source.width
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        work_height, work_width = (source.work_height, source.work_width) if source else (height, width)
         self.check_inputs(
-            prompt, prompt_2, height, width,
+            prompt, prompt_2, work_height, work_width,
             negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
@@ -320,8 +473,10 @@ class EliGenPipeline(FluxPipeline):
         )
         ents = self._resolve_entities(
             entities, entity_prompts, entity_prompt_embeds, entity_masks, height, width, batch,
-            max_sequence_length, device, prompt_embeds.dtype,
+            max_sequence_length, device, prompt_embeds.dtype, grid=(work_height, work_width),
         )
+        if source is not None and ents is None:
+            raise ValueError("inpainting needs at least one entity: the entity masks mark what to repaint")
         context, mask = prompt_embeds, None
         if ents is not None:
             check_regional_attention_support(self.transformer)
@@ -336,7 +491,7 @@ class EliGenPipeline(FluxPipeline):
             )
             neg_context, neg_mask = negative_prompt_embeds, None
             if ents is not None and entities_on_negative:
-                neg_ents = EntityBatch([negative_prompt_embeds] * len(ents.embeds), ents.cover)
+                neg_ents = EntityBatch([negative_prompt_embeds] * len(ents.embeds), ents.latent_masks)
                 neg_context = neg_ents.context(negative_prompt_embeds)
                 same_shape = neg_ents.lengths == ents.lengths and neg_context.shape[1] == context.shape[1]
                 neg_mask = mask if same_shape else neg_ents.mask(negative_prompt_embeds.shape[1])
@@ -345,24 +500,35 @@ class EliGenPipeline(FluxPipeline):
         if do_true_cfg:
             neg_text_ids = torch.zeros(neg_context.shape[1], 3, device=device, dtype=text_dtype)
 
-        # 2. Latents, schedule, embedded guidance.
+        # 2. Latents, schedule, embedded guidance; for inpainting the input's latents and the fusion mask.
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, image_ids = self.prepare_latents(
-            batch, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
+            batch, num_channels_latents, work_height, work_width, prompt_embeds.dtype, device, generator, latents
         )
         if ents is not None and ents.cover.shape[-1] != latents.shape[1]:
             raise ValueError(f"`latents` hold {latents.shape[1]} tokens but the entity masks were rasterised for "
-                             f"{ents.cover.shape[-1]} ({width}x{height}); pass matching height/width")
+                             f"{ents.cover.shape[-1]} ({work_width}x{work_height}); pass matching height/width")
         scheduler, timesteps, num_inference_steps = self._timesteps(
             num_inference_steps, sigmas, shift_sigmas, latents.shape[1], device
         )
+        t_start = 0
+        if source is not None:
+            z_init = self.encode_image_latents(source.work_rgb, device, latents.dtype).expand(batch, -1, -1)
+            latent_union = soft_union(ents.latent_masks.cpu(), mask_dilate, mask_blur)
+            union = pack_mask(latent_union, num_channels_latents).to(device=device, dtype=latents.dtype)
+            t_start = len(timesteps) - max(1, int(num_inference_steps * strength))
+            timesteps = timesteps[t_start:]
+            scheduler.set_begin_index(t_start)
+            sigma_start = scheduler.sigmas[t_start].to(device=device, dtype=latents.dtype)
+            latents = sigma_start * latents + (1 - sigma_start) * z_init
+            num_inference_steps = len(timesteps)
         num_warmup_steps = max(len(timesteps) - num_inference_steps * scheduler.order, 0)
         self._num_timesteps = len(timesteps)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
 
-        # 3. Denoising loop: Euler steps on the (true-CFG-combined) velocity.
+        # 3. Denoising loop: Euler steps on the (true-CFG-combined, inpainting-fused) velocity.
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -371,9 +537,15 @@ class EliGenPipeline(FluxPipeline):
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
                 velocity = self._velocity(latents, timestep, guidance, pooled_prompt_embeds, context, text_ids,
                                           image_ids, mask, "cond")
+                neg_velocity = None
                 if do_true_cfg:
                     neg_velocity = self._velocity(latents, timestep, guidance, negative_pooled_prompt_embeds,
                                                   neg_context, neg_text_ids, image_ids, neg_mask, "uncond")
+                if source is not None:
+                    sigma = scheduler.sigmas[t_start + i].to(device=device, dtype=latents.dtype)
+                    background = background_velocity(latents, z_init, sigma)
+                    velocity = fuse_velocity(velocity, neg_velocity, background, union, true_cfg_scale, fusion)
+                elif neg_velocity is not None:
                     velocity = neg_velocity + true_cfg_scale * (velocity - neg_velocity)
                 latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
 
@@ -383,20 +555,25 @@ class EliGenPipeline(FluxPipeline):
                         self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs}
                     )
                     latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    if "prompt_embeds" in outputs:  # the callback changed the prompt: rebuild the text sequence
+                        prompt_embeds = outputs.pop("prompt_embeds")
+                        context = ents.context(prompt_embeds) if ents is not None else prompt_embeds
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None
 
-        # 4. Decode.
+        # 4. Decode (and for inpainting restore the input's size and paste the untouched pixels back).
         if output_type == "latent":
             image = latents
         else:
-            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            latents = self._unpack_latents(latents, work_height, work_width, self.vae_scale_factor)
             latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
             latents = latents.to(get_module_execution_device(self.vae))
             image = self.vae.decode(latents, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
+            if source is None:
+                image = self.image_processor.postprocess(image, output_type=output_type)
+            else:
+                image = self._finish_inpaint(image, source, latent_union if paste_back else None, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

@@ -1,0 +1,174 @@
+"""Inpainting fusion (paper eqs. 14-19, DESIGN.md section 5): pure functions on packed latents and pixels.
+
+Each step the foreground velocity comes from the DiT with entities and the background velocity
+``N_b = (z_t - z_init) / sigma_t`` is the exact velocity that leads back to ``z_init``. They are fused by the
+union ``U`` of the entity masks on the latent grid:
+
+- ``exact`` (default): ``N = (N_neg + cfg (N_f - N_neg)) U + N_b (1 - U)``: CFG first, so latents outside the
+  union end exactly at ``z_init``;
+- ``paper``: ``N = N_neg + cfg (N_f U + N_b (1 - U) - N_neg)``: the reference order, whose background drifts
+  with ``cfg != 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from PIL import Image
+
+FUSIONS = ("exact", "paper")
+
+
+def background_velocity(latents: torch.Tensor, z_init: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """``(z_t - z_init) / sigma_t``: Euler steps along it stay on the straight line to ``z_init``."""
+    return (latents - z_init) / sigma
+
+
+def fuse_velocity(
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    background: torch.Tensor,
+    union: torch.Tensor,
+    cfg_scale: float,
+    fusion: str = "exact",
+) -> torch.Tensor:
+    """Combine foreground (``positive``/``negative`` DiT velocities) and background by the soft ``union``.
+
+    Shapes: velocities ``(B, n_img, C*4)``, ``union`` broadcastable to them (values in [0, 1]).
+    ``negative`` is None when true CFG is off (then both orders coincide).
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    if negative is None:
+        return positive * union + background * (1 - union)
+    if fusion == "exact":
+        guided = negative + cfg_scale * (positive - negative)
+        return guided * union + background * (1 - union)
+    fused = positive * union + background * (1 - union)
+    return negative + cfg_scale * (fused - negative)
+
+
+def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Binary dilation of ``(h, w)`` bool by a square of radius ``pixels``."""
+    if pixels <= 0:
+        return mask
+    grown = F.max_pool2d(mask[None, None].float(), kernel_size=2 * pixels + 1, stride=1, padding=pixels)
+    return grown[0, 0] > 0
+
+
+def gaussian_blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(h, w)`` float, edges replicated, that never shrinks a fully-on region."""
+    if sigma <= 0:
+        return mask.float()
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    image = mask.float()[None, None]
+    image = F.conv2d(F.pad(image, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    image = F.conv2d(F.pad(image, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return image[0, 0].clamp(0, 1)
+
+
+def soft_union(latent_masks: torch.Tensor, dilate_pixels: int = 0, blur_sigma: float = 0.0) -> torch.Tensor:
+    """Entity masks on the latent grid ``(N, h, w)`` bool -> the union ``(h, w)`` in [0, 1].
+
+    The union is dilated by ``dilate_pixels`` latent pixels, then blurred outwards: the blur only adds a soft
+    rim around the dilated union (inside it the mask stays exactly 1).
+    """
+    union = dilate(latent_masks.any(dim=0), dilate_pixels)
+    if blur_sigma <= 0:
+        return union.float()
+    return torch.maximum(gaussian_blur(union, blur_sigma), union.float())
+
+
+def pack_mask(mask: torch.Tensor, channels: int) -> torch.Tensor:
+    """A latent-grid mask ``(h, w)`` -> ``(h/2 * w/2, channels * 4)`` in FluxPipeline._pack_latents order."""
+    tokens = rearrange(mask, "(h p1) (w p2) -> (h w) (p1 p2)", p1=2, p2=2)
+    return repeat(tokens, "n p -> n (c p)", c=channels)
+
+
+def upsample_mask(mask: torch.Tensor, factor: int) -> np.ndarray:
+    """Latent-grid mask ``(h, w)`` -> pixel mask ``(h*f, w*f)`` by repetition (each latent pixel's own area)."""
+    return repeat(mask.float().cpu(), "h w -> (h f1) (w f2)", f1=factor, f2=factor).numpy()
+
+
+def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``uint8 (H, W, 3)`` images blended by ``mask (H, W)`` in [0, 1]: where the mask is 0 the original's bytes."""
+    weight = mask.astype(np.float64)[..., None]
+    blended = weight * generated.astype(np.float64) + (1 - weight) * original.astype(np.float64)
+    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    outside = mask <= 0
+    out[outside] = original[outside]
+    return out
+
+
+def to_rgb_array(image) -> tuple[np.ndarray, str | None]:
+    """An input image -> ``uint8 (H, W, 3)`` and a note on any conversion made.
+
+    Accepts a path, a PIL image (RGB, L, 1, P, LA/RGBA with an opaque alpha, 16-bit), a numpy array
+    (uint8, uint16 or float in [0, 1]; ``(H, W)`` or ``(H, W, 3|4)``) or a tensor ``(3, H, W)`` / ``(1, 3, H, W)``
+    in [0, 1]. Transparent images are refused: what should show through is not ours to guess.
+    """
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            opened.load()
+            image = opened.copy()
+    note = None
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image).astype(np.float64)
+            image = Image.fromarray(np.rint(array / 257.0).clip(0, 255).astype(np.uint8), mode="L")
+            note = "16-bit input reduced to 8 bits"
+        if image.mode == "P":
+            image = image.convert("RGBA")
+        if image.mode in ("LA", "RGBA", "PA"):
+            alpha = np.asarray(image.getchannel("A"))
+            if alpha.min() < 255:
+                raise ValueError("the input image has transparent pixels; flatten it onto a background first "
+                                 "(e.g. Image.alpha_composite) or pass image.convert('RGB')")
+        if image.mode == "F":
+            raise ValueError("32-bit float images are not supported as inpainting input; pass 8-bit RGB")
+        if image.mode != "RGB":
+            note = note or f"{image.mode} input converted to RGB"
+            image = image.convert("RGB")
+        return np.asarray(image).copy(), note
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu().float()
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim != 3 or tensor.shape[0] != 3:
+            raise ValueError(f"tensor images are (3, H, W) or (1, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        image = tensor.permute(1, 2, 0).numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"unsupported input image type {type(image).__name__}; pass a path, PIL image, numpy "
+                         "array or tensor")
+    array = image
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image arrays are (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.dtype == np.uint16:
+        array = np.rint(array.astype(np.float64) / 257.0).astype(np.uint8)
+        note = "16-bit input reduced to 8 bits"
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
+            raise ValueError("float images must lie in [0, 1]")
+        array = np.rint(array * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
+    if array.shape[2] == 4:
+        if array[..., 3].min() < 255:
+            raise ValueError("the input image has transparent pixels; flatten it onto a background first")
+        array = array[..., :3]
+    return np.ascontiguousarray(array), note
+
+
+def snap_size(size: int, multiple: int) -> int:
+    """The nearest positive multiple of ``multiple`` (the pipeline's patch grid in pixels)."""
+    return max(multiple, round(size / multiple) * multiple)
