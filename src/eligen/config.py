@@ -1,7 +1,8 @@
 """Configs as validated dataclasses, and the one mapping from their fields to CLI flags.
 
 A field's ``metadata`` holds its ``help`` text and optionally ``flag`` (default ``--field-name``), ``short``,
-``choices``, ``metavar``, ``repeat`` (a list filled by repeating the flag), ``positional`` and ``required``.
+``choices``, ``metavar``, ``repeat`` (a list filled by repeating the flag), ``positional`` (with ``order``) and
+``required``.
 The CLI builds its parser from these fields, so every flag is a config field and every config field is a flag.
 """
 
@@ -40,7 +41,9 @@ def _scalar_type(annotation: Any) -> type:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None)."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    positional = sorted((f for f in fields if f.metadata.get("positional")), key=lambda f: f.metadata.get("order", 0))
+    for f in [*positional, *(f for f in fields if not f.metadata.get("positional"))]:
         meta = f.metadata
         kind = _scalar_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -387,13 +387,20 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
     return Entity(prompt=data.get("prompt"), mask=mask, box=data.get("box"), polygon=data.get("polygon"))
 
 
-def layout_from_dict(data: Any, base_dir: str | Path | None = None) -> Layout:
-    """Build and validate a :class:`Layout` from parsed JSON."""
+def layout_from_dict(
+    data: Any, base_dir: str | Path | None = None, default_size: tuple[int, int] | None = None
+) -> Layout:
+    """Build and validate a :class:`Layout` from parsed JSON.
+
+    ``default_size`` ``(width, height)`` fills a missing width/height (inpainting: the input image's size).
+    """
     if not isinstance(data, dict):
         raise LayoutError(f"a layout is a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - LAYOUT_KEYS)
     if unknown:
         raise LayoutError(f"unknown key(s) {unknown}; allowed: {sorted(LAYOUT_KEYS)}", field=unknown[0])
+    if default_size is not None:
+        data = {"width": default_size[0], "height": default_size[1], **data}
     for required in ("prompt", "width", "height"):
         if required not in data:
             raise LayoutError("is required", field=required)
@@ -413,7 +420,7 @@ def layout_from_dict(data: Any, base_dir: str | Path | None = None) -> Layout:
     return layout
 
 
-def load_layout(path: str | Path) -> Layout:
+def load_layout(path: str | Path, default_size: tuple[int, int] | None = None) -> Layout:
     """Read a layout JSON file; mask paths inside are relative to the file."""
     path = Path(path)
     try:
@@ -424,7 +431,7 @@ def load_layout(path: str | Path) -> Layout:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LayoutError(f"{path} is not valid JSON: {exc}") from exc
-    return layout_from_dict(data, base_dir=path.parent)
+    return layout_from_dict(data, base_dir=path.parent, default_size=default_size)
 
 
 def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:

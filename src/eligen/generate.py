@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image, PngImagePlugin
 from . import __version__
 from .config import DTYPES, option
 from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
+from .inpaint import FUSIONS
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
@@ -76,7 +78,53 @@ class GenerateConfig:
 
     def recorded(self) -> dict[str, Any]:
         """The parameters stored in the PNG (everything that shapes the image)."""
-        return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
+
+    def input_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` of an input image the layout must fit (None: text-to-image)."""
+        return None
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Arguments for the pipeline call beyond the layout's (none for text-to-image)."""
+        return {}
+
+
+@dataclass
+class InpaintConfig(GenerateConfig):
+    """`eligen inpaint`: everything `eligen generate` reads, plus the input image and the fusion options."""
+
+    image: Path | None = option(None, "input image to repaint (RGB, L, opaque RGBA, 16-bit; any size)",
+                                positional=True, order=-1)
+    fusion: str = option("exact", "exact: CFG first, the background ends exactly at the input; paper: fuse "
+                         "before CFG as the paper does", choices=FUSIONS)
+    strength: float = option(1.0, "below 1 starts from a partly noised input")
+    paste_back: bool = option(True, "copy the input's pixels outside the (dilated) entity union back exactly")
+    mask_dilate: int = option(0, "grow the union of the entity masks by this many latent pixels")
+    mask_blur: float = option(0.0, "Gaussian sigma (latent pixels) of a soft rim around the union")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image is not None and not isinstance(self.image, Path):
+            self.image = Path(self.image)
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"--fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.mask_dilate < 0 or self.mask_blur < 0:
+            raise ValueError("--mask-dilate and --mask-blur must be >= 0")
+
+    def input_size(self) -> tuple[int, int] | None:
+        if self.image is None:
+            raise ValueError("give the input image: eligen inpaint INPUT.png LAYOUT.json -o OUT.png")
+        try:
+            with Image.open(self.image) as image:
+                return image.size
+        except OSError as exc:
+            raise ValueError(f"cannot read the input image {self.image}: {exc}") from exc
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"image": self.image, "inpaint": True, "strength": self.strength, "fusion": self.fusion,
+                "mask_dilate": self.mask_dilate, "mask_blur": self.mask_blur, "paste_back": self.paste_back}
 
 
 @dataclass
@@ -128,13 +176,27 @@ def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
 
 
 def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> Layout:
-    """The layout to render: from the file or the stored record, resized if asked, validated."""
+    """The layout to render: from the file or the stored record, fitted to the input image and the size flags.
+
+    For inpainting the layout's width/height default to the input image's size; a layout drawn at another
+    size of the same aspect ratio is scaled to it, any other mismatch is an error.
+    """
+    input_size = config.input_size()
     if stored_layout is not None:
-        layout = layout_from_dict(stored_layout)
+        layout = layout_from_dict(stored_layout, default_size=input_size)
     elif config.layout is not None:
-        layout = load_layout(config.layout)
+        layout = load_layout(config.layout, default_size=input_size)
     else:
         raise ValueError("give a layout JSON file or --from PNG")
+    if input_size is not None and input_size != (layout.width, layout.height):
+        (in_w, in_h), ratio = input_size, layout.height / layout.width
+        if abs(in_h / in_w - ratio) > 0.01 * ratio:
+            raise ValueError(f"the layout is {layout.width}x{layout.height} but the input image is {in_w}x{in_h}, "
+                             "another aspect ratio: draw the layout at the image's size (or leave width/height out)")
+        print(f"note: layout scaled from {layout.width}x{layout.height} to the input's {in_w}x{in_h}",
+              file=sys.stderr)
+        layout = layout.resized(in_w, in_h)
+        layout.validate()
     width, height = config.width or layout.width, config.height or layout.height
     if (width, height) != (layout.width, layout.height):
         layout = layout.resized(width, height)
@@ -156,7 +218,7 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
     return pipe
 
 
-def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None, pipe=None) -> GenerateResult:
+def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> GenerateResult:
     """Render a layout to ``config.output`` (and an overlay), recording layout and parameters in the PNG."""
     if config.output is None:
         raise ValueError("give an output path with -o OUT.png")
@@ -168,8 +230,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         seed = secrets.randbelow(2**32)
     device = config.device or default_device()
     dtype = config.dtype or default_dtype(device)
-    if pipe is None:
-        pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
+    pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
@@ -187,10 +248,12 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         max_sequence_length=config.max_sequence_length,
         entities_on_negative=config.entities_on_negative,
         output_type="pil",
+        **config.pipeline_kwargs(),
     ).images[0]
     params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
     metadata = {
         "version": __version__,
+        "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
         "layout": layout_to_dict(layout, embed_masks=True),
         "params": params,
         "environment": {"device": device, "torch": torch.__version__},

@@ -93,11 +93,6 @@ def pack_mask(mask: torch.Tensor, channels: int) -> torch.Tensor:
     return repeat(tokens, "n p -> n (c p)", c=channels)
 
 
-def upsample_mask(mask: torch.Tensor, factor: int) -> np.ndarray:
-    """Latent-grid mask ``(h, w)`` -> pixel mask ``(h*f, w*f)`` by repetition (each latent pixel's own area)."""
-    return repeat(mask.float().cpu(), "h w -> (h f1) (w f2)", f1=factor, f2=factor).numpy()
-
-
 def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``uint8 (H, W, 3)`` images blended by ``mask (H, W)`` in [0, 1]: where the mask is 0 the original's bytes."""
     weight = mask.astype(np.float64)[..., None]

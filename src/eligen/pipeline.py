@@ -33,7 +33,6 @@ from .inpaint import (
     snap_size,
     soft_union,
     to_rgb_array,
-    upsample_mask,
 )
 from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
 from .masks import latent_grid_size, regional_attention_mask, resize_nearest, token_cover
@@ -67,7 +66,7 @@ class InpaintSource:
 
 
 def _resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
+    return np.array(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
 
 
 @dataclass
@@ -76,6 +75,14 @@ class EntityBatch:
 
     embeds: list[torch.Tensor]
     latent_masks: torch.Tensor
+    pixel_masks: list[np.ndarray] | None = None  # the binary masks as given (any resolution)
+
+    def pixel_union(self, height: int, width: int) -> torch.Tensor:
+        """``(height, width)`` bool: the union of the masks resized (NEAREST) to an image size."""
+        union = np.zeros((height, width), dtype=bool)
+        for mask in self.pixel_masks or []:
+            union |= resize_nearest(mask, height, width)
+        return torch.from_numpy(union)
 
     @property
     def cover(self) -> torch.Tensor:
@@ -229,8 +236,10 @@ class EliGenPipeline(FluxPipeline):
             )
         if len(texts) == 0:
             return None
+        binaries = [m if isinstance(m, np.ndarray) and m.dtype == bool else binarize_mask(m, index=i)
+                    for i, m in enumerate(entity_masks)]
         grid_height, grid_width = grid or (height, width)
-        latent_masks = self.entity_latent_masks(entity_masks, grid_height, grid_width, fields).to(device)
+        latent_masks = self.entity_latent_masks(binaries, grid_height, grid_width, fields).to(device)
         if entity_prompts is not None:
             encoded = self.encode_entity_prompts(entity_prompts, max_sequence_length, device)
             embeds = [_broadcast_batch(e, batch, "entity prompt embeds") for e in encoded.unsqueeze(1)]
@@ -239,7 +248,7 @@ class EliGenPipeline(FluxPipeline):
                 _broadcast_batch(e.to(device=device, dtype=dtype), batch, f"entity_prompt_embeds[{i}]")
                 for i, e in enumerate(entity_prompt_embeds)
             ]
-        return EntityBatch(embeds=embeds, latent_masks=latent_masks)
+        return EntityBatch(embeds=embeds, latent_masks=latent_masks, pixel_masks=binaries)
 
     # ------------------------------------------------------------------------------------------------------
     # Inpainting
@@ -293,20 +302,16 @@ class EliGenPipeline(FluxPipeline):
         packed = self._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
         return packed.to(device=device, dtype=dtype)
 
-    def _finish_inpaint(
-        self, decoded: torch.Tensor, source: InpaintSource, latent_union: torch.Tensor | None, output_type: str
-    ):
-        """Decoded ``(B, 3, h, w)`` -> the output type at the input's size, untouched pixels pasted back."""
+    def _finish_inpaint(self, decoded: torch.Tensor, source: InpaintSource, repaint: np.ndarray | None,
+                        output_type: str):
+        """Decoded ``(B, 3, h, w)`` -> the output type at the input's size; where ``repaint`` (``(H, W)`` in
+        [0, 1], None = no paste-back) is 0 the input's pixels come back byte for byte."""
         images = self.image_processor.postprocess(decoded, output_type="np")
         images = (images * 255).round().astype(np.uint8)  # exactly how diffusers makes PIL images
         if images.shape[1:3] != (source.height, source.width):
             images = np.stack([_resize_rgb(im, source.height, source.width) for im in images])
-        if latent_union is not None:
-            mask = upsample_mask(latent_union, self.vae_scale_factor)
-            if mask.shape != (source.height, source.width):
-                mask_image = Image.fromarray(mask.astype(np.float32), mode="F")
-                mask = np.asarray(mask_image.resize((source.width, source.height), Image.Resampling.NEAREST))
-            images = np.stack([paste_back(source.rgb, im, mask) for im in images])
+        if repaint is not None:
+            images = np.stack([paste_back(source.rgb, im, repaint) for im in images])
         if output_type == "pil":
             return [Image.fromarray(im) for im in images]
         as_float = images.astype(np.float32) / 255
@@ -573,7 +578,12 @@ class EliGenPipeline(FluxPipeline):
             if source is None:
                 image = self.image_processor.postprocess(image, output_type=output_type)
             else:
-                image = self._finish_inpaint(image, source, latent_union if paste_back else None, output_type)
+                keep = None
+                if paste_back:  # the union at pixel precision, grown and softened like the latent one
+                    f = self.vae_scale_factor
+                    keep = soft_union(ents.pixel_union(source.height, source.width)[None], mask_dilate * f,
+                                      mask_blur * f).numpy()
+                image = self._finish_inpaint(image, source, keep, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
