@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import warnings
+from contextlib import contextmanager
 
+import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
@@ -28,8 +31,11 @@ def _backend_of(processor: object) -> AttentionBackendName:
     return AttentionBackendName(backend)
 
 
-def check_regional_attention_support(transformer) -> None:
-    """Raise ``ValueError`` unless every attention layer of ``transformer`` applies ``attention_mask`` in full."""
+def check_regional_attention_support(transformer, flex: bool = False) -> None:
+    """Raise ``ValueError`` unless every attention layer of ``transformer`` applies ``attention_mask`` in full.
+
+    With ``flex`` the mask is a FlexAttention ``BlockMask``: layers must use the active (flex) backend.
+    """
     for name, processor in transformer.attn_processors.items():
         if not isinstance(processor, KNOWN_PROCESSORS):
             params = inspect.signature(processor.__call__).parameters
@@ -39,6 +45,15 @@ def check_regional_attention_support(transformer) -> None:
                     "EliGen regional mask would be dropped; call `pipe.transformer.set_default_attn_processor()` "
                     "or use diffusers' FluxAttnProcessor"
                 )
+        if flex:
+            pinned = getattr(processor, "_attention_backend", None)
+            if pinned is not None and AttentionBackendName(pinned) != AttentionBackendName.FLEX:
+                raise ValueError(
+                    f"attention layer {name} is pinned to backend '{AttentionBackendName(pinned).value}', which "
+                    "cannot take a FlexAttention BlockMask; pass attention='dense' or reset it with "
+                    "`pipe.transformer.reset_attention_backend()`"
+                )
+            continue
         backend = _backend_of(processor)
         if backend not in MASK_CAPABLE_BACKENDS:
             allowed = ", ".join(sorted(b.value for b in MASK_CAPABLE_BACKENDS))
@@ -47,3 +62,42 @@ def check_regional_attention_support(transformer) -> None:
                 f"EliGen regional mask would be dropped; use one of: {allowed}, e.g. "
                 "`pipe.transformer.set_attention_backend('native')`"
             )
+
+
+class _CompiledFlexModule:
+    """Stands in for ``torch.nn.attention.flex_attention`` inside diffusers' dispatcher with a compiled kernel."""
+
+    def __init__(self, module, compiled):
+        self._module = module
+        self.flex_attention = compiled
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+_COMPILED_FLEX = None
+
+
+@contextmanager
+def flex_backend(compiled: bool):
+    """Route attention through diffusers' ``flex`` backend for the duration of the block.
+
+    Eager ``flex_attention`` materialises the whole score matrix; with ``compiled`` (use it on CUDA) the
+    dispatcher calls a ``torch.compile``-d ``flex_attention`` instead, which generates the fused,
+    block-sparse kernel. Inside an already compiled transformer the inner compile is simply inlined.
+    """
+    import diffusers.models.attention_dispatch as dispatch
+
+    global _COMPILED_FLEX
+    original = dispatch.flex_attention
+    if compiled:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(original.flex_attention, dynamic=False)
+        dispatch.flex_attention = _CompiledFlexModule(original, _COMPILED_FLEX)
+    try:
+        with dispatch.attention_backend(AttentionBackendName.FLEX), warnings.catch_warnings():
+            # Off CUDA the unfused reference path is the point (exact, no compile): do not warn about it.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            yield
+    finally:
+        dispatch.flex_attention = original

@@ -352,7 +352,7 @@ def resolve_lora_path(path_or_hub_id: str | Path, filename: str | None = None) -
             raise LoraFormatError(f"{path} holds {len(files)} .safetensors files; name the LoRA file itself")
         return files[0]
     text = str(path_or_hub_id)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not path.suffix:
         from huggingface_hub import hf_hub_download
 
         name = filename or HUB_DEFAULT_FILES.get(text)
@@ -374,8 +374,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, fmt: str) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata={"format": "pt",
-                                                                                          "eligen_format": fmt})
+    # clone: split layers share one lora_A tensor, and safetensors refuses tensors that share memory
+    save_file({k: v.detach().clone().contiguous() for k, v in state_dict.items()}, str(path),
+              metadata={"format": "pt", "eligen_format": fmt})
 
 
 def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
@@ -384,6 +385,7 @@ def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
     missing, misshaped = [], []
     for name, layer in weights.items():
         module = modules.get(name)
+        module = getattr(module, "base_layer", module)  # a layer that already carries another adapter
         if not isinstance(module, torch.nn.Linear):
             missing.append(name)
         elif layer.down.shape[1] != module.in_features or layer.up.shape[0] != module.out_features:
@@ -418,7 +420,10 @@ def peft_config(weights: LoraWeights, prefix: str = "transformer") -> dict:
     pattern = {f"^{name}": r for name, r in ranks.items() if r != common}
     config = {
         "r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(weights), "lora_dropout": 0.0, "bias": "none", "init_lora_weights": False,
+        # a regex string is matched against whole module names; a list would match by suffix, so "proj_out"
+        # would also wrap every single block's proj_out
+        "target_modules": "|".join(re.escape(name) for name in sorted(weights)),
+        "lora_dropout": 0.0, "bias": "none", "init_lora_weights": False,
     }
     return {f"{prefix}.{k}": v for k, v in config.items()}
 

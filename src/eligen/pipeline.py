@@ -8,6 +8,7 @@ all text RoPE ids are zero, the pooled CLIP vector comes from the global prompt 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
 
-from .attention import check_regional_attention_support
+from .attention import check_regional_attention_support, flex_backend
 from .entities import Entity, LayoutError, binarize_mask
+from .flex import BlockMask, flex_available, regional_block_mask
 from .inpaint import (
     FUSIONS,
     background_velocity,
@@ -38,6 +40,9 @@ from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_l
 from .masks import latent_grid_size, regional_attention_mask, resize_nearest, token_cover
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+ATTENTION_MODES = ("auto", "dense", "flex")
+ENTITY_TOKEN_MODES = ("full", "trim")
+TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 logger = logging.getLogger(__name__)
 
 
@@ -97,7 +102,11 @@ class EntityBatch:
         """``[e_1 | ... | e_N | global]`` along the sequence axis: ``(B, sum T_i + T, D)``."""
         return torch.cat([*self.embeds, global_embeds], dim=1)
 
-    def mask(self, global_length: int) -> torch.Tensor:
+    def mask(self, global_length: int, flex: bool = False, slot: str = "cond"):
+        """The regional mask for ``[entities | global | image]``: dense bool ``(1, 1, L, L)`` or a BlockMask
+        (in a per-branch ``slot``, so a compiled transformer keeps its graphs from call to call)."""
+        if flex:
+            return regional_block_mask(self.cover, self.lengths, global_length, slot=f"pipeline-{slot}")
         return regional_attention_mask(self.cover, self.lengths, global_length)
 
 
@@ -130,15 +139,24 @@ class EliGenPipeline(FluxPipeline):
         """
         weights, fmt = read_lora(load_state_dict(resolve_lora_path(path_or_hub_id, filename)))
         check_fits(weights, self.transformer)
+        previous = self.get_active_adapters() if getattr(self.transformer, "peft_config", None) else []
         dtype = self.transformer.dtype
         state = {k: v.to(dtype) for k, v in write_diffusers(weights, with_alpha=False).items()}
         self.transformer.load_lora_adapter(
             state, prefix="transformer", adapter_name=adapter_name, metadata=peft_config(weights), _pipeline=self,
             low_cpu_mem_usage=True,
         )
+        self.transformer.set_adapter([*previous, adapter_name])  # keeps the others active, at their weights
         if scale != 1.0:
             self.set_lora_scale(adapter_name, scale)
         return fmt
+
+    def compile_transformer(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the repeated double/single blocks once (regional compilation: the 57 FLUX blocks share
+        two compiled graphs, so compiling takes about as long as compiling two blocks)."""
+        if not getattr(self.transformer, "_eligen_compiled", False):
+            self.transformer.compile_repeated_blocks(**{"fullgraph": True, **compile_kwargs})
+            self.transformer._eligen_compiled = True
 
     def set_lora_scale(self, adapter_name: str, scale: float) -> None:
         """Re-weight one adapter of the transformer without touching the others."""
@@ -162,6 +180,11 @@ class EliGenPipeline(FluxPipeline):
         return self._get_t5_prompt_embeds(
             prompt=list(prompts), max_sequence_length=max_sequence_length, device=device or self._execution_device
         )
+
+    def entity_token_counts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> list[int]:
+        """Real (non-padding) T5 tokens of each prompt, end-of-sequence token included."""
+        ids = self.tokenizer_2(list(prompts), max_length=max_sequence_length, truncation=True).input_ids
+        return [len(i) for i in ids]
 
     def entity_latent_masks(
         self, masks: Sequence[Any], height: int, width: int, fields: Sequence[str] | None = None
@@ -204,6 +227,7 @@ class EliGenPipeline(FluxPipeline):
         device: torch.device,
         dtype: torch.dtype,
         grid: tuple[int, int] | None = None,
+        entity_tokens: str = "full",
     ) -> EntityBatch | None:
         """Validate the entity arguments and encode them; None when there are no entities.
 
@@ -243,6 +267,9 @@ class EliGenPipeline(FluxPipeline):
         if entity_prompts is not None:
             encoded = self.encode_entity_prompts(entity_prompts, max_sequence_length, device)
             embeds = [_broadcast_batch(e, batch, "entity prompt embeds") for e in encoded.unsqueeze(1)]
+            if entity_tokens == "trim":  # same embeddings, minus most of the padding after each prompt
+                counts = self.entity_token_counts(entity_prompts, max_sequence_length)
+                embeds = [e[:, : min(n + TRIM_MARGIN, e.shape[1])] for e, n in zip(embeds, counts, strict=True)]
         else:
             embeds = [
                 _broadcast_batch(e.to(device=device, dtype=dtype), batch, f"entity_prompt_embeds[{i}]")
@@ -360,7 +387,9 @@ class EliGenPipeline(FluxPipeline):
         attention_kwargs = dict(self._joint_attention_kwargs)
         if mask is not None:
             attention_kwargs["attention_mask"] = mask
-        with self.transformer.cache_context(cache_name):
+        flex = BlockMask is not None and isinstance(mask, BlockMask)
+        backend = flex_backend(compiled=latents.device.type == "cuda") if flex else contextlib.nullcontext()
+        with backend, self.transformer.cache_context(cache_name):
             return self.transformer(
                 hidden_states=latents,
                 timestep=timestep / 1000,
@@ -412,6 +441,9 @@ class EliGenPipeline(FluxPipeline):
         mask_dilate: int = 0,
         mask_blur: float = 0.0,
         paste_back: bool = True,
+        attention: str = "auto",
+        entity_tokens: str = "full",
+        compile: bool = False,
     ) -> FluxPipelineOutput | tuple:
         r"""Generate images with entity control.
 
@@ -435,7 +467,19 @@ class EliGenPipeline(FluxPipeline):
             mask_dilate: grow the union by this many latent pixels. mask_blur: Gaussian sigma (latent pixels)
                 of a soft rim around the union.
             paste_back: pixels outside the (dilated, blurred) union are copied from the input exactly.
+
+        Speed (same semantics unless noted):
+            attention: "dense" (a bool ``(1, 1, L, L)`` mask, SDPA), "flex" (a FlexAttention BlockMask built from
+                segment ids and covers, with a compiled fused kernel on CUDA) or "auto" (flex on CUDA, else dense).
+            entity_tokens: "full" (default: every entity segment padded to ``max_sequence_length``, as the
+                released LoRA was trained) or "trim" (each entity keeps its real tokens plus a few pads: fewer
+                tokens, approximate).
+            compile: ``torch.compile`` the transformer's repeated blocks (regional compilation), once.
         """
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if entity_tokens not in ENTITY_TOKEN_MODES:
+            raise ValueError(f"entity_tokens must be one of {ENTITY_TOKEN_MODES}, got {entity_tokens!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         source = None
@@ -479,14 +523,18 @@ class EliGenPipeline(FluxPipeline):
         ents = self._resolve_entities(
             entities, entity_prompts, entity_prompt_embeds, entity_masks, height, width, batch,
             max_sequence_length, device, prompt_embeds.dtype, grid=(work_height, work_width),
+            entity_tokens=entity_tokens,
         )
+        use_flex = attention == "flex" or (attention == "auto" and device.type == "cuda" and flex_available())
+        if compile:
+            self.compile_transformer()
         if source is not None and ents is None:
             raise ValueError("inpainting needs at least one entity: the entity masks mark what to repaint")
         context, mask = prompt_embeds, None
         if ents is not None:
-            check_regional_attention_support(self.transformer)
+            check_regional_attention_support(self.transformer, flex=use_flex)
             context = ents.context(prompt_embeds)
-            mask = ents.mask(prompt_embeds.shape[1])
+            mask = ents.mask(prompt_embeds.shape[1], flex=use_flex)
         if do_true_cfg:
             negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
                 prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
@@ -499,7 +547,8 @@ class EliGenPipeline(FluxPipeline):
                 neg_ents = EntityBatch([negative_prompt_embeds] * len(ents.embeds), ents.latent_masks)
                 neg_context = neg_ents.context(negative_prompt_embeds)
                 same_shape = neg_ents.lengths == ents.lengths and neg_context.shape[1] == context.shape[1]
-                neg_mask = mask if same_shape else neg_ents.mask(negative_prompt_embeds.shape[1])
+                neg_mask = mask if same_shape else neg_ents.mask(negative_prompt_embeds.shape[1], flex=use_flex,
+                                                                     slot="uncond")
         text_dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
         text_ids = torch.zeros(context.shape[1], 3, device=device, dtype=text_dtype)
         if do_true_cfg:
