@@ -31,11 +31,13 @@ def _backend_of(processor: object) -> AttentionBackendName:
     return AttentionBackendName(backend)
 
 
-def check_regional_attention_support(transformer, flex: bool = False) -> None:
+def check_regional_attention_support(transformer, backend: str = "dense") -> None:
     """Raise ``ValueError`` unless every attention layer of ``transformer`` applies ``attention_mask`` in full.
 
-    With ``flex`` the mask is a FlexAttention ``BlockMask``: layers must use the active (flex) backend.
+    ``backend`` is the mask's form: ``dense`` (any mask-capable backend), ``flex`` (a BlockMask: layers must
+    follow the active backend, which the pipeline sets to flex) or ``segmented`` (likewise, set to native).
     """
+    required = {"flex": AttentionBackendName.FLEX, "segmented": AttentionBackendName.NATIVE}.get(backend)
     for name, processor in transformer.attn_processors.items():
         if not isinstance(processor, KNOWN_PROCESSORS):
             params = inspect.signature(processor.__call__).parameters
@@ -45,12 +47,12 @@ def check_regional_attention_support(transformer, flex: bool = False) -> None:
                     "EliGen regional mask would be dropped; call `pipe.transformer.set_default_attn_processor()` "
                     "or use diffusers' FluxAttnProcessor"
                 )
-        if flex:
+        if required is not None:
             pinned = getattr(processor, "_attention_backend", None)
-            if pinned is not None and AttentionBackendName(pinned) != AttentionBackendName.FLEX:
+            if pinned is not None and AttentionBackendName(pinned) != required:
                 raise ValueError(
                     f"attention layer {name} is pinned to backend '{AttentionBackendName(pinned).value}', which "
-                    "cannot take a FlexAttention BlockMask; pass attention='dense' or reset it with "
+                    f"cannot take the {backend} regional mask; pass attention='dense' or reset it with "
                     "`pipe.transformer.reset_attention_backend()`"
                 )
             continue

@@ -97,10 +97,7 @@ def paste_back(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) ->
     """``uint8 (H, W, 3)`` images blended by ``mask (H, W)`` in [0, 1]: where the mask is 0 the original's bytes."""
     weight = mask.astype(np.float64)[..., None]
     blended = weight * generated.astype(np.float64) + (1 - weight) * original.astype(np.float64)
-    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    outside = mask <= 0
-    out[outside] = original[outside]
-    return out
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)  # weight 0 gives the original exactly
 
 
 def to_rgb_array(image) -> tuple[np.ndarray, str | None]:
@@ -118,8 +115,10 @@ def to_rgb_array(image) -> tuple[np.ndarray, str | None]:
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image).astype(np.float64)
-            image = Image.fromarray(np.rint(array / 257.0).clip(0, 255).astype(np.uint8), mode="L")
-            note = "16-bit input reduced to 8 bits"
+            if image.mode != "I" or array.max(initial=0) > 255:  # a 32-bit "I" image may hold 8-bit values
+                array = array / 257.0
+                note = "16-bit input reduced to 8 bits"
+            image = Image.fromarray(np.rint(array).clip(0, 255).astype(np.uint8), mode="L")
         if image.mode == "P":
             image = image.convert("RGBA")
         if image.mode in ("LA", "RGBA", "PA"):

@@ -38,9 +38,10 @@ from .inpaint import (
 )
 from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
 from .masks import latent_grid_size, regional_attention_mask, resize_nearest, token_cover
+from .segmented import SegmentedMask, segmented_backend, segmented_mask
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-ATTENTION_MODES = ("auto", "dense", "flex")
+ATTENTION_MODES = ("auto", "dense", "flex", "segmented")
 ENTITY_TOKEN_MODES = ("full", "trim")
 TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 logger = logging.getLogger(__name__)
@@ -102,11 +103,14 @@ class EntityBatch:
         """``[e_1 | ... | e_N | global]`` along the sequence axis: ``(B, sum T_i + T, D)``."""
         return torch.cat([*self.embeds, global_embeds], dim=1)
 
-    def mask(self, global_length: int, flex: bool = False, slot: str = "cond"):
-        """The regional mask for ``[entities | global | image]``: dense bool ``(1, 1, L, L)`` or a BlockMask
-        (in a per-branch ``slot``, so a compiled transformer keeps its graphs from call to call)."""
-        if flex:
+    def mask(self, global_length: int, mode: str = "dense", slot: str = "cond"):
+        """The regional mask for ``[entities | global | image]`` in the form ``mode`` needs: a dense bool
+        ``(1, 1, L, L)``, a FlexAttention BlockMask (in a per-branch ``slot``, so a compiled transformer keeps
+        its graphs from call to call) or a :class:`SegmentedMask`."""
+        if mode == "flex":
             return regional_block_mask(self.cover, self.lengths, global_length, slot=f"pipeline-{slot}")
+        if mode == "segmented":
+            return segmented_mask(self.cover, self.lengths, global_length)
         return regional_attention_mask(self.cover, self.lengths, global_length)
 
 
@@ -150,6 +154,16 @@ class EliGenPipeline(FluxPipeline):
         if scale != 1.0:
             self.set_lora_scale(adapter_name, scale)
         return fmt
+
+    def attention_mode(self, attention: str, device: torch.device) -> str:
+        """``auto`` -> the exact mode that is fastest here: on CUDA ``segmented`` (flash-attention calls over
+        grouped rows) or, in a compiled transformer, ``flex``; elsewhere ``dense``."""
+        if attention != "auto":
+            return attention
+        if device.type != "cuda":
+            return "dense"
+        compiled = getattr(self.transformer, "_eligen_compiled", False)
+        return "flex" if compiled and flex_available() else "segmented"
 
     def compile_transformer(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` the repeated double/single blocks once (regional compilation: the 57 FLUX blocks share
@@ -387,8 +401,13 @@ class EliGenPipeline(FluxPipeline):
         attention_kwargs = dict(self._joint_attention_kwargs)
         if mask is not None:
             attention_kwargs["attention_mask"] = mask
-        flex = BlockMask is not None and isinstance(mask, BlockMask)
-        backend = flex_backend(compiled=latents.device.type == "cuda") if flex else contextlib.nullcontext()
+        backend = contextlib.nullcontext()
+        if isinstance(mask, SegmentedMask):
+            backend = segmented_backend()
+        elif BlockMask is not None and isinstance(mask, BlockMask):
+            # on CUDA the fused flex kernel needs compiling; inside a compiled transformer it is compiled already
+            kernel = latents.device.type == "cuda" and not getattr(self.transformer, "_eligen_compiled", False)
+            backend = flex_backend(compiled=kernel)
         with backend, self.transformer.cache_context(cache_name):
             return self.transformer(
                 hidden_states=latents,
@@ -525,16 +544,16 @@ class EliGenPipeline(FluxPipeline):
             max_sequence_length, device, prompt_embeds.dtype, grid=(work_height, work_width),
             entity_tokens=entity_tokens,
         )
-        use_flex = attention == "flex" or (attention == "auto" and device.type == "cuda" and flex_available())
         if compile:
             self.compile_transformer()
+        mode = self.attention_mode(attention, device)
         if source is not None and ents is None:
             raise ValueError("inpainting needs at least one entity: the entity masks mark what to repaint")
         context, mask = prompt_embeds, None
         if ents is not None:
-            check_regional_attention_support(self.transformer, flex=use_flex)
+            check_regional_attention_support(self.transformer, backend=mode)
             context = ents.context(prompt_embeds)
-            mask = ents.mask(prompt_embeds.shape[1], flex=use_flex)
+            mask = ents.mask(prompt_embeds.shape[1], mode)
         if do_true_cfg:
             negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
                 prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
@@ -547,7 +566,7 @@ class EliGenPipeline(FluxPipeline):
                 neg_ents = EntityBatch([negative_prompt_embeds] * len(ents.embeds), ents.latent_masks)
                 neg_context = neg_ents.context(negative_prompt_embeds)
                 same_shape = neg_ents.lengths == ents.lengths and neg_context.shape[1] == context.shape[1]
-                neg_mask = mask if same_shape else neg_ents.mask(negative_prompt_embeds.shape[1], flex=use_flex,
+                neg_mask = mask if same_shape else neg_ents.mask(negative_prompt_embeds.shape[1], mode,
                                                                      slot="uncond")
         text_dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
         text_ids = torch.zeros(context.shape[1], 3, device=device, dtype=text_dtype)
