@@ -20,6 +20,7 @@ from PIL import Image
 from eligen import Entity, LayoutError
 from eligen.cli import main
 from eligen.generate import overlay_path_for, read_metadata
+from reference import reference_mask
 
 H, W = 32, 48  # pixels; latent grid 16x24, token grid 8x12
 F_VAE = 2  # the tiny VAE's scale factor
@@ -114,35 +115,6 @@ def vae_latents(pipe, rgb: np.ndarray) -> torch.Tensor:
     z = pipe.vae.encode(pixels).latent_dist.mode()
     z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     return FluxPipeline._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
-
-
-def reference_mask(covers: list[list[bool]], entity_len: int, global_len: int, n_img: int) -> torch.Tensor:
-    """``(1, 1, L, L)`` bool regional mask for ``[e_1 | ... | e_N | global | image]`` (DESIGN.md section 2)."""
-    n = len(covers)
-    text_len = n * entity_len + global_len
-    size = text_len + n_img
-
-    def segment(index: int):
-        if index < n * entity_len:
-            return "entity", index // entity_len
-        if index < text_len:
-            return "global", None
-        return "image", index - text_len
-
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    for q in range(size):
-        kind_q, id_q = segment(q)
-        for k in range(size):
-            kind_k, id_k = segment(k)
-            if kind_q == "image" and kind_k == "image":
-                allowed = True
-            elif kind_q != "image" and kind_k != "image":
-                allowed = kind_q == kind_k and id_q == id_k
-            else:
-                text_kind, text_id, z = (kind_q, id_q, id_k) if kind_k == "image" else (kind_k, id_k, id_q)
-                allowed = text_kind == "global" or covers[text_id][z]
-            mask[q, k] = allowed
-    return mask[None, None]
 
 
 def token_covers(boxes, height: int, width: int) -> list[list[bool]]:

@@ -153,6 +153,19 @@ def _pairs(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -> None:
             raise LoraFormatError(f"{what} layer {'.'.join(map(str, layer))} has no lora_{'/'.join(sorted(missing))}")
 
 
+def _alpha(parts: dict[str, torch.Tensor]) -> float | None:
+    return float(parts["alpha"].float().item()) if "alpha" in parts else None
+
+
+def _split_reference(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -> LoraWeights:
+    """Reference layers ``(kind, block, name) -> {down, up[, alpha]}`` -> split diffusers layers."""
+    _pairs(grouped, what)
+    out: LoraWeights = {}
+    for (kind, index, layer), parts in sorted(grouped.items()):
+        out.update(_split(layer, kind, index, parts["down"], parts["up"], _alpha(parts), f"{kind}.{index}.{layer}"))
+    return out
+
+
 def read_diffsynth(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
     grouped: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -161,11 +174,7 @@ def read_diffsynth(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
             raise LoraFormatError(f"not a DiffSynth LoRA key: {key}")
         kind, index, layer, ab, _ = match.groups()
         grouped.setdefault((kind, int(index), layer), {})["down" if ab == "A" else "up"] = tensor
-    _pairs(grouped, "DiffSynth")
-    out: LoraWeights = {}
-    for (kind, index, layer), parts in sorted(grouped.items()):
-        out.update(_split(layer, kind, index, parts["down"], parts["up"], None, f"{kind}.{index}.{layer}"))
-    return out
+    return _split_reference(grouped, "DiffSynth")
 
 
 def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
@@ -182,12 +191,7 @@ def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
         block = "blocks" if kind == "double" else "single_blocks"
         slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part]
         grouped.setdefault((block, int(index), table[name]), {})[slot] = tensor
-    _pairs(grouped, "kohya")
-    out: LoraWeights = {}
-    for (kind, index, layer), parts in sorted(grouped.items()):
-        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
-        out.update(_split(layer, kind, index, parts["down"], parts["up"], alpha, f"{kind}.{index}.{layer}"))
-    return out
+    return _split_reference(grouped, "kohya")
 
 
 def read_diffusers(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
@@ -206,8 +210,7 @@ def read_diffusers(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise LoraFormatError(f"mis-shaped LoRA pair at {module}: lora_A {tuple(down.shape)}, lora_B "
                                   f"{tuple(up.shape)}")
-        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
-        out[module] = LoraLayer(down, up, alpha)
+        out[module] = LoraLayer(down, up, _alpha(parts))
     return out
 
 
