@@ -49,6 +49,16 @@ def mask_tokens(mask: np.ndarray, height: int, width: int, vae_scale_factor: int
     return token_cover(latent)
 
 
+def pixel_masks_to_covers(masks: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+    """Training batches: ``(B, N, H, W)`` bool pixel masks -> ``(B, N, n_img)`` token covers (empty stays empty)."""
+    batch, n, height, width = masks.shape
+    lat_h, lat_w = latent_grid_size(height, width, vae_scale_factor)
+    flat = masks.reshape(batch * n, height, width).cpu().numpy()
+    latent = torch.from_numpy(np.stack([resize_nearest(m, lat_h, lat_w) for m in flat])) if batch * n else \
+        torch.zeros(0, lat_h, lat_w, dtype=torch.bool)
+    return token_cover(latent).reshape(batch, n, (lat_h // PACK) * (lat_w // PACK)).to(masks.device)
+
+
 def segment_ids(entity_lengths: Sequence[int], global_length: int) -> torch.Tensor:
     """``(T,)`` segment id of every text token: ``0..N-1`` for the entities, ``N`` for the global prompt."""
     lengths = torch.tensor([*entity_lengths, global_length], dtype=torch.long)

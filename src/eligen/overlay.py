@@ -56,3 +56,17 @@ def render_overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequ
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=entity_colour(i))
         draw.text((x, y), text, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return canvas
+
+
+def image_grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 4) -> Image.Image:
+    """Tiles on a white sheet, row by row (``columns`` defaults to about a square sheet)."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    columns = columns or max(1, round(len(images) ** 0.5))
+    rows = -(-len(images) // columns)
+    cell_w, cell_h = max(i.width for i in images), max(i.height for i in images)
+    sheet = Image.new("RGB", (columns * cell_w + (columns + 1) * gap, rows * cell_h + (rows + 1) * gap), "white")
+    for index, image in enumerate(images):
+        row, col = divmod(index, columns)
+        sheet.paste(image.convert("RGB"), (gap + col * (cell_w + gap), gap + row * (cell_h + gap)))
+    return sheet

@@ -1,0 +1,1 @@
+"""EliGen LoRA training: dataset, rectified-flow loss and trainer."""

@@ -1,0 +1,525 @@
+"""EliGen LoRA training (DESIGN.md section 6): one explicit loop under accelerate, single device to many GPUs.
+
+Per optimisation step: VAE-encode the batch, draw noise and a noise level, run the DiT with the entity prompts
+and the batch's regional mask (dense, per sample: padded entities have empty masks and are exactly inert),
+regress the velocity ``noise - x0``, step AdamW on the LoRA parameters only. Checkpoints hold the adapter,
+optimizer, LR schedule, every RNG and the data position, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from eligen.config import option
+
+from ..masks import pixel_masks_to_covers, regional_attention_mask
+from .loss import TIMESTEP_SAMPLING, flow_loss, noisy_latents, per_sample_loss, reference_schedule, sample_sigmas
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LOSS_BINS = 5  # TensorBoard: loss per noise-level bin (sigma in [0, 0.2), ..., [0.8, 1])
+
+
+@dataclass
+class TrainConfig:
+    """Everything `eligen train` reads; a YAML file sets any field and every field is also a flag."""
+
+    config: Path | None = option(None, "YAML file with any of these fields (flags override it)", positional=True)
+    model: str | None = option(None, "diffusers FLUX pipeline directory or hub id to train on")
+    dataset: Path | None = option(None, "training data: our JSONL or the reference metadata.json")
+    output_dir: Path | None = option(None, "where checkpoints, logs, validation grids and the LoRA go")
+    resolution: int = option(512, "training side length (aspect-ratio buckets keep about this many pixels)")
+    buckets: bool = option(True, "aspect-ratio buckets (else square crops)")
+    rank: int = option(64, "LoRA rank (the paper: 64; the reference trainer: 32)")
+    alpha: float | None = option(None, "LoRA alpha (default: the rank)")
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps")
+    max_steps: int = option(1000, "optimisation steps")
+    batch_size: int = option(1, "samples per device per micro-batch")
+    gradient_accumulation: int = option(1, "micro-batches per optimisation step (paper: batch 64 in all)")
+    timestep_sampling: str = option("reference", "noise levels: reference (uniform over the shift-3 schedule, "
+                                    "Gaussian-weighted) or logit_normal", choices=TIMESTEP_SAMPLING)
+    guidance: float = option(1.0, "embedded guidance value during training (reference: 1.0)")
+    mixed_precision: str | None = option(None, "no, fp16 or bf16 (default: bf16 on CUDA, no on CPU)",
+                                         choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass")
+    cache_text_embeddings: bool = option(True, "encode every prompt once and reuse it (T5 is large)")
+    max_sequence_length: int = option(512, "T5 tokens per prompt segment")
+    drop_entities: float = option(0.1, "share of samples trained with the global prompt only (keeps it working)")
+    max_entities: int | None = option(None, "use at most this many entities per image")
+    max_bad_fraction: float = option(0.1, "fail if more than this share of the records is bad")
+    checkpoint_every: int = option(500, "write a checkpoint every K steps")
+    keep_checkpoints: int = option(3, "keep the last N checkpoints")
+    resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    validate_every: int = option(0, "render the validation layouts every K steps (0: only at the end)")
+    validation_layouts: list[str] = option([], "layout JSON files rendered into the validation grid", repeat=True,
+                                           metavar="LAYOUT")
+    validation_steps: int = option(20, "denoising steps of the validation renders")
+    log_every: int = option(10, "TensorBoard logging interval in steps")
+    seed: int = option(0, "seed of the data order, noise and noise levels")
+    num_workers: int = option(0, "data loader worker processes")
+
+    def __post_init__(self) -> None:
+        for name in ("config", "dataset", "output_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+        positive = ("resolution", "rank", "max_steps", "batch_size", "gradient_accumulation", "checkpoint_every",
+                    "keep_checkpoints", "log_every", "max_sequence_length", "validation_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.validate_every < 0:
+            raise ValueError("learning_rate must be > 0, warmup_steps and validate_every >= 0")
+        if not 0 <= self.drop_entities <= 1 or not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError("drop_entities and max_bad_fraction are shares in [0, 1]")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}")
+
+    def require(self) -> None:
+        missing = [n for n in ("model", "dataset", "output_dir") if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}: set them in the YAML file or with --" +
+                             " --".join(m.replace("_", "-") for m in missing))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    lora_files: dict[str, Path] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def block_linear_names(transformer: torch.nn.Module) -> list[str]:
+    """Every ``nn.Linear`` inside the double and single blocks: attention in/out, MLPs, AdaLN (the paper's set)."""
+    return [name for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.split(".")[0] in
+            ("transformer_blocks", "single_transformer_blocks")]
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None) -> None:
+    """A trainable peft LoRA (A Gaussian, B zero: starts as the identity) on every block linear."""
+    import re
+
+    from peft import LoraConfig
+
+    names = block_linear_names(transformer)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                       init_lora_weights="gaussian",
+                                       target_modules="|".join(re.escape(n) for n in names)))
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
+    """The trained adapter as :class:`eligen.lora.LoraWeights` (float32 copies)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from ..lora import LoraLayer
+
+    state = get_peft_model_state_dict(transformer)
+    layers = {}
+    for key, tensor in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            up = state[f"{module}.lora_B.weight"]
+            layers[module] = LoraLayer(tensor.detach().float().cpu().clone(), up.detach().float().cpu().clone(),
+                                       float(alpha))
+    return layers
+
+
+def save_lora_files(weights, output_dir: Path) -> dict[str, Path]:
+    """The LoRA in all three key formats: ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
+    from ..lora import save_state_dict, write_lora
+
+    files = {"diffusers": output_dir / "eligen_lora.safetensors",
+             "diffsynth": output_dir / "eligen_lora_diffsynth.safetensors",
+             "kohya": output_dir / "eligen_lora_kohya.safetensors"}
+    for fmt, path in files.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_state_dict(write_lora(weights, fmt), tmp, fmt)
+        os.replace(tmp, path)
+    return files
+
+
+class TextCache:
+    """T5 sequences and pooled CLIP vectors per prompt, encoded once (and kept on disk when a path is given)."""
+
+    def __init__(self, pipe, max_sequence_length: int, path: Path | None = None):
+        self.pipe, self.max_sequence_length, self.path = pipe, max_sequence_length, path
+        self.sequences: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+        if path is not None and path.exists():
+            stored = torch.load(path, weights_only=True)
+            self.sequences, self.pooled = stored["sequences"], stored["pooled"]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], pooled: bool) -> None:
+        """Encode the prompts not yet cached (T5 always; CLIP pooled for global prompts)."""
+        todo = sorted({p for p in prompts if p not in self.sequences or (pooled and p not in self.pooled)})
+        for start in range(0, len(todo), 16):
+            chunk = todo[start:start + 16]
+            seq, pool, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=None,
+                                                   max_sequence_length=self.max_sequence_length)
+            for text, s, p in zip(chunk, seq.cpu(), pool.cpu(), strict=True):
+                self.sequences[text], self.pooled[text] = s, p
+
+    def save(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            torch.save({"sequences": self.sequences, "pooled": self.pooled}, tmp)
+            os.replace(tmp, self.path)
+
+
+def lr_lambda(warmup_steps: int):
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+    return factor
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        from ..pipeline import EliGenPipeline
+        from .data import BucketBatchSampler, EntityDataset
+
+        config.require()
+        self.config = config
+        cuda = torch.cuda.is_available()
+        precision = config.mixed_precision or ("bf16" if cuda else "no")
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation, mixed_precision=precision,
+            log_with="tensorboard", cpu=not cuda,
+            project_config=ProjectConfiguration(project_dir=str(config.output_dir), logging_dir=str(
+                config.output_dir / "logs")),
+        )
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+        self.device = self.accelerator.device
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.pipe = EliGenPipeline.from_pretrained(config.model, dtype=weight_dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.vae.to(self.device).requires_grad_(False)
+        self.transformer = self.pipe.transformer
+        self.transformer.to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the LoRA's initial A matrices are part of the run's determinism
+            add_lora(self.transformer, config.rank, config.alpha)
+        for param in self.transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # trainable LoRA weights in fp32, the frozen base in weight_dtype
+        if config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+        multiple = self.pipe.vae_scale_factor * 2
+        self.dataset = EntityDataset(config.dataset, config.resolution, multiple=multiple, buckets=config.buckets,
+                                     max_bad_fraction=config.max_bad_fraction, max_entities=config.max_entities)
+        self.sampler = BucketBatchSampler(self.dataset, config.batch_size, seed=config.seed,
+                                          rank=self.accelerator.process_index,
+                                          world_size=self.accelerator.num_processes)
+        self.text = TextCache(self.pipe, config.max_sequence_length,
+                              config.output_dir / "text_cache.pt" if config.cache_text_embeddings else None)
+        self.schedule = reference_schedule()
+        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.warmup_steps))
+        # the LR schedule stays ours: it steps once per optimisation step whatever the accumulation or world size
+        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self.accelerator.register_save_state_pre_hook(self._save_adapter_only)
+        self.accelerator.register_load_state_pre_hook(self._load_adapter_only)
+        self.step = 0
+        self.data_state = self.sampler.state_dict()
+
+    def _save_adapter_only(self, models, weights, output_dir) -> None:
+        """Checkpoints hold the LoRA parameters, not a copy of the frozen base model."""
+        from safetensors.torch import save_file
+
+        if self.is_main:
+            for model in models:
+                weights_of = self.accelerator.unwrap_model(model).state_dict().items()
+                state = {k: v.detach().contiguous() for k, v in weights_of if "lora_" in k}
+                save_file(state, str(Path(output_dir) / "lora_adapter.safetensors"))
+        weights.clear()
+
+    def _load_adapter_only(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(input_dir) / "lora_adapter.safetensors"))
+        while models:
+            missing = self.accelerator.unwrap_model(models.pop()).load_state_dict(state, strict=False)
+            if missing.unexpected_keys:
+                raise ValueError(f"checkpoint {input_dir} does not match the model: {missing.unexpected_keys[:3]}")
+
+    # -- data -------------------------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[dict]:
+        """Batches forever, epoch after epoch, from the sampler's current position (resumable)."""
+        from .data import collate
+
+        while True:
+            start = self.sampler.state_dict()
+            # counted here, not by the sampler: worker processes fetch batches ahead of their use
+            self.data_state = {"epoch": start["epoch"], "position": start["position"]}
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
+                                                 num_workers=self.config.num_workers)
+            for batch in loader:
+                self.data_state["position"] += 1
+                yield batch
+            self.sampler.set_epoch(start["epoch"] + 1)
+
+    def encode_batch(self, batch: dict):
+        """Latents, text sequence, pooled vectors and the regional mask for one batch."""
+        config, pipe = self.config, self.pipe
+        images = batch["images"].to(self.device, pipe.vae.dtype)
+        with torch.no_grad():
+            z = pipe.vae.encode(images).latent_dist.mode()
+            z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        b, c, h, w = z.shape
+        x0 = pipe._pack_latents(z, b, c, h, w).float()
+        image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, x0.dtype)
+        prompts = batch["prompts"]
+        entity_prompts = batch["entity_prompts"]
+        n = max((len(e) for e in entity_prompts), default=0)
+        self.text.encode([*prompts, *(p for e in entity_prompts for p in e)], pooled=True)
+        global_seq = torch.stack([self.text.sequences[p] for p in prompts])
+        pooled = torch.stack([self.text.pooled[p] for p in prompts])
+        segments = [torch.stack([self.text.sequences[e[i]] for e in entity_prompts]) for i in range(n)]
+        context = torch.cat([*segments, global_seq], dim=1).to(self.device)
+        cover = pixel_masks_to_covers(batch["entity_masks"], pipe.vae_scale_factor)
+        keep = torch.rand(b, generator=self.generator) >= config.drop_entities  # global-only samples
+        cover = cover & keep[:, None, None]
+        mask = None
+        if n:
+            mask = regional_attention_mask(cover, [s.shape[1] for s in segments], global_seq.shape[1])
+            mask = mask.to(self.device)
+        return x0, image_ids, context, pooled.to(self.device), mask
+
+    # -- one step -------------------------------------------------------------------------------------
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x0, image_ids, context, pooled, mask = self.encode_batch(batch)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        sigmas, weights = sample_sigmas(x0.shape[0], self.config.timestep_sampling, self.generator, self.schedule)
+        sigmas, weights = sigmas.to(self.device), weights.to(self.device)
+        x_t = noisy_latents(x0, noise, sigmas)
+        guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
+        text_ids = torch.zeros(context.shape[1], 3, device=self.device)
+        kwargs = {"attention_mask": mask} if mask is not None else {}
+        with self.accelerator.autocast():
+            prediction = self.model(
+                hidden_states=x_t, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=context, txt_ids=text_ids, img_ids=image_ids,
+                joint_attention_kwargs=kwargs, return_dict=False,
+            )[0]
+        per_sample = per_sample_loss(prediction, x0, noise)
+        return flow_loss(per_sample, weights), per_sample.detach(), sigmas.detach()
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Adapter, optimizer, LR schedule, RNGs and data position, written to a temp dir then renamed."""
+        final = self.config.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.config.output_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
+        self.accelerator.wait_for_everyone()
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its own state file into it
+        rank = self.accelerator.process_index
+        torch.save({"generator": self.generator.get_state(), "sampler": dict(self.data_state),
+                    "lr_schedule": self.lr_schedule.state_dict()}, tmp / f"eligen_state_{rank}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": _jsonable(self.config)}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoints(self.config.output_dir)[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        state = torch.load(path / f"eligen_state_{self.accelerator.process_index}.pt", weights_only=False)
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step = json.loads((path / "trainer.json").read_text())["step"]
+
+    # -- validation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        """Render the validation layouts with the current LoRA into one overlay grid PNG (main process)."""
+        if not self.is_main or not self.config.validation_layouts:
+            return None
+        from ..entities import load_layout
+        from ..overlay import image_grid, render_overlay
+
+        tiles = []
+        was_training = self.model.training
+        self.model.eval()
+        for path in self.config.validation_layouts:
+            layout = load_layout(path)
+            image = self.pipe(prompt=layout.prompt, entities=layout.entities, height=layout.height,
+                              width=layout.width, num_inference_steps=self.config.validation_steps,
+                              guidance_scale=3.5, max_sequence_length=self.config.max_sequence_length,
+                              generator=torch.Generator().manual_seed(layout.seed or 0)).images[0]
+            tiles.append(render_overlay(image, layout.masks(), [e.prompt for e in layout.entities]))
+        self.model.train(was_training)
+        out = self.config.output_dir / "validation" / f"step-{self.step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(tiles).save(out)
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        config = self.config
+        if config.resume:
+            found = checkpoints(config.output_dir)
+            if found:
+                self.load_checkpoint(found[-1])
+        self.accelerator.init_trackers("eligen", config={k: str(v) for k, v in asdict(config).items()})
+        result = TrainResult(steps=self.step)
+        interrupted = {"flag": False}
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_interrupt(signum, frame):  # finish the step, save, then stop
+            interrupted["flag"] = True
+
+        if self.is_main:
+            signal.signal(signal.SIGINT, on_interrupt)
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not self.is_main, desc="train")
+        data = self.batches()
+        self.model.train()
+        started, samples = time.perf_counter(), 0
+        bins = torch.zeros(LOSS_BINS)
+        bin_counts = torch.zeros(LOSS_BINS)
+        try:
+            while self.step < config.max_steps and not interrupted["flag"]:
+                step_loss = 0.0
+                for _ in range(config.gradient_accumulation):
+                    batch = next(data)
+                    with self.accelerator.accumulate(self.model):
+                        loss, per_sample, sigmas = self.loss(batch)
+                        self.accelerator.backward(loss)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    step_loss += loss.item() / config.gradient_accumulation
+                    samples += per_sample.numel() * self.accelerator.num_processes
+                    index = (sigmas.cpu() * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
+                    bins.index_add_(0, index, per_sample.cpu())
+                    bin_counts.index_add_(0, index, torch.ones_like(per_sample.cpu()))
+                self.lr_schedule.step()
+                self.step += 1
+                result.losses.append(step_loss)
+                rate = samples / max(time.perf_counter() - started, 1e-9)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{rate:.2f}")
+                if self.step % config.log_every == 0 or self.step == config.max_steps:
+                    logs = {"loss": step_loss, "lr": self.lr_schedule.get_last_lr()[0], "samples_per_s": rate}
+                    for k in range(LOSS_BINS):
+                        if bin_counts[k]:
+                            logs[f"loss_by_sigma/{k / LOSS_BINS:.1f}-{(k + 1) / LOSS_BINS:.1f}"] = float(
+                                bins[k] / bin_counts[k])
+                    self.accelerator.log(logs, step=self.step)
+                    bins.zero_()
+                    bin_counts.zero_()
+                if self.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if config.validate_every and self.step % config.validate_every == 0:
+                    self.validate()
+        except KeyboardInterrupt:
+            interrupted["flag"] = True
+        finally:
+            progress.close()
+            if self.is_main:
+                signal.signal(signal.SIGINT, previous)
+        result.steps = self.step
+        if interrupted["flag"]:
+            result.interrupted = True
+            self.save_checkpoint()
+            self.accelerator.end_training()
+            return result
+        if self.step % config.checkpoint_every:
+            self.save_checkpoint()
+        if not config.validate_every or self.step % config.validate_every:
+            self.validate()
+        if self.is_main:
+            self.text.save()
+            model = self.accelerator.unwrap_model(self.model)
+            alpha = config.alpha if config.alpha is not None else config.rank
+            result.lora_files = save_lora_files(lora_weights_from_model(model, alpha), config.output_dir)
+        self.accelerator.end_training()
+        return result
+
+
+def _jsonable(config: TrainConfig) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+
+def load_train_config(given: dict[str, Any]) -> TrainConfig:
+    """Defaults < the YAML file named by ``config`` < the flags given."""
+    import yaml
+
+    from ..config import config_from_mapping
+
+    stored: dict[str, Any] = {}
+    if given.get("config") is not None:
+        path = Path(given["config"])
+        try:
+            stored = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read the training config {path}: {exc}") from exc
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
+        base = path.parent  # relative paths in the YAML file are relative to it
+        for key in ("dataset", "output_dir"):
+            if isinstance(stored.get(key), str) and not Path(stored[key]).is_absolute():
+                stored[key] = str(base / stored[key])
+        if isinstance(stored.get("model"), str) and (base / stored["model"]).exists():
+            stored["model"] = str(base / stored["model"])
+        stored["validation_layouts"] = [str(base / p) if not Path(p).is_absolute() else p
+                                        for p in stored.get("validation_layouts", [])]
+    return config_from_mapping(TrainConfig, stored, given)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    return Trainer(config).train()
+

@@ -1,0 +1,224 @@
+"""`eligen train` on the tiny random pipeline with small synthetic datasets made here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from eligen.cli import main
+from eligen.tiny.toy_data import write_box_dataset
+from eligen.train.trainer import TrainConfig, Trainer, checkpoints, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_box_dataset(tmp_path_factory.mktemp("toy"), 8, 32, 32, seed=1)
+
+
+def config(tmp_path, model, data, **overrides) -> TrainConfig:
+    base = dict(model=str(model), dataset=data, output_dir=tmp_path / "out", resolution=32, rank=4, max_steps=3,
+                batch_size=2, checkpoint_every=100, max_sequence_length=16, log_every=1, learning_rate=1e-3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "eligen_lora.safetensors"))
+
+
+def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, tiny_pipeline_dir, dataset):
+    straight = train(config(tmp_path / "a", tiny_pipeline_dir, dataset, max_steps=6, checkpoint_every=3,
+                            warmup_steps=2))
+    first = train(config(tmp_path / "b", tiny_pipeline_dir, dataset, max_steps=3, checkpoint_every=3,
+                         warmup_steps=2))
+    resumed = train(config(tmp_path / "b", tiny_pipeline_dir, dataset, max_steps=6, checkpoint_every=3,
+                           warmup_steps=2, resume=True))
+    assert first.losses == straight.losses[:3] and resumed.losses == straight.losses[3:]
+    a, b = lora_tensors(tmp_path / "a" / "out"), lora_tensors(tmp_path / "b" / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overfitting_a_fixed_batch_halves_the_loss(tmp_path, tiny_pipeline_dir, dataset):
+    trainer = Trainer(config(tmp_path, tiny_pipeline_dir, dataset, rank=8, learning_rate=5e-3, drop_entities=0.0))
+    batch = next(trainer.batches())
+    losses = []
+    for _ in range(40):
+        trainer.generator.manual_seed(0)  # the same noise and noise level every step: a fixed regression target
+        loss, _, _ = trainer.loss(batch)
+        trainer.accelerator.backward(loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_outputs_checkpoints_logs_and_validation(tmp_path, tiny_pipeline_dir, dataset, capsys):
+    layout = tmp_path / "val.json"
+    layout.write_text(json.dumps({"prompt": "a red square on a gray background", "width": 32, "height": 32,
+                                  "entities": [{"prompt": "a red square", "box": [4, 4, 20, 20]}]}))
+    result = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=4, checkpoint_every=1, keep_checkpoints=2,
+                          validate_every=2, validation_layouts=[str(layout)], validation_steps=2))
+    out = tmp_path / "out"
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]  # only the last 2 kept
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert Image.open(out / "validation" / "step-000004.png").width >= 512  # an overlay, enlarged to be read
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events and (out / "text_cache.pt").exists()
+    assert set(result.lora_files) == {"diffusers", "diffsynth", "kohya"}
+    assert "4/4" in capsys.readouterr().err  # the progress bar
+
+
+def test_exported_lora_in_every_format_is_the_same_and_changes_generation(tmp_path, tiny_pipeline_dir, dataset):
+    from eligen import EliGenPipeline
+    from eligen.generate import read_metadata
+
+    result = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=3, learning_rate=5e-2, alpha=2.0))
+    kohya = load_file(str(result.lora_files["kohya"]))
+    for key, alpha in kohya.items():  # alpha 2 kept; fused q/k/v(+mlp) get block-diagonal B with alpha folded in
+        if key.endswith(".alpha"):
+            rank = kohya[key.replace(".alpha", ".lora_down.weight")].shape[0]
+            assert alpha.item() == (2.0 if rank == 4 else rank)
+    outputs = []
+    for fmt in ("diffusers", "diffsynth", "kohya"):
+        pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.load_eligen_lora(result.lora_files[fmt]) == fmt
+        outputs.append(pipe(prompt="a red square", height=32, width=32, num_inference_steps=2,
+                            max_sequence_length=16, output_type="latent",
+                            generator=torch.Generator().manual_seed(0)).images)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[2], outputs[0], atol=1e-5, rtol=1e-5)
+
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"prompt": "a red square", "width": 32, "height": 32, "seed": 1,
+                                  "entities": [{"prompt": "a red square", "box": [0, 0, 16, 16]}]}))
+    fast = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--max-sequence-length", "16"]
+    assert main(["generate", str(layout), "-o", str(tmp_path / "plain.png"), *fast]) == 0
+    assert main(["generate", str(layout), "-o", str(tmp_path / "lora.png"), *fast, "--lora",
+                 str(result.lora_files["diffsynth"])]) == 0
+    plain, tuned = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "lora.png"))
+    assert not np.array_equal(plain, tuned)
+    assert read_metadata(tmp_path / "lora.png")["params"]["lora"] == [str(result.lora_files["diffsynth"])]
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_pipeline_dir, dataset, monkeypatch):
+    calls = {"n": 0}
+    original = Trainer.loss
+
+    def interrupting(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "loss", interrupting)
+    result = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=5))
+    assert result.interrupted and result.steps == 2
+    assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+    assert not (tmp_path / "out" / "eligen_lora.safetensors").exists()
+    monkeypatch.setattr(Trainer, "loss", original)
+    done = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=5, resume=True))
+    assert done.steps == 5 and len(done.losses) == 3 and (tmp_path / "out" / "eligen_lora.safetensors").exists()
+
+
+def test_reference_metadata_json_and_mixed_entity_counts(tmp_path, tiny_pipeline_dir):
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    records = []
+    for i, n in enumerate([0, 1, 3, 2]):
+        pixels = np.full((32, 32, 3), 128, dtype=np.uint8)
+        masks = []
+        for j in range(n):
+            pixels[j * 8:j * 8 + 8, :16] = (200, 30, 30)
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[j * 8:j * 8 + 8, :16] = 255
+            Image.fromarray(mask).save(folder / f"m{i}_{j}.png")
+            masks.append(f"m{i}_{j}.png")
+        Image.fromarray(pixels).save(folder / f"i{i}.png")
+        records.append({"image": f"i{i}.png", "prompt": "red bars", "eligen_entity_prompts": ["a red bar"] * n,
+                        "eligen_entity_masks": masks})
+    (folder / "metadata.json").write_text(json.dumps(records))
+    trainer = Trainer(config(tmp_path, tiny_pipeline_dir, folder / "metadata.json", batch_size=4, drop_entities=0.0))
+    batch = next(trainer.batches())
+    assert sorted(batch["entity_counts"]) == [0, 1, 2, 3]
+    x0, _, context, _, mask = trainer.encode_batch(batch)
+    n_img = x0.shape[1]
+    assert context.shape[1] == 4 * 16 and mask.shape == (4, 1, 4 * 16 + n_img, 4 * 16 + n_img)
+    for b, count in enumerate(batch["entity_counts"]):
+        for slot in range(count, 3):  # padded entities see nothing of the image and the image does not see them
+            assert not mask[b, 0, slot * 16:(slot + 1) * 16, 64:].any()
+            assert not mask[b, 0, 64:, slot * 16:(slot + 1) * 16].any()
+    loss, _, _ = trainer.loss(batch)
+    assert torch.isfinite(loss)
+
+
+def test_bad_records_are_counted_and_reported(tmp_path, tiny_pipeline_dir, dataset, capsys):
+    lines = dataset.read_text().splitlines()
+    bad = [json.dumps({"image": "images/missing.png", "prompt": "x", "entities": []}), "{not json"]
+    data = dataset.parent / "with_bad.jsonl"
+    data.write_text("\n".join([*lines, *bad]) + "\n")
+    trainer = Trainer(config(tmp_path, tiny_pipeline_dir, data, max_bad_fraction=0.3))
+    assert trainer.dataset.stats.bad == 2 and len(trainer.dataset) == 8
+    with pytest.raises(ValueError, match="2"):
+        Trainer(config(tmp_path, tiny_pipeline_dir, data, max_bad_fraction=0.1))
+
+
+OPTION_CHANGES = {
+    "rank": 8, "alpha": 16.0, "learning_rate": 1e-2, "warmup_steps": 3, "batch_size": 4, "gradient_accumulation": 2,
+    "timestep_sampling": "logit_normal", "guidance": 3.5, "max_sequence_length": 12, "drop_entities": 1.0,
+    "max_entities": 1, "seed": 7, "resolution": 48, "gradient_checkpointing": True,
+}
+
+
+@pytest.mark.parametrize(("option", "value"), list(OPTION_CHANGES.items()))
+def test_every_training_option_changes_the_run(tmp_path, tiny_pipeline_dir, dataset, option, value):
+    base = train(config(tmp_path / "base", tiny_pipeline_dir, dataset, max_steps=3)).losses
+    if option == "gradient_checkpointing":  # same maths, recomputed activations: the same losses
+        assert train(config(tmp_path / "x", tiny_pipeline_dir, dataset, max_steps=3, **{option: value})).losses == \
+            pytest.approx(base, rel=1e-5)
+        return
+    changed = train(config(tmp_path / "x", tiny_pipeline_dir, dataset, max_steps=3, **{option: value})).losses
+    assert changed != base
+
+
+def test_cli_train_with_yaml_and_flags(tmp_path, tiny_pipeline_dir, dataset, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tiny_pipeline_dir), "dataset": str(dataset), "output_dir": "run",
+                                   "resolution": 32, "rank": 4, "max_steps": 50, "batch_size": 2,
+                                   "max_sequence_length": 16, "cache_text_embeddings": False}))
+    assert main(["train", str(cfg), "--max-steps", "2", "--no-buckets"]) == 0
+    out = capsys.readouterr().out
+    assert "lora (kohya)" in out and (tmp_path / "run" / "eligen_lora_kohya.safetensors").exists()
+    assert not (tmp_path / "run" / "text_cache.pt").exists()
+    assert main(["train", str(cfg), "--rank", "0"]) == 2
+    assert "rank" in capsys.readouterr().err
+    assert main(["train", "--max-steps", "2"]) == 2
+    assert "missing model" in capsys.readouterr().err
+
+
+def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset):
+    """The multi-process path as far as this machine allows: accelerate, 2 CPU processes, gloo."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tiny_pipeline_dir), "dataset": str(dataset), "output_dir": "run",
+                                   "resolution": 32, "rank": 4, "max_steps": 2, "batch_size": 2,
+                                   "max_sequence_length": 16, "checkpoint_every": 1}))
+    # accelerate's multi-CPU path: torchrun processes with ACCELERATE_USE_CPU (accelerate launch --cpu starts one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    launcher = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "-m", "eligen.cli", "train", str(cfg)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "eligen_lora.safetensors").exists()
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
+    assert {p.name for p in (run / "checkpoint-2").glob("eligen_state_*.pt")} == {"eligen_state_0.pt",
+                                                                                   "eligen_state_1.pt"}
