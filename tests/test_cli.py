@@ -250,3 +250,11 @@ def test_missing_inputs(tmp_path, layout_file, capsys):
     assert "no eligen metadata" in capsys.readouterr().err
     assert run("generate", layout_file, "--from", plain, "-o", tmp_path / "o.png") == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["inpaint"], ["train"], ["lora"], ["lora", "info"], ["lora", "convert"]])
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: eligen " + " ".join(command) in capsys.readouterr().out

@@ -42,11 +42,14 @@ def token_cover(latent_mask: torch.Tensor) -> torch.Tensor:
     return rearrange(cover, "... h w -> ... (h w)").bool()
 
 
+def latent_mask(mask: np.ndarray, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """A binary pixel mask of any resolution -> ``(h, w)`` bool on the latent grid of a ``height x width`` image."""
+    return torch.from_numpy(resize_nearest(mask, *latent_grid_size(height, width, vae_scale_factor)))
+
+
 def mask_tokens(mask: np.ndarray, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
     """A binary pixel mask of any resolution -> ``(n_img,)`` bool token cover for an ``height x width`` image."""
-    lat_h, lat_w = latent_grid_size(height, width, vae_scale_factor)
-    latent = torch.from_numpy(resize_nearest(mask, lat_h, lat_w))
-    return token_cover(latent)
+    return token_cover(latent_mask(mask, height, width, vae_scale_factor))
 
 
 def pixel_masks_to_covers(masks: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:

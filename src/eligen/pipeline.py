@@ -37,7 +37,7 @@ from .inpaint import (
     to_rgb_array,
 )
 from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
-from .masks import latent_grid_size, regional_attention_mask, resize_nearest, token_cover
+from .masks import latent_grid_size, latent_mask, regional_attention_mask, resize_nearest, token_cover
 from .segmented import SegmentedMask, segmented_backend, segmented_mask
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -211,7 +211,7 @@ class EliGenPipeline(FluxPipeline):
         latents = []
         for i, mask in enumerate(masks):
             binary = mask if isinstance(mask, np.ndarray) and mask.dtype == bool else binarize_mask(mask, index=i)
-            latent = torch.from_numpy(resize_nearest(binary, lat_h, lat_w))
+            latent = latent_mask(binary, height, width, self.vae_scale_factor)
             if not latent.any():
                 field = fields[i] if fields is not None else "mask"
                 raise LayoutError(
@@ -489,7 +489,8 @@ class EliGenPipeline(FluxPipeline):
 
         Speed (same semantics unless noted):
             attention: "dense" (a bool ``(1, 1, L, L)`` mask, SDPA), "flex" (a FlexAttention BlockMask built from
-                segment ids and covers, with a compiled fused kernel on CUDA) or "auto" (flex on CUDA, else dense).
+                segment ids and covers, with a compiled fused kernel on CUDA), "segmented" (rows grouped by what
+                they may see, one unmasked SDPA call per group) or "auto" (see :meth:`attention_mode`).
             entity_tokens: "full" (default: every entity segment padded to ``max_sequence_length``, as the
                 released LoRA was trained) or "trim" (each entity keeps its real tokens plus a few pads: fewer
                 tokens, approximate).
