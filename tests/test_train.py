@@ -214,8 +214,8 @@ def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset)
     # accelerate's multi-CPU path: torchrun processes with ACCELERATE_USE_CPU (accelerate launch --cpu starts one)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     launcher = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "-m", "eligen.cli", "train", str(cfg)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    command = [str(launcher), "--standalone", "--nproc_per_node", "2", "-m", "eligen.cli", "train", str(cfg)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "eligen_lora.safetensors").exists()
