@@ -175,14 +175,15 @@ def test_bad_records_are_counted_and_reported(tmp_path, tiny_pipeline_dir, datas
 OPTION_CHANGES = {
     "rank": 8, "alpha": 16.0, "learning_rate": 1e-2, "warmup_steps": 3, "batch_size": 4, "gradient_accumulation": 2,
     "timestep_sampling": "logit_normal", "guidance": 3.5, "max_sequence_length": 12, "drop_entities": 1.0,
-    "max_entities": 1, "seed": 7, "resolution": 48, "gradient_checkpointing": True,
+    "max_entities": 1, "seed": 7, "resolution": 48, "gradient_checkpointing": True, "mixed_precision": "bf16",
+    "num_workers": 2,
 }
 
 
 @pytest.mark.parametrize(("option", "value"), list(OPTION_CHANGES.items()))
 def test_every_training_option_changes_the_run(tmp_path, tiny_pipeline_dir, dataset, option, value):
     base = train(config(tmp_path / "base", tiny_pipeline_dir, dataset, max_steps=3)).losses
-    if option == "gradient_checkpointing":  # same maths, recomputed activations: the same losses
+    if option in ("gradient_checkpointing", "num_workers"):  # same maths (recomputed / loaded elsewhere)
         assert train(config(tmp_path / "x", tiny_pipeline_dir, dataset, max_steps=3, **{option: value})).losses == \
             pytest.approx(base, rel=1e-5)
         return
@@ -222,3 +223,21 @@ def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset)
     assert [p.name for p in checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
     assert {p.name for p in (run / "checkpoint-2").glob("eligen_state_*.pt")} == {"eligen_state_0.pt",
                                                                                    "eligen_state_1.pt"}
+
+
+def test_sigint_finishes_the_step_and_saves(tmp_path, tiny_pipeline_dir, dataset, monkeypatch):
+    import signal
+
+    calls = {"n": 0}
+    original = Trainer.loss
+
+    def signalling(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 2
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "loss", signalling)
+    result = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=5))
+    assert result.interrupted and result.steps == 2  # step 2 completed, then stopped
+    assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-2"]

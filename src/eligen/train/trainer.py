@@ -188,6 +188,15 @@ class TextCache:
             os.replace(tmp, self.path)
 
 
+def release_single_process_accelerator() -> None:
+    """Let a new Trainer in the same (single) process pick its own precision: accelerate keeps one global state,
+    which it refuses to reconfigure. Distributed runs create one Trainer per process and are left alone."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # internal API of accelerate: the only way to reconfigure in-process
+
+
 def lr_lambda(warmup_steps: int):
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -216,6 +225,7 @@ class Trainer:
 
         config.require()
         self.config = config
+        release_single_process_accelerator()
         cuda = torch.cuda.is_available()
         precision = config.mixed_precision or ("bf16" if cuda else "no")
         self.accelerator = Accelerator(

@@ -1,0 +1,1 @@
+"""Training-data construction: parsing grounding vision-language model answers into EliGen entities."""
