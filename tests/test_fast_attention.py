@@ -271,3 +271,26 @@ def test_auto_picks_the_exact_fast_mode_per_device(tiny_pipe):
     finally:
         del tiny_pipe.transformer._eligen_compiled
     assert tiny_pipe.attention_mode("segmented", torch.device("cpu")) == "segmented"
+
+
+@pytest.mark.parametrize("attention", ["dense", "flex"])
+def test_compiled_transformer_does_not_recompile_per_step_or_layout(tiny_pipeline_dir, attention):
+    """Regional compilation: graphs are made on the first step, then reused by later steps and by a new layout."""
+    from torch._dynamo.testing import CompileCounter
+
+    from eligen import EliGenPipeline
+
+    torch._dynamo.reset()
+    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    counter = CompileCounter()
+    pipe.compile_transformer(backend=counter)
+    kwargs = dict(attention=attention, negative_prompt="", true_cfg_scale=2.0)
+    run(pipe, entities=ENTITIES, num_inference_steps=1, **kwargs)
+    first = counter.frame_count
+    assert first > 0
+    run(pipe, entities=ENTITIES, num_inference_steps=3, **kwargs)
+    moved = [Entity(e.prompt, box=(4, 4, 28, 28)) for e in ENTITIES]  # same shapes, another layout
+    run(pipe, entities=moved, num_inference_steps=2, **kwargs)
+    assert counter.frame_count == first
+    torch._dynamo.reset()
