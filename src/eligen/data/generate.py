@@ -1,0 +1,255 @@
+"""Dataset step one: render images from captions with any diffusers FLUX model.
+
+Every image is written atomically to ``OUT/images/{index:06d}.png`` with its caption and parameters in the PNG's
+metadata, so the PNGs are the record: a run is resumable (an existing PNG is a finished item and is never
+regenerated or overwritten), shards can run side by side in one folder, and ``OUT/captions.jsonl`` is rebuilt at
+the end of every run from the metadata of all finished images (shards and reruns converge to the same file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import DTYPES, option
+from ..generate import default_device, default_dtype, load_pipeline, read_metadata, save_png
+
+IMAGES_DIR = "images"
+CAPTIONS_FILE = "captions.jsonl"
+_IMAGE_NAME = re.compile(r"^(\d{6,})\.png$")
+
+
+@dataclass
+class DataGenerateConfig:
+    """Everything `eligen data generate` reads. The CLI flags are built from these fields."""
+
+    captions: Path | None = option(None, "captions: a .txt file (one caption per non-empty line) or a .jsonl file "
+                                   "of {\"prompt\": ..., \"seed\": optional int}", positional=True, required=True)
+    model: str | None = option(None, "diffusers FLUX pipeline directory or hub id")
+    out: Path | None = option(None, "output folder (images in OUT/images/000000.png, ..., and OUT/captions.jsonl)",
+                              short="-o", metavar="DIR")
+    steps: int = option(28, "number of denoising steps")
+    guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
+    true_cfg: float = option(1.0, "true CFG scale; 1 disables the negative pass")
+    negative_prompt: str = option("", "negative prompt (used when --true-cfg > 1)")
+    height: int = option(1024, "image height in pixels")
+    width: int = option(1024, "image width in pixels")
+    seed: int = option(0, "base seed: item i uses SEED + i unless its JSONL record gives a seed")
+    shard: str | None = option(None, "I/N: render the items whose index is I mod N (default: from RANK and "
+                               "WORLD_SIZE when WORLD_SIZE > 1, else 0/1)", metavar="I/N")
+    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
+                               choices=sorted(DTYPES))
+    max_sequence_length: int = option(512, "T5 tokens per prompt")
+    batch_size: int = option(1, "captions per pipeline call (each keeps its own seed)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.captions is None:
+            raise ValueError("give a captions file (.txt, one caption per line, or .jsonl)")
+        self.captions = Path(self.captions)
+        if self.out is not None:
+            self.out = Path(self.out)
+        for name in ("steps", "height", "width", "batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.true_cfg < 1:
+            raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
+        if self.guidance < 0:
+            raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+    def shard_spec(self) -> tuple[int, int]:
+        """``(i, n)`` from ``--shard``, else from the launcher's RANK/WORLD_SIZE, else ``(0, 1)``."""
+        if self.shard is not None:
+            return parse_shard(self.shard)
+        return shard_from_env()
+
+
+@dataclass
+class DataGenerateResult:
+    done: int  # items of this shard rendered by this run
+    skipped: int  # items of this shard already finished (their PNG existed)
+    out: Path
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if match is None:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise ValueError(f"--shard {text!r}: the number of shards must be >= 1")
+    if index >= count:
+        raise ValueError(f"--shard {text!r}: the shard index must be below the number of shards ({count})")
+    return index, count
+
+
+def shard_from_env() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` as set by accelerate/torchrun when WORLD_SIZE > 1, else ``(0, 1)``."""
+    world = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    if not world.isdigit():
+        raise ValueError(f"WORLD_SIZE={world!r} is not a number")
+    if int(world) <= 1:
+        return 0, 1
+    return parse_shard(f"{os.environ.get('RANK', '').strip() or '0'}/{world}")
+
+
+def load_captions(path: str | Path) -> list[dict[str, Any]]:
+    """The items of a captions file: ``{"index", "prompt", "seed"}`` (seed None unless a JSONL record gives one).
+
+    ``.jsonl``: one JSON object per non-empty line with a ``"prompt"`` and an optional integer ``"seed"``;
+    any other suffix: one caption per non-empty line. Errors name the line number.
+    """
+    path = Path(path)
+    jsonl = path.suffix.lower() == ".jsonl"
+    items: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            prompt, seed = _parse_jsonl_line(line, path, number) if jsonl else (line.strip(), None)
+            items.append({"index": len(items), "prompt": prompt, "seed": seed})
+    return items
+
+
+def _parse_jsonl_line(line: str, path: Path, number: int) -> tuple[str, int | None]:
+    """``(prompt, seed)`` from one JSONL record, or a ValueError naming the line."""
+    where = f"{path}, line {number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with a \"prompt\", got {type(record).__name__}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: \"prompt\" must be a non-empty string")
+    seed = record.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{where}: \"seed\" must be a non-negative integer, got {seed!r}")
+    return prompt.strip(), seed
+
+
+def image_path(out: Path, index: int) -> Path:
+    """Where item ``index`` is written."""
+    return out / IMAGES_DIR / f"{index:06d}.png"
+
+
+def item_metadata(config: DataGenerateConfig, item: dict[str, Any], seed: int, dtype: str) -> dict[str, Any]:
+    """The record stored in an item's PNG."""
+    return {
+        "version": __version__,
+        "command": "data-generate",
+        "index": item["index"],
+        "prompt": item["prompt"],
+        "seed": seed,
+        "model": config.model,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "true_cfg": config.true_cfg,
+        "negative_prompt": config.negative_prompt if config.true_cfg > 1 else None,
+        "width": config.width,
+        "height": config.height,
+        "max_sequence_length": config.max_sequence_length,
+        "dtype": dtype,
+    }
+
+
+def _render_batch(pipe, config: DataGenerateConfig, prompts: list[str], seeds: list[int]) -> list:
+    """One pipeline call: a PIL image per prompt, each from its own seeded generator."""
+    kwargs: dict[str, Any] = {}
+    if config.true_cfg > 1:
+        kwargs["negative_prompt"] = [config.negative_prompt] * len(prompts)
+    return pipe(
+        prompt=prompts,
+        height=config.height,
+        width=config.width,
+        num_inference_steps=config.steps,
+        true_cfg_scale=config.true_cfg,
+        guidance_scale=config.guidance,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        max_sequence_length=config.max_sequence_length,
+        output_type="pil",
+        **kwargs,
+    ).images
+
+
+def write_captions_index(out: Path) -> int:
+    """Rebuild ``out/captions.jsonl`` atomically from the metadata of every finished PNG; returns its line count."""
+    records = []
+    for path in sorted((out / IMAGES_DIR).glob("*.png")):
+        if _IMAGE_NAME.match(path.name) is None:
+            continue
+        meta = read_metadata(path)
+        records.append({"index": meta["index"], "image": f"{IMAGES_DIR}/{path.name}", "prompt": meta["prompt"],
+                        "seed": meta["seed"]})
+    records.sort(key=lambda r: r["index"])
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CAPTIONS_FILE}.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, out / CAPTIONS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(records)
+
+
+def _load(config: DataGenerateConfig) -> tuple[Any, str]:
+    """The pipeline named by the config, and the dtype it runs in."""
+    if config.model is None:
+        raise ValueError("give a model with --model (a diffusers FLUX directory or hub id)")
+    device = config.device or default_device()
+    dtype = config.dtype or default_dtype(device)
+    return load_pipeline(config.model, device, dtype, [], []), dtype
+
+
+def _pipe_dtype(pipe) -> str:
+    """The dtype name of a pipeline passed in (recorded in the metadata)."""
+    dtype = getattr(pipe, "dtype", None)
+    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype))
+
+
+def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult:
+    """Render this shard's unfinished captions to ``config.out/images`` and refresh ``config.out/captions.jsonl``."""
+    if config.out is None:
+        raise ValueError("give an output folder with --out DIR")
+    items = load_captions(config.captions)
+    shard, shards = config.shard_spec()
+    mine = [item for item in items if item["index"] % shards == shard]
+    todo = [item for item in mine if not image_path(config.out, item["index"]).exists()]
+    if todo:
+        pipe, dtype = (pipe, _pipe_dtype(pipe)) if pipe is not None else _load(config)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="img",
+                   disable=not config.progress)
+        with bar:
+            for start in range(0, len(todo), config.batch_size):
+                batch = todo[start:start + config.batch_size]
+                seeds = [item["seed"] if item["seed"] is not None else config.seed + item["index"] for item in batch]
+                images = _render_batch(pipe, config, [item["prompt"] for item in batch], seeds)
+                for item, seed, image in zip(batch, seeds, images, strict=True):
+                    save_png(image, image_path(config.out, item["index"]), item_metadata(config, item, seed, dtype))
+                bar.update(len(batch))
+    write_captions_index(config.out)
+    return DataGenerateResult(done=len(todo), skipped=len(mine) - len(todo), out=config.out)
