@@ -10,6 +10,9 @@ from functools import partial
 
 from . import __version__
 from .config import add_dataclass_arguments, config_from_mapping
+from .data.annotate import AnnotateConfig
+from .data.generate import DataGenerateConfig
+from .data.plan import PlanConfig
 from .entities import LayoutError
 from .generate import GenerateConfig, InpaintConfig, generate, read_metadata
 from .lora import (
@@ -71,6 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(trainer, TrainConfig)
     trainer.set_defaults(handler=run_train)
 
+    data = commands.add_parser("data", help="build EliGen training data: generate images, annotate them with a VLM",
+                               description="Build EliGen training data the paper's way: images from captions with "
+                               "any FLUX model, then a grounding VLM writes captions and entity boxes.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    data_generate = data_commands.add_parser(
+        "generate", help="images from captions (txt or jsonl), resumable and shardable (--shard i/n)",
+        description="Render captions with any diffusers FLUX model into OUT/images; finished images are skipped, "
+        "writes are atomic, --shard i/n (or accelerate/torchrun's RANK/WORLD_SIZE) splits the work.")
+    add_dataclass_arguments(data_generate, DataGenerateConfig)
+    data_generate.set_defaults(handler=run_data_generate)
+    data_annotate = data_commands.add_parser(
+        "annotate", help="caption + entity boxes for every image with a grounding VLM -> the trainer's JSONL",
+        description="Ask a grounding VLM (an OpenAI-compatible server such as vLLM or SGLang, or a local "
+        "Qwen2-VL / Qwen2.5-VL through transformers) for a caption and entities with boxes for each image of "
+        "FOLDER/images; malformed answers are retried, failures recorded, finished images skipped; writes "
+        "FOLDER/annotations.jsonl and a contact sheet.")
+    add_dataclass_arguments(data_annotate, AnnotateConfig)
+    data_annotate.set_defaults(handler=run_data_annotate)
+
+    planner = commands.add_parser(
+        "plan", help="plan a layout from text with a grounding MLLM",
+        description="Turn a description into a global prompt and entities with boxes, written as a layout file "
+        "that `eligen generate` renders.")
+    add_dataclass_arguments(planner, PlanConfig)
+    planner.set_defaults(handler=run_plan)
+
     bench = commands.add_parser("bench", help="benchmarks of entity control",
                                 description="Benchmarks of entity control.")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
@@ -104,6 +133,33 @@ def run_train(given: dict) -> int:
         return 130
     for fmt, path in result.lora_files.items():
         print(f"lora ({fmt}): {path}")
+    return 0
+
+
+def run_data_generate(given: dict) -> int:
+    from .data.generate import generate_images
+
+    result = generate_images(config_from_mapping(DataGenerateConfig, given))
+    print(f"images: {result.done} new, {result.skipped} already there, in {result.out}")
+    return 0
+
+
+def run_data_annotate(given: dict) -> int:
+    from .data.annotate import annotate
+
+    result = annotate(config_from_mapping(AnnotateConfig, given))
+    print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}; dataset: {result.jsonl}")
+    if result.sheet is not None:
+        print(f"contact sheet: {result.sheet}")
+    return 0
+
+
+def run_plan(given: dict) -> int:
+    from .data.plan import plan_layout
+
+    config = config_from_mapping(PlanConfig, given)
+    layout = plan_layout(config)
+    print(f"layout ({len(layout.entities)} entities): {config.output}")
     return 0
 
 
@@ -165,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.pop("command", None)
     args.pop("lora_command", None)
     args.pop("bench_command", None)
+    args.pop("data_command", None)
     if handler is None:
         parser.print_help()
         return 2

@@ -1,0 +1,160 @@
+"""Vision-language model backends that answer one prompt about one image.
+
+A backend is anything with a ``convention`` attribute (the grounding convention of its answers, see
+:mod:`eligen.data.parse`) and an ``ask(prompt, image)`` method returning the model's raw answer text
+(:class:`VLMBackend`). :class:`OpenAIBackend` talks to any OpenAI-compatible chat-completions server (vLLM,
+SGLang, a hosted API) with the standard library only. Transport problems (connection errors, timeouts, HTTP
+errors, malformed server JSON) raise :class:`VLMError`; whether the answer itself is usable is for the parser to
+decide.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+BODY_EXCERPT_CHARS = 300
+
+
+class VLMError(RuntimeError):
+    """A request to a vision-language model failed (HTTP error, timeout, malformed server response)."""
+
+
+@runtime_checkable
+class VLMBackend(Protocol):
+    """A vision-language model: ``ask`` returns its raw answer to ``prompt`` about ``image`` (or text only)."""
+
+    convention: str  # "qwen2" | "qwen25" | "auto": how its answers write boxes
+
+    def ask(self, prompt: str, image: Image.Image | None = None) -> str:
+        """The model's raw answer text; raises :class:`VLMError` on transport problems."""
+        ...
+
+
+def image_data_url(image: Image.Image) -> str:
+    """``image`` as a ``data:image/png;base64,...`` URL (RGB PNG)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _excerpt(text: str, limit: int = BODY_EXCERPT_CHARS) -> str:
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible ``/chat/completions`` endpoint (e.g. ``http://127.0.0.1:8000/v1`` of vLLM or SGLang).
+
+    The API key is sent as ``Authorization: Bearer``. Each :meth:`ask` builds its own request, so one backend may
+    be shared by many threads.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+                 max_tokens: int = 1024, temperature: float = 0.0, convention: str = "auto"):
+        if not base_url:
+            raise ValueError("base_url is required (an OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1)")
+        if not model:
+            raise ValueError("model is required: the model name the server serves")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self._api_key = api_key
+        self.timeout = float(timeout)
+        self.max_tokens = int(max_tokens)
+        self.temperature = float(temperature)
+        self.convention = convention
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def payload(self, prompt: str, image: Image.Image | None = None) -> dict[str, Any]:
+        """The JSON body of a chat request: one user message, the image (if any) before the text."""
+        content: list[dict[str, Any]] = []
+        if image is not None:
+            content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+        content.append({"type": "text", "text": prompt})
+        return {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
+
+    def _request(self, body: bytes) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+
+    def _post(self, payload: dict[str, Any]) -> bytes:
+        """POST ``payload``; the response body, or :class:`VLMError` for anything but a 200 in time."""
+        request = self._request(json.dumps(payload).encode("utf-8"))
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = exc.read().decode("utf-8", "replace") if exc.fp is not None else ""
+            except (OSError, http.client.HTTPException):
+                detail = ""
+            raise VLMError(f"{self.url} answered HTTP {exc.code} {exc.reason}: {_excerpt(detail)}") from exc
+        except TimeoutError as exc:
+            raise VLMError(f"{self.url} did not answer within {self.timeout:g} s") from exc
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise VLMError(f"{self.url} did not answer within {self.timeout:g} s") from exc
+            raise VLMError(f"cannot reach {self.url}: {exc.reason}") from exc
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # connection reset, bad status line, ...
+            raise VLMError(f"request to {self.url} failed: {exc}") from exc
+        if status != 200:
+            raise VLMError(f"{self.url} answered HTTP {status}: {_excerpt(body.decode('utf-8', 'replace'))}")
+        return body
+
+    def _content(self, body: bytes) -> str:
+        """``choices[0].message.content`` of a chat response, or :class:`VLMError`."""
+        text = body.decode("utf-8", "replace")
+        try:
+            content = json.loads(text)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise VLMError(f"{self.url} sent a response without choices[0].message.content: {_excerpt(text)}") from exc
+        if not isinstance(content, str):
+            raise VLMError(f"{self.url} sent a non-text message content: {_excerpt(text)}")
+        return content
+
+    def ask(self, prompt: str, image: Image.Image | None = None) -> str:
+        """The model's raw answer to ``prompt`` about ``image``; raises :class:`VLMError` on transport problems."""
+        return self._content(self._post(self.payload(prompt, image)))
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, convention={self.convention!r})"
+
+
+VLM_KINDS = ("openai", "transformers")
+
+
+def make_backend(kind: str, model: str | None, base_url: str | None, api_key_env: str, timeout: float,
+                 convention: str = "auto") -> VLMBackend:
+    """The backend a command names: ``openai`` (needs ``base_url`` and the served model's name; the key is read
+    from the environment variable ``api_key_env``) or ``transformers`` (a local Qwen2-VL / Qwen2.5-VL)."""
+    if kind == "transformers":
+        if not model:
+            raise ValueError("--model is required with --vlm transformers (a local path or a hub id)")
+        from .transformers_backend import TransformersBackend
+
+        return TransformersBackend(model, convention=convention)
+    if kind != "openai":
+        raise ValueError(f"unknown VLM backend {kind!r}; choose one of {VLM_KINDS}")
+    if not base_url:
+        raise ValueError("--base-url is required with --vlm openai (e.g. http://127.0.0.1:8000/v1 of a vLLM or "
+                         "SGLang server)")
+    if not model:
+        raise ValueError("--model is required with --vlm openai (the model name the server serves)")
+    return OpenAIBackend(base_url, model, api_key=os.environ.get(api_key_env) or None, timeout=timeout,
+                         convention=convention)
