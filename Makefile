@@ -33,13 +33,9 @@ lint: $(VENV)/.installed-dev
 test: lint
 	$(OFFLINE) $(BIN)/python -m pytest
 
-# Until the trained tiny model ships, the demo builds a tiny *random* FLUX pipeline locally and renders the
-# example layout with it: the full code path (layout, masks, regional attention, PNG metadata, overlay) on
-# weights that draw noise.
+# The main job on the shipped tiny model (eligen-tiny, trained on the shapes world by `eligen tiny build`).
 demo: $(VENV)/.installed
-	$(OFFLINE) $(BIN)/python examples/make_random_model.py outputs/tiny-random-flux
-	$(OFFLINE) $(BIN)/eligen generate examples/three_entities.json -o outputs/demo.png \
-		--model outputs/tiny-random-flux --steps 8 --max-sequence-length 64 --overlay
+	$(OFFLINE) $(BIN)/eligen generate examples/tiny_two_shapes.json -o outputs/demo.png --overlay
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache .hypothesis

@@ -240,7 +240,7 @@ def test_bad_flags(tmp_path, layout_file, tiny_pipeline_dir, capsys, flags, expe
 
 
 def test_missing_inputs(tmp_path, layout_file, capsys):
-    assert run("generate", layout_file, "-o", tmp_path / "o.png") == 2
+    assert run("generate", layout_file, "-o", tmp_path / "o.png", "--model", "") == 2
     assert "--model" in capsys.readouterr().err
     assert run("generate", layout_file, "--model", "x") == 2
     assert "-o" in capsys.readouterr().err

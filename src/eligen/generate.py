@@ -33,7 +33,9 @@ class GenerateConfig:
     output: Path | None = option(None, "output PNG path", short="-o", flag="--output", metavar="OUT.png")
     from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
                                    "(other flags override it)", flag="--from", metavar="PNG")
-    model: str | None = option(None, "diffusers FLUX pipeline directory or hub id")
+    model: str | None = option("eligen-tiny", "diffusers FLUX pipeline directory or hub id; eligen-tiny is the small "
+                               "shapes-world model shipped in the package (its own defaults: 20 steps, 32-token "
+                               "prompts, its EliGen LoRA)")
     lora: list[str] = option([], "LoRA file, folder or hub id in DiffSynth, kohya or diffusers format (repeat to "
                              "stack)", repeat=True, metavar="PATH")
     lora_scale: list[float] = option([], "weight of the matching --lora, in order (default 1.0 each)", repeat=True,
@@ -222,7 +224,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     """Render a layout to ``config.output`` (and an overlay), recording layout and parameters in the PNG."""
     if config.output is None:
         raise ValueError("give an output path with -o OUT.png")
-    if config.model is None:
+    if not config.model:
         raise ValueError("give a model with --model (a diffusers FLUX directory or hub id)")
     layout = resolve_layout(config, stored_layout)
     seed = config.seed if config.seed is not None else layout.seed

@@ -124,7 +124,14 @@ def _broadcast_batch(embeds: torch.Tensor, batch: int, what: str) -> torch.Tenso
 
 
 class EliGenPipeline(FluxPipeline):
-    """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``."""
+    """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``, and
+    ``"eligen-tiny"``: the small model trained on the shapes world that ships inside the package."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        from .tiny.shipped import resolve_model
+
+        return super().from_pretrained(resolve_model(pretrained_model_name_or_path), **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # EliGen LoRA

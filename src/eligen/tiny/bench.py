@@ -21,6 +21,7 @@ from eligen.config import option
 
 from ..overlay import image_grid, render_overlay
 from .metrics import entity_scores, summarise
+from .shipped import model_defaults
 from .world import COLOURS, has_gap, is_rectangle, sample_layout
 
 VARIANTS = ("base", "train-free", "eligen")
@@ -31,13 +32,17 @@ FIRST_HELD_OUT_SEED = 1_000_000  # the world's training data uses seeds below th
 class BenchConfig:
     """Everything `eligen bench shapes` reads."""
 
-    model: str | None = option(None, "diffusers FLUX pipeline directory trained on the shapes world")
-    lora: str | None = option(None, "EliGen LoRA for variant (c) (without one, (c) is skipped)")
+    model: str | None = option("eligen-tiny", "diffusers FLUX pipeline trained on the shapes world (default: the "
+                               "shipped tiny model)")
+    lora: str | None = option(None, "EliGen LoRA for variant (c) (default: the model's own, if it declares one; "
+                              "without any, (c) is skipped)")
     n: int = option(200, "number of held-out layouts")
     seed: int = option(FIRST_HELD_OUT_SEED, "seed of the first layout")
     size: int = option(64, "image side in pixels")
     steps: int = option(20, "denoising steps")
     guidance: float = option(3.5, "embedded guidance scale")
+    true_cfg: float | None = option(None, "true CFG scale with an empty negative prompt (default: the model's, else 1)")
+    max_sequence_length: int | None = option(None, "T5 tokens per prompt segment (default: the model's, else 512)")
     output_dir: Path = option(Path("shapesbench"), "where the JSON report and the contact sheet go", short="-o")
     sheet: int = option(8, "layouts shown on the contact sheet")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
@@ -96,25 +101,31 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     from ..pipeline import EliGenPipeline
 
     if pipe is None:
-        if config.model is None:
+        if not config.model:
             raise ValueError("give the model to benchmark with --model")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = EliGenPipeline.from_pretrained(config.model).to(device)
     pipe.set_progress_bar_config(disable=True)
-    variants = [v for v in VARIANTS if v != "eligen" or config.lora is not None]
-    if config.lora is not None:
-        pipe.load_eligen_lora(config.lora, adapter_name="shapesbench")
+    declared = model_defaults(config.model) if config.model else {}
+    lora = config.lora or (declared.get("lora") or [None])[0]
+    true_cfg = config.true_cfg if config.true_cfg is not None else declared.get("true_cfg", 1.0)
+    max_sequence_length = config.max_sequence_length or declared.get("max_sequence_length", 512)
+    variants = [v for v in VARIANTS if v != "eligen" or lora is not None]
+    if lora is not None:
+        pipe.load_eligen_lora(lora, adapter_name="shapesbench")
     layouts = [sample_layout(config.seed + i, config.size) for i in range(config.n)]
     scores: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     sheet: list = []
     for index, layout in enumerate(tqdm(layouts, desc="ShapesBench", disable=not config.progress)):
         row = []
         for variant in variants:
-            if config.lora is not None:
+            if lora is not None:
                 (pipe.enable_lora if variant == "eligen" else pipe.disable_lora)()
             entities = layout.entities if variant != "base" else None
             image = pipe(prompt=layout.prompt, entities=entities, height=config.size, width=config.size,
                          num_inference_steps=config.steps, guidance_scale=config.guidance,
+                         true_cfg_scale=true_cfg, negative_prompt="" if true_cfg > 1 else None,
+                         max_sequence_length=max_sequence_length,
                          generator=torch.Generator().manual_seed(config.seed + index)).images[0]
             scores[variant].extend({**s, "layout": index} for s in score_image(image, layout))
             if index < config.sheet:
@@ -123,7 +134,9 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
         sheet.extend(row)
     summary = report(scores)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"config": {k: str(v) for k, v in asdict(config).items()}, "summary": summary, "scores": scores}
+    settings = {"lora": lora, "true_cfg": true_cfg, "max_sequence_length": max_sequence_length}
+    record = {"config": {k: str(v) for k, v in asdict(config).items()}, "resolved": settings, "summary": summary,
+              "scores": scores}
     (config.output_dir / "shapesbench.json").write_text(json.dumps(record, indent=1))
     if sheet:
         image_grid(sheet, columns=len(variants)).save(config.output_dir / "contact_sheet.png")

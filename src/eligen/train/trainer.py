@@ -345,7 +345,9 @@ class Trainer:
         sigmas, weights = sample_sigmas(x0.shape[0], self.config.timestep_sampling, self.generator, self.schedule)
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
         x_t = noisy_latents(x0, noise, sigmas)
-        guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
+        guidance = None  # only guidance-distilled transformers (FLUX.1-dev) take the embedded guidance value
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
         text_ids = torch.zeros(context.shape[1], 3, device=self.device)
         kwargs = {"attention_mask": mask} if mask is not None else {}
         with self.accelerator.autocast():

@@ -1,0 +1,198 @@
+"""`eligen tiny build`: the embedded default model, trained from scratch on the shapes world (DESIGN.md section 8).
+
+Three stages, deterministic given the seed: a small VAE (scale factor 2, so 64x64 images make 16x16 = 256
+tokens), a small FluxTransformer2DModel trained as a text-to-image base together with its tiny CLIP and T5
+encoders on global captions only (10% empty captions, for true CFG), then an EliGen LoRA trained with
+`eligen train` on entity boxes. The result is a complete diffusers FluxPipeline directory plus the LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from eligen.config import option
+
+from .shipped import DEFAULTS_FILE
+from .tokenizers import DEFAULT_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from .world import BACKGROUNDS, COLOURS, SHAPES, sample
+
+LORA_FILE = "eligen_lora.safetensors"
+WORDS = sorted({*DEFAULT_WORDS, *COLOURS, *SHAPES, *BACKGROUNDS, "a", "and", "on", "background"})
+
+
+@dataclass
+class TinyBuildConfig:
+    """`eligen tiny build`: sizes and budgets of the three training stages."""
+
+    out: Path = option(Path("eligen-tiny"), "output pipeline directory", short="-o")
+    seed: int = option(0, "seed of everything (data, initialisation, noise)")
+    size: int = option(64, "image side in pixels")
+    vae_steps: int = option(300, "VAE training steps")
+    base_steps: int = option(700, "text-to-image base training steps")
+    lora_steps: int = option(600, "EliGen LoRA training steps (eligen train)")
+    vae_batch_size: int = option(16, "batch size of the VAE stage")
+    batch_size: int = option(32, "batch size of the base stage")
+    lora_batch_size: int = option(16, "batch size of the LoRA stage")
+    lora_rank: int = option(16, "LoRA rank")
+    lora_samples: int = option(2000, "world images in the LoRA training set")
+    max_sequence_length: int = option(32, "T5 tokens per prompt segment of the tiny model")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if min(self.vae_steps, self.base_steps, self.lora_steps, self.vae_batch_size, self.batch_size,
+               self.lora_batch_size) < 1:
+            raise ValueError("step counts and batch sizes must be >= 1")
+
+
+def world_batch(seeds: range | list[int], size: int) -> tuple[torch.Tensor, list[str]]:
+    """World images ``(B, 3, size, size)`` in [-1, 1] and their captions."""
+    samples = [sample(s, size) for s in seeds]
+    images = np.stack([np.asarray(s.image, dtype=np.float32) for s in samples]) / 127.5 - 1
+    return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in samples]
+
+
+def build_components(seed: int, max_sequence_length: int) -> dict:
+    """Untrained tiny FluxPipeline components (tokenizers built from the world's words)."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_clip_tokenizer(WORDS), build_t5_tokenizer(WORDS, max_sequence_length)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, bos_token_id=tokenizer.convert_tokens_to_ids(
+            "<|startoftext|>"), eos_token_id=eos, pad_token_id=eos))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4,
+                                         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                                         pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "transformer": transformer}
+
+
+def train_vae(vae: AutoencoderKL, config: TinyBuildConfig) -> list[float]:
+    """Reconstruction (+ a small KL) on world images; sets the latent scaling to unit variance at the end."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    losses = []
+    vae.train()
+    for step in tqdm(range(config.vae_steps), desc="vae", disable=not config.progress):
+        images, _ = world_batch(range(step * config.vae_batch_size, (step + 1) * config.vae_batch_size), config.size)
+        posterior = vae.encode(images).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = torch.nn.functional.mse_loss(vae.decode(z).sample, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    vae.eval()
+    with torch.no_grad():
+        images, _ = world_batch(range(10**7, 10**7 + 64), config.size)
+        z = vae.encode(images).latent_dist.mode()
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+    return losses
+
+
+def train_base(pipe: FluxPipeline, config: TinyBuildConfig) -> list[float]:
+    """Rectified-flow text-to-image training of the transformer and both text encoders on global captions."""
+    params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) *
+                                                 0.5 * (1 + math.cos(math.pi * s / config.base_steps)))
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    offset = 2 * 10**6  # world seeds of the base stage (the VAE used 0.., the LoRA data uses 4e6..)
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        module.train()
+    losses = []
+    for step in tqdm(range(config.base_steps), desc="base", disable=not config.progress):
+        start = offset + step * config.batch_size
+        images, captions = world_batch(range(start, start + config.batch_size), config.size)
+        drop = torch.rand(len(captions), generator=generator) < 0.1
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            z = pipe.vae.encode(images).latent_dist.mode()
+            z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        b, c, h, w = z.shape
+        x0 = pipe._pack_latents(z, b, c, h, w)
+        ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(captions, None,
+                                                             max_sequence_length=config.max_sequence_length)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = torch.sigmoid(torch.randn(b, generator=generator))
+        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        prediction = pipe.transformer(hidden_states=x_t, timestep=sigma, pooled_projections=pooled,
+                                      encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=ids,
+                                      return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction, noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval()
+    return losses
+
+
+def write_lora_dataset(folder: Path, count: int, size: int, first_seed: int) -> Path:
+    """World samples as the trainer's JSONL with entity boxes (the paper trains on boxes only)."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        world = sample(first_seed + i, size)
+        name = f"images/{i:05d}.png"
+        world.image.save(folder / name)
+        lines.append({"image": name, "prompt": world.caption,
+                      "entities": [{"prompt": o.prompt, "box": list(o.box)} for o in world.objects]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def build(config: TinyBuildConfig) -> Path:
+    """Train all three stages and write the pipeline directory (with the LoRA and the defaults file)."""
+    from eligen.train.trainer import TrainConfig, train
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    pipe = FluxPipeline(**build_components(config.seed, config.max_sequence_length))
+    vae_losses = train_vae(pipe.vae, config)
+    pipe.vae.requires_grad_(False)
+    base_losses = train_base(pipe, config)
+    base_dir = config.out
+    pipe.save_pretrained(base_dir)
+    work = base_dir.parent / f".{base_dir.name}-lora-work"
+    data = write_lora_dataset(work / "data", config.lora_samples, config.size, first_seed=4 * 10**6)
+    result = train(TrainConfig(
+        model=str(base_dir), dataset=data, output_dir=work / "run", resolution=config.size, buckets=False,
+        rank=config.lora_rank, learning_rate=5e-4, warmup_steps=50, max_steps=config.lora_steps,
+        batch_size=config.lora_batch_size, guidance=1.0, max_sequence_length=config.max_sequence_length,
+        drop_entities=0.1, checkpoint_every=max(1, config.lora_steps), log_every=50, seed=config.seed,
+        cache_text_embeddings=True,
+    ))
+    (base_dir / LORA_FILE).write_bytes(result.lora_files["diffusers"].read_bytes())
+    defaults = {"max_sequence_length": config.max_sequence_length, "steps": 20, "true_cfg": 3.0, "guidance": 3.5,
+                "lora": LORA_FILE}
+    (base_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=1))
+    report = {"config": {k: str(v) for k, v in asdict(config).items()}, "minutes": (time.perf_counter() - started) / 60,
+              "vae_loss_last": float(np.mean(vae_losses[-20:])), "base_loss_last": float(np.mean(base_losses[-20:])),
+              "lora_loss_last": float(np.mean(result.losses[-20:]))}
+    (base_dir / "build_report.json").write_text(json.dumps(report, indent=1))
+    return base_dir

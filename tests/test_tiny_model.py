@@ -1,0 +1,73 @@
+"""The embedded default model: the shipped eligen-tiny, its defaults, `make demo`'s job, ShapesBench, the build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eligen import EliGenPipeline
+from eligen.cli import main
+from eligen.generate import overlay_path_for, read_metadata
+from eligen.tiny import shipped
+from eligen.tiny.build import TinyBuildConfig, build
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_shipped_model_loads_by_name_and_is_small():
+    assert sum(p.stat().st_size for p in shipped.TINY_MODEL_DIR.rglob("*") if p.is_file()) < 30 * 2**20
+    pipe = EliGenPipeline.from_pretrained("eligen-tiny")
+    assert pipe.vae_scale_factor == 2 and not pipe.transformer.config.guidance_embeds
+    defaults = shipped.model_defaults("eligen-tiny")
+    assert defaults["max_sequence_length"] == 32 and Path(defaults["lora"][0]).is_file()
+
+
+@pytest.mark.parametrize("example", ["tiny_two_shapes.json", "tiny_blob_mask.json", "tiny_polygon.json"])
+def test_demo_job_on_the_default_model(tmp_path, example, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["generate", str(EXAMPLES / example), "-o", str(out), "--overlay", "--no-progress"]) == 0
+    assert out.exists() and overlay_path_for(out).exists()
+    params = read_metadata(out)["params"]
+    assert params["model"] == "eligen-tiny" and params["steps"] == 20 and params["max_sequence_length"] == 32
+    assert params["lora"] == shipped.model_defaults("eligen-tiny")["lora"]  # the shipped EliGen LoRA
+    assert str(out) in capsys.readouterr().out
+
+
+def test_flags_override_the_model_defaults(tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["generate", str(EXAMPLES / "tiny_two_shapes.json"), "-o", str(out), "--steps", "3",
+                 "--no-progress"]) == 0
+    assert read_metadata(out)["params"]["steps"] == 3
+
+
+def test_shapes_bench_on_the_shipped_model(tmp_path, capsys):
+    assert main(["bench", "shapes", "--n", "4", "--steps", "4", "-o", str(tmp_path), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "shapesbench.json").read_text())
+    assert set(record["summary"]) == {"base", "train-free", "eligen"}
+    assert record["resolved"]["max_sequence_length"] == 32 and record["resolved"]["lora"]
+    assert "| eligen |" in capsys.readouterr().out
+
+
+def test_missing_shipped_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "TINY_MODEL_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="eligen tiny build"):
+        EliGenPipeline.from_pretrained("eligen-tiny")
+
+
+def test_build_is_deterministic(tmp_path):
+    def tiny_build(name: str) -> Path:
+        return build(TinyBuildConfig(out=tmp_path / name / "model", vae_steps=2, base_steps=2, lora_steps=2,
+                                     vae_batch_size=2, batch_size=2, lora_batch_size=2, lora_samples=4,
+                                     lora_rank=2, progress=False))
+
+    a, b = tiny_build("a"), tiny_build("b")
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        wa, wb = (load_file(str(next((d / part).glob("*.safetensors")))) for d in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), part
+    la, lb = load_file(str(a / "eligen_lora.safetensors")), load_file(str(b / "eligen_lora.safetensors"))
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    assert (a / "eligen_defaults.json").read_text() == (b / "eligen_defaults.json").read_text()
