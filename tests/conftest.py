@@ -38,3 +38,23 @@ def stock_pipe(tiny_pipeline_dir):
     pipe = FluxPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def random_lora_file(tiny_pipeline_dir, tmp_path_factory):
+    """A diffusers-format LoRA for the tiny pipeline with random (non-zero) B matrices: it changes the output."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from eligen import EliGenPipeline
+
+    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "proj_out"]))
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("random-lora")
+    EliGenPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    return next(folder.glob("*.safetensors"))

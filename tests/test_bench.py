@@ -5,28 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from eligen import EliGenPipeline
 from eligen.cli import main
 from eligen.tiny.bench import entity_colour, mask_kind
 from eligen.tiny.world import sample_layout
 
 
-def test_shapes_bench_cli_writes_table_json_and_sheet(tmp_path, tiny_pipeline_dir, capsys):
-    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
-    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v"]))
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    EliGenPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(
-        pipe.transformer))
-    lora = next((tmp_path / "lora").glob("*.safetensors"))
+def test_shapes_bench_cli_writes_table_json_and_sheet(tmp_path, tiny_pipeline_dir, random_lora_file, capsys):
+    lora = random_lora_file
     out = tmp_path / "bench"
     code = main(["bench", "shapes", "--model", str(tiny_pipeline_dir), "--lora", str(lora), "--n", "4", "--steps",
                  "2", "--size", "32", "-o", str(out), "--sheet", "2", "--no-progress"])

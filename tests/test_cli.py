@@ -165,23 +165,8 @@ def test_random_seed_is_recorded(tmp_path, tiny_pipeline_dir):
     assert np.array_equal(pixels(out), pixels(again))
 
 
-def test_lora_flag_changes_the_image(tmp_path, layout_file, tiny_pipeline_dir):
-    import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from eligen import EliGenPipeline
-
-    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "proj_out"]))
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    EliGenPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(
-        pipe.transformer))
-    lora_file = next((tmp_path / "lora").glob("*.safetensors"))
+def test_lora_flag_changes_the_image(tmp_path, layout_file, tiny_pipeline_dir, random_lora_file):
+    lora_file = random_lora_file
 
     plain, with_lora = tmp_path / "plain.png", tmp_path / "lora.png"
     assert run("generate", layout_file, "-o", plain, "--model", tiny_pipeline_dir, *FAST) == 0
