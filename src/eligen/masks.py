@@ -57,8 +57,8 @@ def pixel_masks_to_covers(masks: torch.Tensor, vae_scale_factor: int) -> torch.T
     batch, n, height, width = masks.shape
     lat_h, lat_w = latent_grid_size(height, width, vae_scale_factor)
     flat = masks.reshape(batch * n, height, width).cpu().numpy()
-    latent = torch.from_numpy(np.stack([resize_nearest(m, lat_h, lat_w) for m in flat])) if batch * n else \
-        torch.zeros(0, lat_h, lat_w, dtype=torch.bool)
+    latents = [latent_mask(m, height, width, vae_scale_factor) for m in flat]  # the inference path's rule
+    latent = torch.stack(latents) if latents else torch.zeros(0, lat_h, lat_w, dtype=torch.bool)
     return token_cover(latent).reshape(batch, n, (lat_h // PACK) * (lat_w // PACK)).to(masks.device)
 
 
