@@ -37,22 +37,27 @@ class TinyBuildConfig:
     out: Path = option(Path("eligen-tiny"), "output pipeline directory", short="-o")
     seed: int = option(0, "seed of everything (data, initialisation, noise)")
     size: int = option(64, "image side in pixels")
-    vae_steps: int = option(300, "VAE training steps")
-    base_steps: int = option(700, "text-to-image base training steps")
-    lora_steps: int = option(600, "EliGen LoRA training steps (eligen train)")
+    vae_steps: int = option(500, "VAE training steps")
+    base_steps: int = option(3600, "text-to-image base training steps")
+    lora_steps: int = option(1800, "EliGen LoRA training steps (eligen train)")
     vae_batch_size: int = option(16, "batch size of the VAE stage")
     batch_size: int = option(32, "batch size of the base stage")
     lora_batch_size: int = option(16, "batch size of the LoRA stage")
+    base_samples: int = option(24000, "world images encoded once for the base stage (at most steps x batch)")
+    base_learning_rate: float = option(1e-3, "peak AdamW learning rate of the base stage (cosine decay)")
     lora_rank: int = option(16, "LoRA rank")
-    lora_samples: int = option(2000, "world images in the LoRA training set")
+    lora_learning_rate: float = option(1e-3, "AdamW learning rate of the LoRA stage")
+    lora_samples: int = option(8000, "world images in the LoRA training set")
     max_sequence_length: int = option(32, "T5 tokens per prompt segment of the tiny model")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if min(self.vae_steps, self.base_steps, self.lora_steps, self.vae_batch_size, self.batch_size,
-               self.lora_batch_size) < 1:
-            raise ValueError("step counts and batch sizes must be >= 1")
+               self.lora_batch_size, self.base_samples) < 1:
+            raise ValueError("step counts, batch sizes and base_samples must be >= 1")
+        if min(self.base_learning_rate, self.lora_learning_rate) <= 0:
+            raise ValueError("learning rates must be > 0")
 
 
 def world_batch(seeds: range | list[int], size: int) -> tuple[torch.Tensor, list[str]]:
@@ -109,25 +114,45 @@ def train_vae(vae: AutoencoderKL, config: TinyBuildConfig) -> list[float]:
     return losses
 
 
+def encode_world(vae: AutoencoderKL, seeds: range, size: int, batch_size: int,
+                 progress: bool) -> tuple[torch.Tensor, list[str]]:
+    """Scaled VAE latents ``(len(seeds), C, size/2, size/2)`` of world images and their captions, encoded once."""
+    latents, captions = [], []
+    for start in tqdm(range(0, len(seeds), batch_size), desc="encode", disable=not progress):
+        images, batch_captions = world_batch(seeds[start:start + batch_size], size)
+        with torch.no_grad():
+            z = vae.encode(images).latent_dist.mode()
+        latents.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+        captions.extend(batch_captions)
+    return torch.cat(latents), captions
+
+
 def train_base(pipe: FluxPipeline, config: TinyBuildConfig) -> list[float]:
-    """Rectified-flow text-to-image training of the transformer and both text encoders on global captions."""
+    """Rectified-flow text-to-image training of the transformer and both text encoders on global captions.
+
+    The world images are encoded once (``base_samples`` of them, fewer when the run sees fewer) and drawn in a
+    fresh random order each epoch.
+    """
     params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=config.base_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) *
                                                  0.5 * (1 + math.cos(math.pi * s / config.base_steps)))
     generator = torch.Generator().manual_seed(config.seed + 2)
     offset = 2 * 10**6  # world seeds of the base stage (the VAE used 0.., the LoRA data uses 4e6..)
+    count = min(config.base_samples, config.base_steps * config.batch_size)
+    bank, bank_captions = encode_world(pipe.vae, range(offset, offset + count), config.size, 32, config.progress)
+    order = torch.empty(0, dtype=torch.long)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         module.train()
     losses = []
-    for step in tqdm(range(config.base_steps), desc="base", disable=not config.progress):
-        start = offset + step * config.batch_size
-        images, captions = world_batch(range(start, start + config.batch_size), config.size)
-        drop = torch.rand(len(captions), generator=generator) < 0.1
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        with torch.no_grad():
-            z = pipe.vae.encode(images).latent_dist.mode()
-            z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    bar = tqdm(range(config.base_steps), desc="base", disable=not config.progress)
+    for step in bar:
+        while len(order) < config.batch_size:
+            order = torch.cat([order, torch.randperm(count, generator=generator)])
+        index, order = order[:config.batch_size], order[config.batch_size:]
+        z = bank[index]
+        drop = torch.rand(len(index), generator=generator) < 0.1
+        captions = ["" if d else bank_captions[i] for i, d in zip(index.tolist(), drop.tolist(), strict=True)]
         b, c, h, w = z.shape
         x0 = pipe._pack_latents(z, b, c, h, w)
         ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
@@ -146,6 +171,8 @@ def train_base(pipe: FluxPipeline, config: TinyBuildConfig) -> list[float]:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if step % 50 == 49:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         module.eval()
     return losses
@@ -182,7 +209,7 @@ def build(config: TinyBuildConfig) -> Path:
     data = write_lora_dataset(work / "data", config.lora_samples, config.size, first_seed=4 * 10**6)
     result = train(TrainConfig(
         model=str(base_dir), dataset=data, output_dir=work / "run", resolution=config.size, buckets=False,
-        rank=config.lora_rank, learning_rate=5e-4, warmup_steps=50, max_steps=config.lora_steps,
+        rank=config.lora_rank, learning_rate=config.lora_learning_rate, warmup_steps=50, max_steps=config.lora_steps,
         batch_size=config.lora_batch_size, guidance=1.0, max_sequence_length=config.max_sequence_length,
         drop_entities=0.1, checkpoint_every=max(1, config.lora_steps), log_every=50, seed=config.seed,
         cache_text_embeddings=True,
