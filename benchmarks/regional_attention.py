@@ -198,13 +198,17 @@ def main() -> None:
             with backend():
                 return model(**inputs, **kwargs, return_dict=False)[0]
 
-        if mode == "diffsynth":
+        def unconditional():
+            return model(**uncond, return_dict=False)[0]
+
+        if mode == "diffsynth":  # both CFG passes through the reference
             forward = diffsynth_forward(reference_dit, inputs, random_covers(n, n_img, side, device), seg_len)
+            unconditional = diffsynth_forward(reference_dit, uncond, random_covers(0, n_img, side, device), seg_len)
 
         def cfg_step():
             latents = inputs["hidden_states"]
             positive = forward()
-            negative = model(**uncond, return_dict=False)[0]
+            negative = unconditional()
             return latents + (-0.02) * (negative + 3.0 * (positive - negative))
 
         with torch.no_grad():

@@ -62,16 +62,46 @@ def test_missing_shipped_model_is_a_clear_error(tmp_path, monkeypatch):
         EliGenPipeline.from_pretrained("eligen-tiny")
 
 
-def test_build_is_deterministic(tmp_path):
-    def tiny_build(name: str) -> Path:
-        return build(TinyBuildConfig(out=tmp_path / name / "model", vae_steps=2, base_steps=2, lora_steps=2,
-                                     vae_batch_size=2, batch_size=2, lora_batch_size=2, lora_samples=4,
-                                     lora_rank=2, progress=False))
+TINY_BUILD = dict(vae_steps=2, base_steps=2, lora_steps=2, vae_batch_size=2, batch_size=2, lora_batch_size=2,
+                  lora_samples=4, lora_rank=2, progress=False)
+BASE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
-    a, b = tiny_build("a"), tiny_build("b")
-    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        wa, wb = (load_file(str(next((d / part).glob("*.safetensors")))) for d in (a, b))
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), part
-    la, lb = load_file(str(a / "eligen_lora.safetensors")), load_file(str(b / "eligen_lora.safetensors"))
-    assert all(torch.equal(la[k], lb[k]) for k in la)
+
+def tiny_build(root: Path, name: str, **changes) -> Path:
+    return build(TinyBuildConfig(out=root / name / "model", **{**TINY_BUILD, **changes}))
+
+
+def weights(model_dir: Path, part: str) -> dict[str, torch.Tensor]:
+    if part == "lora":
+        return load_file(str(model_dir / "eligen_lora.safetensors"))
+    return load_file(str(next((model_dir / part).glob("*.safetensors"))))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_build_is_deterministic(tmp_path):
+    a, b = tiny_build(tmp_path, "a"), tiny_build(tmp_path, "b")
+    for part in (*BASE_PARTS, "lora"):
+        assert same(weights(a, part), weights(b, part)), part
     assert (a / "eligen_defaults.json").read_text() == (b / "eligen_defaults.json").read_text()
+
+
+@pytest.mark.parametrize(("change", "changed_base"), [
+    ({"base_learning_rate": 3e-3}, True),
+    ({"base_samples": 1}, True),  # 1 encoded image instead of steps x batch = 4
+    ({"lora_learning_rate": 3e-3}, False),
+])
+def test_build_options_are_read(tmp_path, change, changed_base):
+    reference, changed = tiny_build(tmp_path, "reference"), tiny_build(tmp_path, "changed", **change)
+    assert same(weights(reference, "vae"), weights(changed, "vae"))
+    assert same(weights(reference, "transformer"), weights(changed, "transformer")) != changed_base
+    assert not same(weights(reference, "lora"), weights(changed, "lora"))
+
+
+@pytest.mark.parametrize(("change", "message"), [({"base_samples": 0}, "base_samples"),
+                                                 ({"lora_learning_rate": 0.0}, "learning rates")])
+def test_build_config_is_validated(change, message):
+    with pytest.raises(ValueError, match=message):
+        TinyBuildConfig(**change)
