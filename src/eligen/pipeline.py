@@ -123,6 +123,14 @@ def _broadcast_batch(embeds: torch.Tensor, batch: int, what: str) -> torch.Tenso
     return embeds.expand(batch, -1, -1)
 
 
+@torch.no_grad()
+def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels ``(B, 3, H, W)`` in [-1, 1] -> the VAE's latent mode, shifted and scaled for the transformer:
+    ``(B, C, H/f, W/f)`` (the inverse of the decode in ``__call__``)."""
+    z = vae.encode(pixels).latent_dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
 class EliGenPipeline(FluxPipeline):
     """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``, and
     ``"eligen-tiny"``: the small model trained on the shapes world that ships inside the package."""
@@ -345,8 +353,7 @@ class EliGenPipeline(FluxPipeline):
         """``uint8 (H, W, 3)`` -> packed, scaled VAE latents ``(1, n_img, C*4)`` (the latent mode, no sampling)."""
         pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
         pixels = pixels.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
-        z = self.vae.encode(pixels).latent_dist.mode()
-        z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        z = vae_latents(self.vae, pixels)
         packed = self._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
         return packed.to(device=device, dtype=dtype)
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from eligen.config import option
+from eligen.pipeline import vae_latents
 
 from .shipped import DEFAULTS_FILE
 from .tokenizers import DEFAULT_WORDS, build_clip_tokenizer, build_t5_tokenizer
@@ -120,9 +121,7 @@ def encode_world(vae: AutoencoderKL, seeds: range, size: int, batch_size: int,
     latents, captions = [], []
     for start in tqdm(range(0, len(seeds), batch_size), desc="encode", disable=not progress):
         images, batch_captions = world_batch(seeds[start:start + batch_size], size)
-        with torch.no_grad():
-            z = vae.encode(images).latent_dist.mode()
-        latents.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+        latents.append(vae_latents(vae, images))
         captions.extend(batch_captions)
     return torch.cat(latents), captions
 

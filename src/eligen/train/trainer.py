@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from eligen.config import option
 
 from ..masks import pixel_masks_to_covers, regional_attention_mask
+from ..pipeline import vae_latents
 from .loss import TIMESTEP_SAMPLING, flow_loss, noisy_latents, per_sample_loss, reference_schedule, sample_sigmas
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -314,9 +315,7 @@ class Trainer:
         """Latents, text sequence, pooled vectors and the regional mask for one batch."""
         config, pipe = self.config, self.pipe
         images = batch["images"].to(self.device, pipe.vae.dtype)
-        with torch.no_grad():
-            z = pipe.vae.encode(images).latent_dist.mode()
-            z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        z = vae_latents(pipe.vae, images)
         b, c, h, w = z.shape
         x0 = pipe._pack_latents(z, b, c, h, w).float()
         image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, x0.dtype)
