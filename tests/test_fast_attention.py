@@ -237,16 +237,62 @@ def test_segmented_attention_equals_dense_sdpa(layout):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_segmented_regions_group_image_tokens_by_covering_set():
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_attend_lse_kernels_equal_the_formula(scale):
+    from eligen.segmented import _lse_formula, attend_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 8, generator=g) for n in (5, 7, 7))  # (B, S, H, D)
+    out, lse = attend_lse(q, k, v, scale)
+    expected_out, expected_lse = _lse_formula(*(t.transpose(1, 2) for t in (q, k, v)), scale or 8**-0.5)
+    assert out.shape == (2, 5, 3, 8) and lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, expected_out.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-6, rtol=1e-5)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale or 8**-0.5)  # the formula itself, once more
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "flash"), [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)])
+def test_cuda_lse_kernels_are_called_with_their_signatures(dtype, flash):
+    """The CUDA kernels run here on meta tensors: argument order and output shapes (the efficient kernel pads
+    its log-sum-exp rows to a multiple of 32)."""
+    from eligen.segmented import _lse_kernel
+
+    q, k, v = (torch.empty(2, 3, n, 128, device="meta", dtype=dtype) for n in (40, 70, 70))  # (B, H, S, D)
+    out, lse = _lse_kernel(q, k, v, 0.1, flash)
+    assert out.shape == (2, 3, 40, 128) and lse.shape == (2, 3, 40) and lse.dtype == torch.float32
+
+
+def test_merge_attention_is_attention_over_the_union():
+    from eligen.segmented import attend_lse, merge_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 2, 8, generator=g), torch.randn(1, 9, 2, 8, generator=g), torch.randn(1, 9, 2, 8,
+                                                                                                     generator=g)
+    parts = [attend_lse(q, k[:, a:b], v[:, a:b], None) for a, b in ((0, 2), (2, 6), (6, 9))]
+    merged, lse = merge_attention([o for o, _ in parts], [lse for _, lse in parts])
+    expected, expected_lse = attend_lse(q, k, v, None)
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-6, rtol=1e-5)
+    # a set that is empty for a row (log-sum-exp -inf) drops out of that row
+    lses = [parts[0][1], parts[1][1].clone(), parts[2][1]]
+    lses[1][..., 0] = float("-inf")
+    keep = torch.cat([torch.arange(0, 2), torch.arange(6, 9)])
+    merged, _ = merge_attention([o for o, _ in parts], lses)
+    torch.testing.assert_close(merged[:, :1], attend_lse(q[:, :1], k[:, keep], v[:, keep], None)[0], atol=1e-6,
+                               rtol=1e-5)
+
+
+def test_segmented_mask_rows_and_covers():
     from eligen.segmented import segmented_mask
 
     cover = torch.tensor([[[1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]], dtype=torch.bool)
     mask = segmented_mask(cover, [2, 3, 1], 4)
     image_start = 2 + 3 + 1 + 4
-    regions = {entities: (rows - image_start).tolist() for rows, entities in mask.regions}
-    assert regions == {(0,): [0], (0, 1): [1], (1,): [2], (): [3, 4]}
+    assert (mask.global_slice.start, mask.global_slice.stop, mask.image_start, mask.length) == (6, 10, 10, 15)
     assert [(s.start, s.stop) for s in mask.entity_slices] == [(0, 2), (2, 5), (5, 6)]
     assert [(c - image_start).tolist() for c in mask.entity_image] == [[0, 1], [1, 2], []]
+    assert torch.equal(mask.cover, cover[0]) and not mask.flash
     with pytest.raises(ValueError, match="one layout"):
         segmented_mask(cover.expand(2, -1, -1), [2, 3, 1], 4)
 
