@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end on the CPU at tiny sizes, and their exact rows agree with the dense mask."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_attention_op_benchmark(tmp_path):
+    out = tmp_path / "op.json"
+    stdout = run_script("attention_op.py", "--device", "cpu", "--heads", "2", "--side", "8", "--segment", "16",
+                        "--entities", "3", "--iters", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["device"] == "CPU" and report["entities"] == 3 and report["length"] == 4 * 16 + 64
+    assert set(report["ms"]) == {"plain", "dense-bool", "reference-float", "segmented", "segmented-compiled"}
+    errors = report["max_abs_diff_from_dense"]
+    assert errors["plain"] is None and max(errors[row] for row in report["ms"] if row != "plain") < 1e-5
+    assert "| segmented-compiled |" in stdout and "FlexAttention rows: CUDA only" in stdout
+
+
+def test_regional_attention_benchmark(tmp_path):
+    out = tmp_path / "rows.json"
+    stdout = run_script("regional_attention.py", "--size", "tiny", "--variants", "dense,reference,segmented",
+                        "--entities", "0,2", "--warmup", "0", "--iters", "1", "--json", str(out))
+    rows = {(row["variant"], row["entities"]): row for row in json.loads(out.read_text())}
+    assert set(rows) == {("plain", 0), ("dense", 2), ("reference", 2), ("segmented", 2)}
+    assert rows["reference", 2]["ratio_to_reference"] == 1.0 and rows["plain", 0]["ratio_to_plain"] == 1.0
+    assert all(row["forward_ms"] > 0 for row in rows.values())
+    line = next(line for line in stdout.splitlines() if "max |segmented - dense| at N=2" in line)
+    assert float(line.rsplit(":", 1)[1]) < 1e-5
