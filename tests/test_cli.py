@@ -138,10 +138,39 @@ def test_flags_reach_the_generation(tmp_path, layout_file, tiny_pipeline_dir):
     assert not np.array_equal(base, render("neg", "--entities-on-negative"))
     assert not np.array_equal(base, render("steps", "--steps", "3"))
     assert np.array_equal(base, render("same", "--device", "cpu", "--dtype", "float32", "--no-progress"))
+    assert not np.array_equal(base, render("trim", "--entity-tokens", "trim"))
+    assert read_metadata(tmp_path / "trim.png")["params"]["entity_tokens"] == "trim"
     resized = render("size", "--width", "48", "--height", "40")
     assert resized.shape == (40, 48, 3)
     record = read_metadata(tmp_path / "size.png")
     assert record["layout"]["entities"][1]["box"] == [24.0, 20.0, 48.0, 40.0]  # boxes scale with the size
+
+
+def test_speed_flags_reach_the_pipeline(tmp_path, layout_file, tiny_pipeline_dir, monkeypatch):
+    from eligen import EliGenPipeline
+
+    calls, compiled = [], []
+    original = EliGenPipeline.__call__
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EliGenPipeline, "__call__", recording)
+    monkeypatch.setattr(EliGenPipeline, "compile_transformer", lambda self, **kw: compiled.append(self))
+    images = {}
+    for attention in ("dense", "segmented"):
+        out = tmp_path / f"{attention}.png"
+        assert run("generate", layout_file, "-o", out, "--model", tiny_pipeline_dir, *FAST, "--attention",
+                   attention, "--compile") == 0
+        assert (calls[-1]["attention"], calls[-1]["compile"]) == (attention, True)
+        assert read_metadata(out)["environment"]["attention"] == attention
+        images[attention] = pixels(out).astype(int)
+    assert len(compiled) == 2  # the pipeline was asked to compile, once per call
+    assert np.abs(images["dense"] - images["segmented"]).max() <= 1  # exact modes: the same image
+    assert run("generate", layout_file, "-o", tmp_path / "auto.png", "--model", tiny_pipeline_dir, *FAST) == 0
+    assert (calls[-1]["attention"], calls[-1]["compile"]) == ("auto", False)
+    assert "attention" not in read_metadata(tmp_path / "auto.png")["params"]  # a run choice, not read by --from
 
 
 def test_progress_bar_shown_by_default(tmp_path, layout_file, tiny_pipeline_dir, capsys):
@@ -222,6 +251,17 @@ def test_entity_too_small_for_the_latent_grid(tmp_path, tiny_pipeline_dir, capsy
 def test_bad_flags(tmp_path, layout_file, tiny_pipeline_dir, capsys, flags, expected):
     assert run("generate", layout_file, "-o", tmp_path / "o.png", "--model", tiny_pipeline_dir, *flags) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--attention", "sparse"), ("--entity-tokens", "short")])
+def test_bad_choice_flags(tmp_path, layout_file, capsys, flag, value):
+    from eligen.generate import GenerateConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        run("generate", layout_file, "-o", tmp_path / "o.png", flag, value)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(ValueError, match=flag):  # the config itself checks too (e.g. values read from a PNG)
+        GenerateConfig(**{flag[2:].replace("-", "_"): value})
 
 
 def test_missing_inputs(tmp_path, layout_file, capsys):

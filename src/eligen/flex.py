@@ -29,10 +29,6 @@ BLOCK_SIZE = 128
 ROWS_PER_BAND = 8  # query blocks evaluated together while building the block structure
 
 
-def flex_available() -> bool:
-    return BlockMask is not None
-
-
 _SLOTS: dict[str, tuple[SimpleNamespace, Callable]] = {}
 
 

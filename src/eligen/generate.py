@@ -18,11 +18,12 @@ from . import __version__
 from .config import DTYPES, option
 from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
 from .inpaint import FUSIONS
+from .masks import ATTENTION_MODES, ENTITY_TOKEN_MODES
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
 # Fields that describe the output files or the run, not the image: never read back by --from.
-RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device")
+RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device", "attention", "compile")
 
 
 @dataclass
@@ -53,6 +54,14 @@ class GenerateConfig:
     max_sequence_length: int = option(512, "T5 tokens per prompt segment (FLUX and the released LoRA use 512)")
     entities_on_negative: bool = option(False, "reference behaviour: also apply the entities on the negative "
                                         "CFG pass (with the negative prompt in every entity slot)")
+    entity_tokens: str = option("full", "full: every entity prompt padded to --max-sequence-length, as the released "
+                                "LoRA was trained; trim: its real tokens plus 8 pads (fewer tokens, faster, "
+                                "approximate)", choices=ENTITY_TOKEN_MODES)
+    attention: str = option("auto", "how the regional mask reaches attention, all exact: dense (bool mask), flex "
+                            "(FlexAttention block mask), segmented (unmasked flash calls merged by log-sum-exp); "
+                            "auto: segmented on CUDA, dense elsewhere", choices=ATTENTION_MODES)
+    compile: bool = option(False, "torch.compile the transformer's repeated blocks (a slow first image, faster "
+                           "ones after; for a GPU)")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -77,6 +86,10 @@ class GenerateConfig:
                              "one scale per LoRA, in the same order")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.entity_tokens not in ENTITY_TOKEN_MODES:
+            raise ValueError(f"--entity-tokens must be one of {ENTITY_TOKEN_MODES}, got {self.entity_tokens!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
 
     def recorded(self) -> dict[str, Any]:
         """The parameters stored in the PNG (everything that shapes the image)."""
@@ -249,6 +262,9 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         generator=torch.Generator("cpu").manual_seed(seed),
         max_sequence_length=config.max_sequence_length,
         entities_on_negative=config.entities_on_negative,
+        entity_tokens=config.entity_tokens,
+        attention=config.attention,
+        compile=config.compile,
         output_type="pil",
         **config.pipeline_kwargs(),
     ).images[0]
@@ -258,7 +274,8 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
         "layout": layout_to_dict(layout, embed_masks=True),
         "params": params,
-        "environment": {"device": device, "torch": torch.__version__},
+        "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
+                        "compile": config.compile},
     }
     save_png(image, config.output, metadata)
     overlay_path = None

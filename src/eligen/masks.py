@@ -20,6 +20,10 @@ from einops import rearrange, reduce
 from PIL import Image
 
 PACK = 2  # FLUX packs 2x2 latent pixels into one token
+# The forms the regional mask reaches attention in (all exact; "auto" picks per device), and the entity segment
+# lengths: "full" pads every entity prompt to max_sequence_length, "trim" keeps its real tokens plus a few pads.
+ATTENTION_MODES = ("auto", "dense", "flex", "segmented")
+ENTITY_TOKEN_MODES = ("full", "trim")
 
 
 def latent_grid_size(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .attention import check_regional_attention_support, flex_backend
 from .entities import Entity, LayoutError, binarize_mask
-from .flex import BlockMask, flex_available, regional_block_mask
+from .flex import BlockMask, regional_block_mask
 from .inpaint import (
     FUSIONS,
     background_velocity,
@@ -37,12 +37,18 @@ from .inpaint import (
     to_rgb_array,
 )
 from .lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
-from .masks import latent_grid_size, latent_mask, regional_attention_mask, resize_nearest, token_cover
+from .masks import (
+    ATTENTION_MODES,
+    ENTITY_TOKEN_MODES,
+    latent_grid_size,
+    latent_mask,
+    regional_attention_mask,
+    resize_nearest,
+    token_cover,
+)
 from .segmented import SegmentedMask, segmented_backend, segmented_mask
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-ATTENTION_MODES = ("auto", "dense", "flex", "segmented")
-ENTITY_TOKEN_MODES = ("full", "trim")
 TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 logger = logging.getLogger(__name__)
 
@@ -171,14 +177,11 @@ class EliGenPipeline(FluxPipeline):
         return fmt
 
     def attention_mode(self, attention: str, device: torch.device) -> str:
-        """``auto`` -> the exact mode that is fastest here: on CUDA ``segmented`` (flash-attention calls over
-        grouped rows) or, in a compiled transformer, ``flex``; elsewhere ``dense``."""
+        """``auto`` -> the exact mode that is fastest here: on CUDA ``segmented`` (unmasked flash-attention calls
+        merged by log-sum-exp, compiled or not), elsewhere ``dense``."""
         if attention != "auto":
             return attention
-        if device.type != "cuda":
-            return "dense"
-        compiled = getattr(self.transformer, "_eligen_compiled", False)
-        return "flex" if compiled and flex_available() else "segmented"
+        return "segmented" if device.type == "cuda" else "dense"
 
     def compile_transformer(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` the repeated double/single blocks once (regional compilation: the 57 FLUX blocks share
@@ -503,8 +506,9 @@ class EliGenPipeline(FluxPipeline):
 
         Speed (same semantics unless noted):
             attention: "dense" (a bool ``(1, 1, L, L)`` mask, SDPA), "flex" (a FlexAttention BlockMask built from
-                segment ids and covers, with a compiled fused kernel on CUDA), "segmented" (rows grouped by what
-                they may see, one unmasked SDPA call per group) or "auto" (see :meth:`attention_mode`).
+                segment ids and covers, with a compiled fused kernel on CUDA), "segmented" (unmasked attention
+                calls, one over ``[global | image]`` and two per entity, merged by log-sum-exp) or "auto" (see
+                :meth:`attention_mode`).
             entity_tokens: "full" (default: every entity segment padded to ``max_sequence_length``, as the
                 released LoRA was trained) or "trim" (each entity keeps its real tokens plus a few pads: fewer
                 tokens, approximate).

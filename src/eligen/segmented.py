@@ -30,7 +30,7 @@ class SegmentedMask:
     """The regional mask as row groups over a ``[e_1 | ... | e_N | global | image]`` sequence.
 
     ``entity_slices[i]``: the sequence slice of entity ``i``'s prompt; ``entity_image[i]``: sequence positions
-    of the image tokens it covers; ``cover``: ``(N, n_img)`` bool, the same as a mask over the image rows;
+    of the image tokens it covers (marked dynamic, so a compiled transformer does not recompile for a new layout);
     ``flash``: the device has flash-attention kernels that return log-sum-exps (CUDA, compute capability 8+).
     """
 
@@ -39,7 +39,6 @@ class SegmentedMask:
     image_start: int
     length: int
     entity_image: tuple[torch.Tensor, ...]
-    cover: torch.Tensor
     flash: bool = False
 
 
@@ -55,9 +54,11 @@ def segmented_mask(cover: torch.Tensor, entity_lengths: Sequence[int], global_le
     image_start = starts[-1] + global_length
     entity_slices = tuple(slice(a, b) for a, b in itertools.pairwise(starts))
     entity_image = tuple(image_start + torch.nonzero(c).flatten() for c in cover)
+    for covered in entity_image:  # one compiled graph for every layout: the cover sizes are symbolic
+        torch._dynamo.maybe_mark_dynamic(covered, 0)
     flash = cover.device.type == "cuda" and torch.cuda.get_device_capability(cover.device) >= (8, 0)
     return SegmentedMask(entity_slices, slice(starts[-1], image_start), image_start, image_start + cover.shape[1],
-                         entity_image, cover, flash)
+                         entity_image, flash)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The issue-7 speed check in one command, for a GPU machine without internet (see benchmarks/README.md):
+#   here:  bash benchmarks/diffsynth_min.sh      # the reference's three modules -> .diffsynth-min/
+#          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+#   there: bash benchmarks/gpu_check.sh          # carrying .whl and .diffsynth-min; logs + JSON go to $OUT
+# SIZE=tiny ENTITIES=0,2 OPARGS="--device cpu --heads 2 --side 8 --segment 16 --iters 1" checks it on a CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest=${OUT:-benchmarks/results}
+mkdir -p "$dest"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src:$PWD/.diffsynth-min${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 benchmarks/attention_op.py ${OPARGS:-} --json "$dest/attention_op.json" 2>&1 | tee "$dest/attention_op.log"
+python3 benchmarks/regional_attention.py --size "${SIZE:-flux-dev}" --entities "${ENTITIES:-0,4}" \
+    --variants "${VARIANTS:-dense,reference,diffsynth,segmented,trim,compile-plain,compile-flex,compile-segmented}" \
+    --json "$dest/regional_attention.json" 2>&1 | tee "$dest/regional_attention.log"
