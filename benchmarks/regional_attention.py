@@ -6,7 +6,7 @@
 
 Variants (each at N entities): ``dense`` (bool mask, SDPA), ``reference`` (the reference implementation's
 additive float mask, SDPA, on the same weights), ``flex`` (FlexAttention BlockMask, compiled kernel on CUDA),
-``segmented`` (rows grouped by what they see, one unmasked SDPA call per group: exact), ``trim`` (dense,
+``segmented`` (unmasked flash calls merged by log-sum-exp: exact), ``trim`` (dense,
 entity prompts trimmed to 64 tokens: fewer tokens, approximate), and after regional compilation of the
 transformer's blocks ``compile-plain``, ``compile-dense``, ``compile-flex``, ``compile-segmented``,
 ``compile-trim``. ``diffsynth``: the reference package itself (DiffSynth-Studio's DiT, its mask builder
