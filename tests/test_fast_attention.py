@@ -283,6 +283,27 @@ def test_merge_attention_is_attention_over_the_union():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_segmented_half_precision_is_as_close_as_the_dense_mask(dtype):
+    """Merging in fp32 keeps half-precision outputs within the dense mask's own rounding error."""
+    from eligen.segmented import segmented_attention, segmented_mask
+
+    lengths, global_length, n_img = [16, 16, 16], 16, 64
+    cover = torch.rand(1, 3, n_img, generator=torch.Generator().manual_seed(3)) < 0.4
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (2 * torch.randn(1, sum(lengths) + global_length + n_img, 4, 64, generator=g) for _ in range(3))
+    dense = regional_attention_mask(cover, lengths, global_length)
+
+    def sdpa(*tensors):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in tensors), attn_mask=dense).transpose(1, 2)
+
+    exact = sdpa(q, k, v)
+    half = [t.to(dtype) for t in (q, k, v)]
+    out = segmented_attention(*half, segmented_mask(cover, lengths, global_length))
+    assert out.dtype == dtype
+    assert (out.float() - exact).abs().max() <= 1.5 * (sdpa(*half).float() - exact).abs().max()
+
+
 def test_segmented_mask_rows_and_covers():
     from eligen.segmented import segmented_mask
 
