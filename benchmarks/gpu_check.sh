@@ -3,13 +3,15 @@
 #   here:  bash benchmarks/diffsynth_min.sh      # the reference's three modules -> .diffsynth-min/
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 #   there: bash benchmarks/gpu_check.sh          # carrying .whl and .diffsynth-min; logs + JSON go to $OUT
-# SIZE=tiny ENTITIES=0,2 OPARGS="--device cpu --heads 2 --side 8 --segment 16 --iters 1" checks it on a CPU.
+# SIZE=tiny ENTITIES=0,2 OPARGS="--device cpu --heads 2 --side 8 --segment 16 --iters 1" checks it on a CPU;
+# VARIANTS overrides the regional_attention.py variants, WHEELS the wheel folder (default .whl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${OUT:-benchmarks/results}
 mkdir -p "$dest"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src:$PWD/.diffsynth-min${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

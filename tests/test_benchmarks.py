@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,17 @@ def test_regional_attention_benchmark(tmp_path):
     assert all(row["forward_ms"] > 0 for row in rows.values())
     line = next(line for line in stdout.splitlines() if "max |segmented - dense| at N=2" in line)
     assert float(line.rsplit(":", 1)[1]) < 1e-5
+
+
+def test_gpu_check_script_runs_both_benchmarks(tmp_path):
+    """The one-command GPU check, at CPU sizes: both benchmarks run and leave their logs and JSON in $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no-wheels"), "SIZE": "tiny",
+           "ENTITIES": "0,2", "VARIANTS": "dense,segmented", "OPARGS": "--device cpu --heads 1 --side 4 --segment 8 "
+           "--iters 1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this interpreter
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} >= {"attention_op.json", "attention_op.log",
+                                                    "regional_attention.json", "regional_attention.log"}
+    rows = json.loads((tmp_path / "regional_attention.json").read_text())
+    assert {(row["variant"], row["entities"]) for row in rows} == {("plain", 0), ("dense", 2), ("segmented", 2)}
