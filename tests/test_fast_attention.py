@@ -313,6 +313,7 @@ def test_segmented_mask_rows_and_covers():
     assert (mask.global_slice.start, mask.global_slice.stop, mask.image_start, mask.length) == (6, 10, 10, 15)
     assert [(s.start, s.stop) for s in mask.entity_slices] == [(0, 2), (2, 5), (5, 6)]
     assert [(c - image_start).tolist() for c in mask.entity_image] == [[0, 1], [1, 2], []]
+    assert [k.tolist() for k in mask.entity_keys] == [[0, 1, 10, 11], [2, 3, 4, 11, 12], [5]]
     assert not mask.flash
     with pytest.raises(ValueError, match="one layout"):
         segmented_mask(cover.expand(2, -1, -1), [2, 3, 1], 4)

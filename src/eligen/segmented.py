@@ -30,7 +30,8 @@ class SegmentedMask:
     """The regional mask as row groups over a ``[e_1 | ... | e_N | global | image]`` sequence.
 
     ``entity_slices[i]``: the sequence slice of entity ``i``'s prompt; ``entity_image[i]``: sequence positions
-    of the image tokens it covers (marked dynamic, so a compiled transformer does not recompile for a new layout);
+    of the image tokens it covers; ``entity_keys[i]``: the positions entity ``i``'s rows see (its segment, then
+    ``entity_image[i]``). Both are marked dynamic, so a compiled transformer does not recompile for a new layout;
     ``flash``: the device has flash-attention kernels that return log-sum-exps (CUDA, compute capability 8+).
     """
 
@@ -39,6 +40,7 @@ class SegmentedMask:
     image_start: int
     length: int
     entity_image: tuple[torch.Tensor, ...]
+    entity_keys: tuple[torch.Tensor, ...]
     flash: bool = False
 
 
@@ -54,11 +56,13 @@ def segmented_mask(cover: torch.Tensor, entity_lengths: Sequence[int], global_le
     image_start = starts[-1] + global_length
     entity_slices = tuple(slice(a, b) for a, b in itertools.pairwise(starts))
     entity_image = tuple(image_start + torch.nonzero(c).flatten() for c in cover)
-    for covered in entity_image:  # one compiled graph for every layout: the cover sizes are symbolic
-        torch._dynamo.maybe_mark_dynamic(covered, 0)
+    entity_keys = tuple(torch.cat([torch.arange(s.start, s.stop, device=cover.device), covered])
+                        for s, covered in zip(entity_slices, entity_image, strict=True))
+    for positions in (*entity_image, *entity_keys):  # one compiled graph for every layout: the sizes are symbolic
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
     flash = cover.device.type == "cuda" and torch.cuda.get_device_capability(cover.device) >= (8, 0)
     return SegmentedMask(entity_slices, slice(starts[-1], image_start), image_start, image_start + cover.shape[1],
-                         entity_image, flash)
+                         entity_image, entity_keys, flash)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -128,10 +132,9 @@ def segmented_attention(
     shared, shared_lse = attend_lse(query[:, g:], key[:, g:], value[:, g:], scale, mask.flash)
     out[:, g:i0] = shared[:, : i0 - g]
     image, image_lse = shared[:, i0 - g:].float(), shared_lse[..., i0 - g:].contiguous()
-    for seg, covered in zip(mask.entity_slices, mask.entity_image, strict=True):
+    for seg, covered, seen_keys in zip(mask.entity_slices, mask.entity_image, mask.entity_keys, strict=True):
         # entity i's rows: its own segment and the image tokens it covers
-        k, v = torch.cat([key[:, seg], key[:, covered]], dim=1), torch.cat([value[:, seg], value[:, covered]], dim=1)
-        out[:, seg] = _attend(query[:, seg], k, v, scale)
+        out[:, seg] = _attend(query[:, seg], key[:, seen_keys], value[:, seen_keys], scale)
         if covered.numel():  # the image rows it covers: merge in what they see of its segment
             rows, (seen, seen_lse) = covered - i0, attend_lse(query[:, covered], key[:, seg], value[:, seg], scale,
                                                               mask.flash)
