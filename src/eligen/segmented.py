@@ -135,9 +135,9 @@ def segmented_attention(
     for seg, covered, seen_keys in zip(mask.entity_slices, mask.entity_image, mask.entity_keys, strict=True):
         # entity i's rows: its own segment and the image tokens it covers
         out[:, seg] = _attend(query[:, seg], key[:, seen_keys], value[:, seen_keys], scale)
-        if covered.numel():  # the image rows it covers: merge in what they see of its segment
-            rows, (seen, seen_lse) = covered - i0, attend_lse(query[:, covered], key[:, seg], value[:, seg], scale,
-                                                              mask.flash)
+        if covered.numel():  # the image rows it covers also see its segment: merge that in
+            seen, seen_lse = attend_lse(query[:, covered], key[:, seg], value[:, seg], scale, mask.flash)
+            rows = covered - i0
             image[:, rows], image_lse[..., rows] = merge_attention([image[:, rows], seen],
                                                                    [image_lse[..., rows], seen_lse])
     out[:, i0:] = image
