@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 from torch.nn.attention.flex_attention import flex_attention
 
 from eligen.flex import regional_block_mask
@@ -33,21 +33,6 @@ OPTION_SETS = {
     "m64-n64-w4-s3": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     "m128-n64-w4-s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
 }
-
-
-def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(min(iters, 3)):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters * 1000
 
 
 def rectangle_covers(n: int, side: int) -> torch.Tensor:
@@ -112,7 +97,7 @@ def main() -> None:
         try:
             out = fn()
             errors[row] = (out - expected).abs().max().item() if out.shape == expected.shape else None
-            rows[row] = timed(fn, device, args.iters)
+            rows[row] = timed(fn, device, min(args.iters, 3), args.iters)
         except Exception as exc:  # a kernel option set the kernel rejects must not lose the other rows
             print(f"  {row}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue

@@ -22,13 +22,13 @@ import argparse
 import contextlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import diffsynth_reference
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from timing import timed
 
 from eligen.attention import flex_backend
 from eligen.flex import regional_block_mask
@@ -121,22 +121,6 @@ def diffsynth_forward(dit, inputs: dict, cover: torch.Tensor, seg_len: int):
             entity_prompts, masks if n else None)
 
     return forward
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / iters * 1000
 
 
 def main() -> None:

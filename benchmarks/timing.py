@@ -1,0 +1,25 @@
+"""Wall-clock timing shared by the benchmark scripts (synchronising CUDA around the timed loop)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Milliseconds per call of ``fn`` over ``iters`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters * 1000
