@@ -29,10 +29,11 @@ import torch.nn.functional as F
 class SegmentedMask:
     """The regional mask as row groups over a ``[e_1 | ... | e_N | global | image]`` sequence.
 
-    ``entity_slices[i]``: the sequence slice of entity ``i``'s prompt; ``entity_image[i]``: sequence positions
-    of the image tokens it covers; ``entity_keys[i]``: the positions entity ``i``'s rows see (its segment, then
-    ``entity_image[i]``). Both are marked dynamic, so a compiled transformer does not recompile for a new layout;
-    ``flash``: the device has flash-attention kernels that return log-sum-exps (CUDA, compute capability 8+).
+    ``entity_slices[i]``: the sequence slice of entity ``i``'s prompt; ``entity_image[i]``: the image tokens it
+    covers (positions among the image tokens); ``entity_keys[i]``: the sequence positions entity ``i``'s rows see
+    (its segment, then its covered image tokens). Both are marked dynamic, so a compiled transformer does not
+    recompile for a new layout; ``flash``: the device has flash-attention kernels that return log-sum-exps (CUDA,
+    compute capability 8+).
     """
 
     entity_slices: tuple[slice, ...]
@@ -55,8 +56,8 @@ def segmented_mask(cover: torch.Tensor, entity_lengths: Sequence[int], global_le
         starts.append(starts[-1] + n)
     image_start = starts[-1] + global_length
     entity_slices = tuple(slice(a, b) for a, b in itertools.pairwise(starts))
-    entity_image = tuple(image_start + torch.nonzero(c).flatten() for c in cover)
-    entity_keys = tuple(torch.cat([torch.arange(s.start, s.stop, device=cover.device), covered])
+    entity_image = tuple(torch.nonzero(c).flatten() for c in cover)
+    entity_keys = tuple(torch.cat([torch.arange(s.start, s.stop, device=cover.device), image_start + covered])
                         for s, covered in zip(entity_slices, entity_image, strict=True))
     for positions in (*entity_image, *entity_keys):  # one compiled graph for every layout: the sizes are symbolic
         torch._dynamo.maybe_mark_dynamic(positions, 0)
@@ -132,12 +133,11 @@ def segmented_attention(
     shared, shared_lse = attend_lse(query[:, g:], key[:, g:], value[:, g:], scale, mask.flash)
     out[:, g:i0] = shared[:, : i0 - g]
     image, image_lse = shared[:, i0 - g:].float(), shared_lse[..., i0 - g:].contiguous()
-    for seg, covered, seen_keys in zip(mask.entity_slices, mask.entity_image, mask.entity_keys, strict=True):
+    for seg, rows, seen_keys in zip(mask.entity_slices, mask.entity_image, mask.entity_keys, strict=True):
         # entity i's rows: its own segment and the image tokens it covers
         out[:, seg] = _attend(query[:, seg], key[:, seen_keys], value[:, seen_keys], scale)
-        if covered.numel():  # the image rows it covers also see its segment: merge that in
-            seen, seen_lse = attend_lse(query[:, covered], key[:, seg], value[:, seg], scale, mask.flash)
-            rows = covered - i0
+        if rows.numel():  # the image rows it covers also see its segment: merge that in
+            seen, seen_lse = attend_lse(query[:, i0:][:, rows], key[:, seg], value[:, seg], scale, mask.flash)
             image[:, rows], image_lse[..., rows] = merge_attention([image[:, rows], seen],
                                                                    [image_lse[..., rows], seen_lse])
     out[:, i0:] = image
