@@ -221,7 +221,7 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
 
 def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float]):
     """``EliGenPipeline.from_pretrained`` on ``device`` in ``dtype`` with the LoRAs stacked at ``scales``."""
-    from .pipeline import EliGenPipeline
+    from .pipelines.flux import EliGenPipeline
 
     pipe = EliGenPipeline.from_pretrained(model, dtype=DTYPES[dtype])
     pipe.to(device)

@@ -1,4 +1,6 @@
-"""Inpainting fusion (paper eqs. 14-19, DESIGN.md section 5): pure functions on packed latents and pixels.
+"""Inpainting fusion (paper eqs. 14-19, docs/design.md section 5): pure functions on packed latents and pixels.
+
+It works on velocities, so it is the same for every model family (the reference has it for FLUX only).
 
 Each step the foreground velocity comes from the DiT with entities and the background velocity
 ``N_b = (z_t - z_init) / sigma_t`` is the exact velocity that leads back to ``z_init``. They are fused by the
@@ -24,6 +26,11 @@ from PIL import Image
 FUSIONS = ("exact", "paper")
 
 
+def plain_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
+    """True CFG ``N_neg + s (N_pos - N_neg)`` (the default combination; families may rescale it)."""
+    return negative + scale * (positive - negative)
+
+
 def background_velocity(latents: torch.Tensor, z_init: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``(z_t - z_init) / sigma_t``: Euler steps along it stay on the straight line to ``z_init``."""
     return (latents - z_init) / sigma
@@ -36,21 +43,21 @@ def fuse_velocity(
     union: torch.Tensor,
     cfg_scale: float,
     fusion: str = "exact",
+    combine=plain_cfg,
 ) -> torch.Tensor:
     """Combine foreground (``positive``/``negative`` DiT velocities) and background by the soft ``union``.
 
     Shapes: velocities ``(B, n_img, C*4)``, ``union`` broadcastable to them (values in [0, 1]).
-    ``negative`` is None when true CFG is off (then both orders coincide).
+    ``negative`` is None when true CFG is off (then both orders coincide). ``combine(pos, neg, scale)`` is the
+    family's CFG combination (:func:`plain_cfg` by default).
     """
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     if negative is None:
         return positive * union + background * (1 - union)
     if fusion == "exact":
-        guided = negative + cfg_scale * (positive - negative)
-        return guided * union + background * (1 - union)
-    fused = positive * union + background * (1 - union)
-    return negative + cfg_scale * (fused - negative)
+        return combine(positive, negative, cfg_scale) * union + background * (1 - union)
+    return combine(positive * union + background * (1 - union), negative, cfg_scale)
 
 
 def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -88,7 +95,7 @@ def soft_union(latent_masks: torch.Tensor, dilate_pixels: int = 0, blur_sigma: f
 
 
 def pack_mask(mask: torch.Tensor, channels: int) -> torch.Tensor:
-    """A latent-grid mask ``(h, w)`` -> ``(h/2 * w/2, channels * 4)`` in FluxPipeline._pack_latents order."""
+    """A latent-grid mask ``(h, w)`` -> ``(h/2 * w/2, channels * 4)`` in the pipelines' ``_pack_latents`` order."""
     tokens = rearrange(mask, "(h p1) (w p2) -> (h w) (p1 p2)", p1=2, p2=2)
     return repeat(tokens, "n p -> n (c p)", c=channels)
 

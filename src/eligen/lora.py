@@ -4,12 +4,21 @@ The in-memory form is :class:`LoraWeights`: one :class:`LoraLayer` ``(down A [r,
 per diffusers ``nn.Linear`` of the transformer, keyed by its module name (``transformer_blocks.3.attn.to_q``).
 The effective update of a layer is ``W += (alpha / r) * B @ A``.
 
+Two model families (:data:`FAMILIES`), told apart by their module names (:func:`lora_family`). FLUX:
+
 - ``diffsynth``: ``blocks.{i}.attn.a_to_qkv.lora_A[.default].weight`` ... (fused q/k/v; no alpha = rank);
 - ``kohya``: ``lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight`` ... with optional ``.alpha``;
 - ``diffusers``: ``transformer.<module>.lora_A.weight`` (peft names, optional ``.alpha``).
 
 Fused projections split on reading (lora_B rows in three for q/k/v, plus ``proj_mlp`` for the single blocks'
 ``to_qkv_mlp``; lora_A shared) and fuse on writing. Widths come from the tensors, never from constants.
+
+Qwen-Image (``transformer_blocks`` only, nothing fused):
+
+- ``diffsynth``: ``transformer_blocks.{i}.attn.to_q.lora_A.default.weight`` ... (peft names, no prefix,
+  no alpha = rank), as in DiffSynth-Studio/Qwen-Image-EliGen;
+- ``kohya``: ``lora_unet_transformer_blocks_{i}_attn_to_q.lora_down.weight`` ... with optional ``.alpha``;
+- ``diffusers``: as for FLUX.
 """
 
 from __future__ import annotations
@@ -25,6 +34,15 @@ import torch
 from .config import option
 
 FORMATS = ("diffsynth", "kohya", "diffusers")
+FAMILIES = ("flux", "qwen_image")
+FAMILY_NAMES = {"flux": "FLUX", "qwen_image": "Qwen-Image"}
+TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "flux", "QwenImageTransformer2DModel": "qwen_image"}
+# Module-name parts that occur in one family only (attn.*, proj_out, norm_out.linear, ... occur in both).
+FAMILY_MARKERS = {
+    "flux": frozenset({"ff", "ff_context", "norm1", "norm1_context", "single_transformer_blocks", "proj_mlp",
+                       "x_embedder", "context_embedder", "text_embedder", "guidance_embedder"}),
+    "qwen_image": frozenset({"img_mlp", "txt_mlp", "img_mod", "txt_mod", "img_in", "txt_in"}),
+}
 HUB_DEFAULT_FILES = {"modelscope/EliGen": "model_bf16.safetensors"}
 
 # (block kind, reference name) -> diffusers module names inside the block, in fused row order.
@@ -54,6 +72,14 @@ KOHYA_DOUBLE = {
 KOHYA_SINGLE = {"linear1": "to_qkv_mlp", "linear2": "proj_out", "modulation_lin": "norm.linear"}
 BLOCK_PREFIX = {"blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
 GROUPS = {"blocks": DOUBLE, "single_blocks": SINGLE}
+# The linear layers of a Qwen-Image transformer block; kohya names are these with dots as underscores.
+QWEN_BLOCK = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+    "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
+)
+KOHYA_QWEN = {module.replace(".", "_"): module for module in QWEN_BLOCK}
+KOHYA_SLOTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 DIFFSYNTH_KEY = re.compile(
     r"^(?:pipe\.dit\.|dit\.)?(blocks|single_blocks)\.(\d+)\.(.+)\.lora_([AB])(\.default)?\.weight$"
@@ -61,6 +87,8 @@ DIFFSYNTH_KEY = re.compile(
 KOHYA_KEY = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 DIFFUSERS_KEY = re.compile(r"^(?:transformer\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_A\.default\.weight|"
                            r"lora_B\.default\.weight|alpha)$")
+QWEN_KOHYA_KEY = re.compile(r"^lora_unet_transformer_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+QWEN_DIFFSYNTH_KEY = re.compile(r"^(?!transformer\.)(.+)\.lora_[AB]\.default\.weight$")
 
 
 class LoraFormatError(ValueError):
@@ -104,24 +132,113 @@ LoraWeights = dict[str, LoraLayer]
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Model families
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+    return family
+
+
+def _named_family(modules) -> str | None:
+    """The family that module names such as ``transformer_blocks.0.img_mod.1`` belong to; None if they are
+    common to both (``attn.to_q``, ``proj_out``, ...). Raises for names of both families at once."""
+    found: dict[str, list[str]] = {}
+    for module in modules:
+        parts = set(module.split("."))
+        for family, markers in FAMILY_MARKERS.items():
+            if parts & markers:
+                found.setdefault(family, []).append(module)
+    if len(found) > 1:
+        raise LoraFormatError("the LoRA mixes FLUX layers (" + _few(found["flux"], 2) + ") and Qwen-Image layers ("
+                              + _few(found["qwen_image"], 2) + ")")
+    return next(iter(found), None)
+
+
+def lora_family(weights: LoraWeights, family: str | None = None) -> str:
+    """``flux`` or ``qwen_image``, from the module names of ``weights``.
+
+    ``family`` decides only when every name is common to both families (``attn.to_q`` alone); the names win
+    otherwise. Raises :class:`LoraFormatError` when they cannot tell and no ``family`` is given, or when the
+    LoRA mixes layers of both families.
+    """
+    found = _named_family(weights)
+    if found is not None:
+        return found
+    if family is not None:
+        return _check_family(family)
+    raise LoraFormatError("cannot tell whether this LoRA is for FLUX or Qwen-Image: its layer names are common to "
+                          f"both ({_few(weights, 3)}); give the family (flux or qwen_image)")
+
+
+def _transformer_family(transformer: torch.nn.Module) -> str | None:
+    transformer = getattr(transformer, "_orig_mod", transformer)  # a torch.compile wrapper
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in TRANSFORMER_FAMILIES:
+            return TRANSFORMER_FAMILIES[cls.__name__]
+    return None
+
+
+def transformer_family(transformer: torch.nn.Module) -> str:
+    """``flux`` for a ``FluxTransformer2DModel``, ``qwen_image`` for a ``QwenImageTransformer2DModel`` (or
+    subclasses); raises ``ValueError`` for any other module."""
+    family = _transformer_family(transformer)
+    if family is None:
+        raise ValueError(f"{type(transformer).__name__} is not a transformer EliGen knows (expected one of: "
+                         f"{', '.join(TRANSFORMER_FAMILIES)})")
+    return family
+
+
+def _key_family(keys) -> str | None:
+    """The family that a file's key style alone names: FLUX DiffSynth/kohya keys, Qwen-Image kohya keys."""
+    if any(DIFFSYNTH_KEY.match(k) or KOHYA_KEY.match(k) for k in keys):
+        return "flux"
+    if any(QWEN_KOHYA_KEY.match(k) for k in keys):
+        return "qwen_image"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Format detection and readers (all produce split, diffusers-named layers)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """``diffsynth``, ``kohya`` or ``diffusers``; raises :class:`LoraFormatError` for anything else."""
+def _known_key(key: str) -> bool:
+    return any(p.match(key) for p in (DIFFSYNTH_KEY, KOHYA_KEY, QWEN_KOHYA_KEY, DIFFUSERS_KEY))
+
+
+def _qwen_diffsynth(keys: list[str], family: str | None) -> bool:
+    """Keys in the Qwen-Image reference form: peft names with ``.default``, no prefix, no alpha."""
+    if not all(QWEN_DIFFSYNTH_KEY.match(k) for k in keys):
+        return False
+    try:
+        named = _named_family({QWEN_DIFFSYNTH_KEY.match(k).group(1) for k in keys})
+    except LoraFormatError:  # both families: read as diffusers, refused when checked against a model
+        return False
+    return (named or family) == "qwen_image"
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> str:
+    """``diffsynth``, ``kohya`` or ``diffusers``; raises :class:`LoraFormatError` for anything else.
+
+    Peft keys with ``.default`` and no prefix are ``diffsynth`` for Qwen-Image (its reference form; ``family``
+    decides when the layer names are common to both families) and ``diffusers`` otherwise.
+    """
     keys = list(state_dict)
     if not keys:
         raise LoraFormatError("the LoRA file holds no tensors")
-    for name, pattern in (("diffsynth", DIFFSYNTH_KEY), ("kohya", KOHYA_KEY), ("diffusers", DIFFUSERS_KEY)):
-        if all(pattern.match(k) for k in keys):
-            if name == "diffusers" and any(DIFFSYNTH_KEY.match(k) for k in keys):
-                continue
-            return name
-    recognised = {k for k in keys if DIFFSYNTH_KEY.match(k) or KOHYA_KEY.match(k) or DIFFUSERS_KEY.match(k)}
+    if all(DIFFSYNTH_KEY.match(k) for k in keys):
+        return "diffsynth"
+    if all(KOHYA_KEY.match(k) or QWEN_KOHYA_KEY.match(k) for k in keys):
+        return "kohya"
+    if all(DIFFUSERS_KEY.match(k) for k in keys) and not any(DIFFSYNTH_KEY.match(k) for k in keys):
+        return "diffsynth" if _qwen_diffsynth(keys, family) else "diffusers"
+    recognised = {k for k in keys if _known_key(k)}
     raise LoraFormatError(
-        "not an EliGen/FLUX LoRA in a known key format (DiffSynth, kohya or diffusers/peft); unrecognised keys: "
-        + _few(set(keys) - recognised if recognised else keys)
+        "not an EliGen LoRA (FLUX or Qwen-Image) in a known key format (DiffSynth, kohya or diffusers/peft); "
+        "unrecognised keys: " + _few(set(keys) - recognised if recognised else keys)
     )
 
 
@@ -166,7 +283,24 @@ def _split_reference(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -
     return out
 
 
+def _layers(grouped: dict[str, dict[str, torch.Tensor]], what: str) -> LoraWeights:
+    """Diffusers-named ``{module: {down, up[, alpha]}}`` -> checked layers, sorted by name."""
+    _pairs({(m,): p for m, p in grouped.items()}, what)
+    out: LoraWeights = {}
+    for module, parts in sorted(grouped.items()):
+        down, up = parts["down"], parts["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise LoraFormatError(f"mis-shaped LoRA pair at {module}: lora_A {tuple(down.shape)}, lora_B "
+                                  f"{tuple(up.shape)}")
+        out[module] = LoraLayer(down, up, _alpha(parts))
+    return out
+
+
 def read_diffsynth(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
+    """FLUX reference keys (fused, ``blocks.`` / ``single_blocks.``) or Qwen-Image ones (peft names)."""
+    keys = list(state_dict)
+    if not any(DIFFSYNTH_KEY.match(k) for k in keys) and all(QWEN_DIFFSYNTH_KEY.match(k) for k in keys):
+        return read_diffusers(state_dict)
     grouped: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         match = DIFFSYNTH_KEY.match(key)
@@ -178,6 +312,17 @@ def read_diffsynth(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
 
 
 def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
+    """FLUX kohya keys (``lora_unet_double_blocks_...``) or Qwen-Image ones (``lora_unet_transformer_blocks_...``)."""
+    qwen = [k for k in state_dict if QWEN_KOHYA_KEY.match(k)]
+    if not qwen:
+        return _read_kohya_flux(state_dict)
+    if len(qwen) < len(state_dict):
+        raise LoraFormatError("Qwen-Image kohya keys (lora_unet_transformer_blocks_*) mixed with others: "
+                              + _few(set(state_dict) - set(qwen)))
+    return _read_kohya_qwen(state_dict)
+
+
+def _read_kohya_flux(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
     grouped: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         match = KOHYA_KEY.match(key)
@@ -189,9 +334,20 @@ def read_kohya(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
             raise LoraFormatError(f"unknown kohya layer '{name}' in {kind}_blocks_{index} (key {key}); expected "
                                   f"one of: {', '.join(table)}")
         block = "blocks" if kind == "double" else "single_blocks"
-        slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part]
-        grouped.setdefault((block, int(index), table[name]), {})[slot] = tensor
+        grouped.setdefault((block, int(index), table[name]), {})[KOHYA_SLOTS[part]] = tensor
     return _split_reference(grouped, "kohya")
+
+
+def _read_kohya_qwen(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
+    """``lora_unet_transformer_blocks_{i}_<name>``: the name maps back through :data:`KOHYA_QWEN`."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        index, name, part = QWEN_KOHYA_KEY.match(key).groups()
+        if name not in KOHYA_QWEN:
+            raise LoraFormatError(f"unknown kohya layer '{name}' in transformer_blocks_{index} (key {key}); "
+                                  f"expected one of: {', '.join(KOHYA_QWEN)}")
+        grouped.setdefault(f"transformer_blocks.{int(index)}.{KOHYA_QWEN[name]}", {})[KOHYA_SLOTS[part]] = tensor
+    return _layers(grouped, "kohya")
 
 
 def read_diffusers(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
@@ -203,24 +359,39 @@ def read_diffusers(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
         module, part = match.groups()
         slot = "alpha" if part == "alpha" else "down" if part.startswith("lora_A") else "up"
         grouped.setdefault(module, {})[slot] = tensor
-    _pairs({(m,): p for m, p in grouped.items()}, "diffusers")
-    out: LoraWeights = {}
-    for module, parts in sorted(grouped.items()):
-        down, up = parts["down"], parts["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise LoraFormatError(f"mis-shaped LoRA pair at {module}: lora_A {tuple(down.shape)}, lora_B "
-                                  f"{tuple(up.shape)}")
-        out[module] = LoraLayer(down, up, _alpha(parts))
-    return out
+    return _layers(grouped, "diffusers")
 
 
 READERS = {"diffsynth": read_diffsynth, "kohya": read_kohya, "diffusers": read_diffusers}
 
 
-def read_lora(state_dict: Mapping[str, torch.Tensor]) -> tuple[LoraWeights, str]:
-    """Detect the format and convert to diffusers-named split layers."""
-    fmt = detect_format(state_dict)
-    return READERS[fmt](state_dict), fmt
+def read_lora_family(state_dict: Mapping[str, torch.Tensor],
+                     family: str | None = None) -> tuple[LoraWeights, str, str | None]:
+    """:func:`read_lora`, plus the family the file is for: from its key style, else from its layer names, else
+    ``family``; None when nothing tells. Raises when the file is for another family than ``family``."""
+    if family is not None:
+        _check_family(family)
+    fmt = detect_format(state_dict, family)
+    weights = READERS[fmt](state_dict)
+    try:
+        found = _key_family(state_dict) or _named_family(weights)
+    except LoraFormatError:  # layers of both families: still readable, refused when checked against a model
+        if family is not None:
+            raise
+        found = None
+    if family is not None and found not in (None, family):
+        raise LoraFormatError(f"this LoRA is for {FAMILY_NAMES[found]}, not {FAMILY_NAMES[family]}")
+    return weights, fmt, found or family
+
+
+def read_lora(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[LoraWeights, str]:
+    """Detect the format and convert to diffusers-named split layers.
+
+    ``family`` (``flux`` / ``qwen_image``), when given, is checked against the file and decides the format name
+    of ``.default`` peft keys whose layer names are common to both families.
+    """
+    weights, fmt, _ = read_lora_family(state_dict, family)
+    return weights, fmt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +465,17 @@ def fuse_to_reference(weights: LoraWeights) -> dict[tuple[str, int, str], LoraLa
     return out
 
 
-def write_diffsynth(weights: LoraWeights, default_suffix: bool = False) -> dict[str, torch.Tensor]:
+def _writes_qwen(weights: LoraWeights, family: str | None) -> bool:
+    """Whether ``weights`` take the Qwen-Image key forms: by their names, else ``family``, else FLUX."""
+    return lora_family(weights, family or "flux") == "qwen_image"
+
+
+def write_diffsynth(weights: LoraWeights, default_suffix: bool = False,
+                    family: str | None = None) -> dict[str, torch.Tensor]:
+    """FLUX: fused reference names (``.default`` if asked). Qwen-Image: its reference form, peft names with
+    ``.default`` and no prefix. Either way no alpha: it is folded into lora_B (alpha = rank)."""
+    if _writes_qwen(weights, family):
+        return _write_qwen_diffsynth(weights)
     suffix = ".default" if default_suffix else ""
     out = {}
     for (kind, index, fused), layer in fuse_to_reference(weights).items():
@@ -304,15 +485,46 @@ def write_diffsynth(weights: LoraWeights, default_suffix: bool = False) -> dict[
     return out
 
 
-def write_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
+def _write_qwen_diffsynth(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, layer in sorted(weights.items()):
+        layer = layer.folded()
+        out[f"{module}.lora_A.default.weight"] = layer.down.contiguous()
+        out[f"{module}.lora_B.default.weight"] = layer.up.contiguous()
+    return out
+
+
+def _kohya_layer(stem: str, layer: LoraLayer) -> dict[str, torch.Tensor]:
+    return {f"{stem}.lora_down.weight": layer.down.contiguous(), f"{stem}.lora_up.weight": layer.up.contiguous(),
+            f"{stem}.alpha": torch.tensor(float(layer.alpha if layer.alpha is not None else layer.rank))}
+
+
+def _write_qwen_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """``lora_unet_transformer_blocks_{i}_<module, dots as underscores>``; only block layers have such names."""
+    pattern = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+    matches = {module: pattern.match(module) for module in weights}
+    unknown = [m for m, match in matches.items() if match is None or match.group(2) not in QWEN_BLOCK]
+    if unknown:
+        raise LoraFormatError(f"these layers have no kohya name (only the {len(QWEN_BLOCK)} linear layers of each "
+                              "Qwen-Image transformer block do): " + _few(unknown))
+    out = {}
+    for module, layer in sorted(weights.items()):
+        index, name = matches[module].groups()
+        out.update(_kohya_layer(f"lora_unet_transformer_blocks_{index}_{name.replace('.', '_')}", layer))
+    return out
+
+
+def write_kohya(weights: LoraWeights, family: str | None = None) -> dict[str, torch.Tensor]:
+    """FLUX: fused ``lora_unet_double_blocks_...`` / ``single_blocks`` names; Qwen-Image:
+    ``lora_unet_transformer_blocks_...``. Alpha is kept as ``.alpha`` (rank where the layer has none)."""
+    if _writes_qwen(weights, family):
+        return _write_qwen_kohya(weights)
     inverse = {("blocks", v): k for k, v in KOHYA_DOUBLE.items()}
     inverse.update({("single_blocks", v): k for k, v in KOHYA_SINGLE.items()})
     out = {}
     for (kind, index, fused), layer in fuse_to_reference(weights).items():
         name = f"lora_unet_{'double' if kind == 'blocks' else 'single'}_blocks_{index}_{inverse[(kind, fused)]}"
-        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
-        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(layer.alpha if layer.alpha is not None else layer.rank))
+        out.update(_kohya_layer(name, layer))
     return out
 
 
@@ -329,11 +541,13 @@ def write_diffusers(weights: LoraWeights, with_alpha: bool = True) -> dict[str, 
     return out
 
 
-def write_lora(weights: LoraWeights, fmt: str) -> dict[str, torch.Tensor]:
+def write_lora(weights: LoraWeights, fmt: str, family: str | None = None) -> dict[str, torch.Tensor]:
+    """``weights`` in the key format ``fmt`` of their family (``family`` decides when the layer names are
+    common to both; FLUX when neither tells)."""
     if fmt == "diffsynth":
-        return write_diffsynth(weights)
+        return write_diffsynth(weights, family=family)
     if fmt == "kohya":
-        return write_kohya(weights)
+        return write_kohya(weights, family=family)
     if fmt == "diffusers":
         return write_diffusers(weights)
     raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
@@ -382,8 +596,23 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, fm
               metadata={"format": "pt", "eligen_format": fmt})
 
 
+def _check_family_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
+    """A LoRA whose layer names belong to the other family than the transformer's class (unknown classes pass:
+    the layer checks still apply)."""
+    expected = _transformer_family(transformer)
+    if expected is None:
+        return
+    found = lora_family(weights, expected)
+    if found != expected:
+        raise LoraFormatError(f"this LoRA is for {FAMILY_NAMES[found]} but the pipeline's transformer is "
+                              f"{FAMILY_NAMES[expected]} ({type(transformer).__name__}); load it into a "
+                              f"{FAMILY_NAMES[found]} pipeline")
+
+
 def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
-    """Refuse a LoRA that does not fit ``transformer`` as a whole (nothing is applied partially)."""
+    """Refuse a LoRA that does not fit ``transformer`` as a whole (nothing is applied partially): a LoRA of the
+    other model family, layers the transformer lacks, layers of other shapes."""
+    _check_family_fits(weights, transformer)
     modules = dict(transformer.named_modules())
     missing, misshaped = [], []
     for name, layer in weights.items():
@@ -405,6 +634,7 @@ def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
 @dataclass
 class LoraInfo:
     format: str
+    family: str  # flux, qwen_image, or unknown (layer names common to both)
     layers: int
     reference_layers: int
     ranks: list[int]
@@ -442,20 +672,28 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "none"
 
 
-def lora_info(state_dict: Mapping[str, torch.Tensor]) -> LoraInfo:
-    weights, fmt = read_lora(state_dict)
+def _reference_layers(weights: LoraWeights, family: str | None) -> int:
+    """Layers as the family's DiffSynth file names them: FLUX fuses q/k/v, Qwen-Image fuses nothing."""
+    if family == "qwen_image":
+        return len(weights)
+    try:
+        return len(fuse_to_reference(weights))
+    except LoraFormatError:
+        return 0
+
+
+def lora_info(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> LoraInfo:
+    """What ``eligen lora info`` prints. For Qwen-Image the (dual-stream) ``transformer_blocks`` are listed as
+    double blocks; it has no single blocks."""
+    weights, fmt, found = read_lora_family(state_dict, family)
     blocks = {"transformer_blocks": set(), "single_transformer_blocks": set()}
     for module in weights:
         head, _, rest = module.partition(".")
         if head in blocks:
             blocks[head].add(int(rest.split(".")[0]))
-    try:
-        reference = len(fuse_to_reference(weights))
-    except LoraFormatError:
-        reference = 0
     first = next(iter(state_dict.values()))
     return LoraInfo(
-        format=fmt, layers=len(weights), reference_layers=reference,
+        format=fmt, family=found or "unknown", layers=len(weights), reference_layers=_reference_layers(weights, found),
         ranks=sorted({layer.rank for layer in weights.values()}),
         alphas=sorted({layer.alpha if layer.alpha is not None else float(layer.rank) for layer in weights.values()}),
         double_blocks=sorted(blocks["transformer_blocks"]), single_blocks=sorted(blocks["single_transformer_blocks"]),
@@ -466,6 +704,7 @@ def lora_info(state_dict: Mapping[str, torch.Tensor]) -> LoraInfo:
 def format_info(info: LoraInfo) -> str:
     return "\n".join([
         f"format: {info.format}",
+        f"family: {info.family}",
         f"rank: {', '.join(map(str, info.ranks))}",
         f"alpha: {', '.join(f'{a:g}' for a in info.alphas)}",
         f"adapted layers: {info.layers} diffusers linear layers ({info.reference_layers} reference layers)",
@@ -503,8 +742,8 @@ def convert_lora_file(config: LoraConvertConfig) -> tuple[str, int]:
 
     Returns the source format and the number of tensors written. The file is written atomically.
     """
-    weights, source = read_lora(load_state_dict(config.input))
-    state = write_lora(weights, config.to)
+    weights, source, family = read_lora_family(load_state_dict(config.input))
+    state = write_lora(weights, config.to, family=family)
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")

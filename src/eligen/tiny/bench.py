@@ -98,7 +98,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     """Generate, score and report; writes ``shapesbench.json`` and ``contact_sheet.png`` to ``output_dir``."""
-    from ..pipeline import EliGenPipeline
+    from ..pipelines.flux import EliGenPipeline
 
     if pipe is None:
         if not config.model:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from eligen.config import option
-from eligen.pipeline import vae_latents
+from eligen.families.flux import vae_latents
 
 from .shipped import DEFAULTS_FILE
 from .tokenizers import DEFAULT_WORDS, build_clip_tokenizer, build_t5_tokenizer

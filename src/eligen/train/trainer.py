@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from eligen.config import option
 
-from ..masks import pixel_masks_to_covers, regional_attention_mask
-from ..pipeline import vae_latents
+from ..families.flux import vae_latents
+from ..masks import pixel_masks_to_covers
+from ..regional.dense import regional_attention_mask
 from .loss import TIMESTEP_SAMPLING, flow_loss, noisy_latents, per_sample_loss, reference_schedule, sample_sigmas
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -221,7 +222,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        from ..pipeline import EliGenPipeline
+        from ..pipelines.flux import EliGenPipeline
         from .data import BucketBatchSampler, EntityDataset
 
         config.require()

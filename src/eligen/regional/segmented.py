@@ -1,7 +1,7 @@
 """Regional attention as a few unmasked attention calls: exact, and on GPU as fast as flash attention allows.
 
 Masked kernels (dense SDPA or FlexAttention) run at a fraction of flash-attention speed. The regional mask has
-a structure that needs no mask at all (DESIGN.md section 2):
+a structure that needs no mask at all (docs/design.md section 2, the rule of :mod:`.rule`):
 
 - the global prompt's rows and the image rows all see ``[global | image]``: one contiguous key range, so one
   unmasked call over the ``[global | image]`` rows, the very call plain FLUX makes (no gathers);
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -142,27 +141,3 @@ def segmented_attention(
                                                                    [image_lse[..., rows], seen_lse])
     out[:, i0:] = image
     return out
-
-
-@contextmanager
-def segmented_backend():
-    """Route diffusers' ``native`` attention backend through :func:`segmented_attention` for SegmentedMask masks.
-
-    Other masks (and calls without one) go to the native backend unchanged.
-    """
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
-
-    backends = _AttentionBackendRegistry._backends
-    native = backends[AttentionBackendName.NATIVE]
-
-    def dispatch(query, key, value, attn_mask=None, scale=None, **kwargs):
-        if isinstance(attn_mask, SegmentedMask):
-            return segmented_attention(query, key, value, attn_mask, scale)
-        return native(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
-
-    backends[AttentionBackendName.NATIVE] = dispatch
-    try:
-        with attention_backend(AttentionBackendName.NATIVE):
-            yield
-    finally:
-        backends[AttentionBackendName.NATIVE] = native

@@ -1,0 +1,102 @@
+"""The seam between the EliGen core and a model family (docs/design.md section 1).
+
+A family says how its pipeline turns text into segments, where the segments sit in RoPE, how its VAE latents are
+normalised and packed, how one transformer forward takes a regional mask, how true CFG combines the branches and
+which linear layers an EliGen LoRA adapts. Everything else (entities, masks, the sampling loop, inpainting fusion,
+LoRA files, training) is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..inpaint import plain_cfg  # N_neg + s (N_pos - N_neg): FLUX's true CFG, the reference's Qwen one
+
+CFG_MODES = ("plain", "rescaled")
+
+
+@dataclass
+class Branch:
+    """One CFG branch's conditioning for the transformer.
+
+    ``context (B, T, D)``: ``[e_1 | ... | e_N | global]``; ``pooled (B, P)``: the pooled text vector (FLUX) or
+    None; ``text_mask (B, T)``: the text padding mask (Qwen-Image prompt batches) or None; ``attention_mask``: the
+    regional mask in one of its forms, or None without entities; ``positions``: the family's text positions
+    (FLUX: ``txt_ids (T, 3)``; Qwen-Image: per-segment RoPE positions ``(T,)`` or None).
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    attention_mask: Any = None
+    positions: torch.Tensor | None = None
+
+
+def rescaled_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
+    """diffusers' Qwen-Image combination: plain CFG rescaled, token by token, to the positive prediction's norm."""
+    combined = negative + scale * (positive - negative)
+    return combined * (torch.norm(positive, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+class ModelFamily:
+    """What differs between model families. Subclasses hold no state: one instance per family."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]  # the diffusers pipeline class named in model_index.json
+    transformer_class: ClassVar[str]
+    default_cfg: ClassVar[str] = "plain"
+    lora_rank: ClassVar[int] = 32  # the reference's training rank for the family
+
+    def combine(self, mode: str):
+        """The CFG combination ``(positive, negative, scale) -> velocity`` for ``mode`` in :data:`CFG_MODES`."""
+        if mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {mode!r}")
+        return plain_cfg if mode == "plain" else rescaled_cfg
+
+    def block_linear_names(self, transformer: torch.nn.Module) -> list[str]:
+        """Every ``nn.Linear`` inside the transformer blocks (the paper's LoRA set: attention, MLPs, AdaLN)."""
+        return [name for name, module in transformer.named_modules()
+                if isinstance(module, torch.nn.Linear) and name.split(".")[0] in self.block_lists]
+
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
+
+    def lora_train_names(self, transformer: torch.nn.Module) -> list[str]:
+        """The linear layers ``eligen train`` adapts (the family's recipe; by default every block linear)."""
+        return self.block_linear_names(transformer)
+
+    # -- text ------------------------------------------------------------------------------------------------
+
+    def encode_entities(self, pipe, prompts: Sequence[str], max_sequence_length: int,
+                        device: torch.device) -> list[torch.Tensor]:
+        """Entity prompts -> one ``(1, T_i, D)`` segment each, encoded as the family encodes the global prompt."""
+        raise NotImplementedError
+
+    def positions(self, entity_lengths: Sequence[int], global_length: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+        """The text positions of ``[e_1 | ... | e_N | global]`` in the family's form (see :class:`Branch`)."""
+        raise NotImplementedError
+
+    # -- latents ---------------------------------------------------------------------------------------------
+
+    def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(B, 3, H, W)`` in [-1, 1] -> packed, normalised latents ``(B, n_img, C * 4)`` (latent mode)."""
+        raise NotImplementedError
+
+    def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> decoded pixels ``(B, 3, H, W)`` in [-1, 1] (before the image processor)."""
+        raise NotImplementedError
+
+    def geometry(self, pipe, batch: int, height: int, width: int, device: torch.device, dtype: torch.dtype):
+        """The image-token positions the transformer takes (FLUX ``img_ids``, Qwen-Image ``img_shapes``)."""
+        raise NotImplementedError
+
+    # -- the transformer -------------------------------------------------------------------------------------
+
+    def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
+                guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
+        """One forward: packed latents ``(B, n_img, C * 4)`` and ``timestep`` (B,) in [0, 1] -> velocity."""
+        raise NotImplementedError

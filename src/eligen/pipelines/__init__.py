@@ -1,0 +1,1 @@
+"""EliGen pipelines: thin diffusers subclasses, one per model family, on the shared core (:mod:`.common`)."""

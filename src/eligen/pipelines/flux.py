@@ -1,0 +1,202 @@
+"""EliGenPipeline: diffusers' FluxPipeline with entity prompts and regional attention (docs/design.md section 2).
+
+The text sequence is ``[e_1 | ... | e_N | global]`` (each entity T5-encoded exactly like the global prompt),
+all text RoPE ids are zero, the pooled CLIP vector comes from the global prompt alone, and the regional mask, built
+once per call and CFG branch, reaches every attention layer through ``joint_attention_kwargs["attention_mask"]``.
+With no entities every step is stock FluxPipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+from ..entities import Entity
+from ..families.base import Branch
+from ..families.flux import FLUX
+from .common import TRIM_MARGIN, EliGenMixin
+
+
+class EliGenPipeline(EliGenMixin, FluxPipeline):
+    """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``, and
+    ``"eligen-tiny"``: the small model trained on the shapes world that ships inside the package."""
+
+    family = FLUX
+
+    def entity_token_counts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> list[int]:
+        """Real (non-padding) T5 tokens of each prompt, end-of-sequence token included."""
+        ids = self.tokenizer_2(list(prompts), max_length=max_sequence_length, truncation=True).input_ids
+        return [len(i) for i in ids]
+
+    def _trim_segments(self, embeds: list[torch.Tensor], prompts: Sequence[str],
+                       max_sequence_length: int) -> list[torch.Tensor]:
+        """Same embeddings, minus most of the padding after each prompt."""
+        counts = self.entity_token_counts(prompts, max_sequence_length)
+        return [e[:, : min(n + TRIM_MARGIN, e.shape[1])] for e, n in zip(embeds, counts, strict=True)]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        entities: Sequence[Entity] | None = None,
+        entity_prompts: Sequence[str] | None = None,
+        entity_prompt_embeds: Sequence[torch.Tensor] | None = None,
+        entity_masks: Sequence[Any] | None = None,
+        entities_on_negative: bool = False,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: Sequence[float] | None = None,
+        shift_sigmas: bool = True,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+        image: Any = None,
+        inpaint: bool = False,
+        strength: float = 1.0,
+        fusion: str = "exact",
+        mask_dilate: int = 0,
+        mask_blur: float = 0.0,
+        paste_back: bool = True,
+        attention: str = "auto",
+        entity_tokens: str = "full",
+        compile: bool = False,
+    ) -> FluxPipelineOutput | tuple:
+        r"""Generate images with entity control.
+
+        Args beyond diffusers' FluxPipeline:
+            entities: :class:`eligen.Entity` list (a prompt and one of mask / box / polygon each).
+            entity_prompts / entity_prompt_embeds: the entity texts, or their T5 embeddings ``(T, D)``,
+                ``(1, T, D)`` or ``(B, T, D)`` each (the low-level path), with ``entity_masks``.
+            entity_masks: one mask per entity (PIL image, numpy array or tensor, any resolution).
+            entities_on_negative: the reference's "enable on negative": run the negative CFG branch with the
+                negative prompt copied into every entity slot under the same masks. Default: no entities there.
+            shift_sigmas: with False, ``sigmas`` are used verbatim (e.g. ``eligen.reference_sigmas(50)``);
+                with True (default) they are shifted by the scheduler exactly as in FluxPipeline.
+
+        Inpainting fusion (``image=..., inpaint=True``): the entities' masks mark what to repaint, everything
+        else stays ``image``; all entities are rendered in one pass (docs/design.md section 5).
+            image: the input (path, PIL image, numpy array or tensor); height/width default to its size, and
+                a size off the patch grid is resized for the model and restored at the end.
+            strength: below 1 starts from a partly noised input (skips the first steps).
+            fusion: "exact" (default; CFG first, latents outside the union end exactly at the input's) or
+                "paper" (fuse before CFG, as the paper and the reference do).
+            mask_dilate: grow the union by this many latent pixels. mask_blur: Gaussian sigma (latent pixels)
+                of a soft rim around the union.
+            paste_back: pixels outside the (dilated, blurred) union are copied from the input exactly.
+
+        Speed (same semantics unless noted):
+            attention: "dense" (a bool ``(1, 1, L, L)`` mask, SDPA), "flex" (a FlexAttention BlockMask built from
+                segment ids and covers, with a compiled fused kernel on CUDA), "segmented" (unmasked attention
+                calls, one over ``[global | image]`` and two per entity, merged by log-sum-exp) or "auto" (see
+                :meth:`attention_mode`).
+            entity_tokens: "full" (default: every entity segment padded to ``max_sequence_length``, as the
+                released LoRA was trained) or "trim" (each entity keeps its real tokens plus a few pads: fewer
+                tokens, approximate).
+            compile: ``torch.compile`` the transformer's repeated blocks (regional compilation), once.
+        """
+        # 0. Validate.
+        self._check_speed_options(attention, entity_tokens, output_type)
+        source = None
+        if image is not None or inpaint:
+            source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
+            height, width = source.height, source.width
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        work = (source.work_height, source.work_width) if source else (height, width)
+        self.check_inputs(
+            prompt, prompt_2, *work,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            max_sequence_length=max_sequence_length,
+        )
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = self._eligen_attention_kwargs = dict(joint_attention_kwargs or {})
+        self._current_timestep = None
+        self._interrupt = False
+        batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        batch = batch_size * num_images_per_prompt
+        device = self._execution_device
+        lora_scale = self._joint_attention_kwargs.get("scale", None)
+        has_neg_prompt = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
+        )
+        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+
+        # 1. Text: global prompt (T5 sequence + pooled CLIP), entity segments, negative prompt; the CFG branches.
+        prompt_embeds, pooled_prompt_embeds, _ = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length, lora_scale=lora_scale,
+        )
+        ents = self._resolve_entities(
+            entities, entity_prompts, entity_prompt_embeds, entity_masks, height, width, batch,
+            max_sequence_length, device, prompt_embeds.dtype, grid=work, entity_tokens=entity_tokens,
+        )
+        if compile:
+            self.compile_transformer()
+        mode = self.attention_mode(attention, device)
+        if source is not None and ents is None:
+            raise ValueError("inpainting needs at least one entity: the entity masks mark what to repaint")
+        negative = None
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
+                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
+            )
+            negative = Branch(negative_prompt_embeds, negative_pooled_prompt_embeds)
+        branches = self._branches(ents, Branch(prompt_embeds, pooled_prompt_embeds), negative, mode,
+                                  entities_on_negative)
+
+        # 2. Latents and embedded guidance.
+        latents, _ = self.prepare_latents(
+            batch, self.transformer.config.in_channels // 4, *work, prompt_embeds.dtype, device, generator, latents
+        )
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+
+        def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            if callback_on_step_end is None:
+                return latents
+            state = {"latents": latents, "prompt_embeds": prompt_embeds}
+            outputs = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
+            if "prompt_embeds" in outputs:  # the callback changed the prompt: rebuild the text sequence
+                embeds = outputs.pop("prompt_embeds")
+                branches["cond"].context = ents.context(embeds) if ents is not None else embeds
+            return outputs.pop("latents", latents)
+
+        # 3. The shared loop: schedule, inpainting fusion, Euler steps on the true-CFG velocity.
+        latents = self._run(latents, branches, ents, source, work, num_inference_steps, sigmas, shift_sigmas,
+                            guidance, true_cfg_scale, self.family.combine("plain"), strength, fusion, mask_dilate,
+                            mask_blur, on_step_end)
+
+        # 4. Decode.
+        image = self._output(latents, ents, source, work, output_type, paste_back, mask_dilate, mask_blur)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return FluxPipelineOutput(images=image)
