@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from timing import timed
 from torch.nn.attention.flex_attention import flex_attention
 
-from eligen.flex import regional_block_mask
-from eligen.masks import regional_attention_mask
-from eligen.segmented import segmented_attention, segmented_mask
+from eligen.regional.dense import regional_attention_mask
+from eligen.regional.flex import regional_block_mask
+from eligen.regional.segmented import segmented_attention, segmented_mask
 
 OPTION_SETS = {
     "default": None,

@@ -19,7 +19,6 @@ peak memory above what was resident before the row; writes every row to JSON as 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -30,10 +29,10 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from timing import timed
 
-from eligen.attention import flex_backend
-from eligen.flex import regional_block_mask
-from eligen.masks import regional_attention_mask
-from eligen.segmented import segmented_backend, segmented_mask
+from eligen.regional.dense import regional_attention_mask
+from eligen.regional.flex import regional_block_mask
+from eligen.regional.processors import install_regional_processors
+from eligen.regional.segmented import segmented_mask
 
 SIZES = {
     # name: (transformer config, image side in pixels, VAE factor, prompt tokens per segment, trimmed tokens)
@@ -139,6 +138,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch._dynamo.config.cache_size_limit = 64
     model = build_transformer(args.size, device, dtype)
+    install_regional_processors(model)  # every mask form reaches attention through eligen's processors
     _, pixels, vae, seg_len, trim_len = SIZES[args.size]
     side = pixels // vae // 2
     n_img = side * side
@@ -163,7 +163,7 @@ def main() -> None:
         length = trim_len if mode == "trim" else seg_len
         lengths = [length] * n
         inputs = make_inputs(model, args.size, length * n + seg_len, device, dtype)
-        mask, backend = None, contextlib.nullcontext
+        mask = None
         if n and mode in ("dense", "trim", "reference"):
             cover = random_covers(n, n_img, side, device)
             mask = regional_attention_mask(cover, lengths, seg_len)
@@ -171,16 +171,12 @@ def main() -> None:
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
         elif n and mode == "segmented":
             mask = segmented_mask(random_covers(n, n_img, side, device), lengths, seg_len)
-            backend = segmented_backend
         elif n and mode == "flex":
             mask = regional_block_mask(random_covers(n, n_img, side, device), lengths, seg_len, slot="bench")
-            compiled_kernel = device.type == "cuda" and not variant.startswith("compile-")
-            backend = lambda: flex_backend(compiled=compiled_kernel)  # noqa: E731
         kwargs = {"joint_attention_kwargs": {"attention_mask": mask}} if mask is not None else {}
 
         def forward():
-            with backend():
-                return model(**inputs, **kwargs, return_dict=False)[0]
+            return model(**inputs, **kwargs, return_dict=False)[0]
 
         def unconditional():
             return model(**uncond, return_dict=False)[0]

@@ -7,7 +7,6 @@ weights, fp32 on the CPU; both sides hold the same weights through DiffSynth's o
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -15,10 +14,11 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from eligen.attention import flex_backend
-from eligen.flex import regional_block_mask
-from eligen.masks import regional_attention_mask, token_cover
-from eligen.segmented import segmented_backend, segmented_mask
+from eligen.masks import token_cover
+from eligen.regional.dense import regional_attention_mask
+from eligen.regional.flex import regional_block_mask
+from eligen.regional.processors import install_regional_processors
+from eligen.regional.segmented import segmented_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import diffsynth_reference as ref
@@ -34,6 +34,7 @@ def models():
     torch.manual_seed(0)
     model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True).eval()
     model.requires_grad_(False)
+    install_regional_processors(model)  # every mask form reaches attention through eligen's processors
     return model, ref.reference_dit(model)
 
 
@@ -66,13 +67,13 @@ def test_forward_equals_the_reference(models, attention, n):
     text = torch.cat([*entity_prompts.unbind(1), prompt], dim=1)
     cover = token_cover(masks[:, :, 0].bool())
     lengths = [SEGMENT] * n
-    backend, mask = {
-        "dense": (None, lambda: regional_attention_mask(cover, lengths, SEGMENT)),
-        "flex": (lambda: flex_backend(compiled=False), lambda: regional_block_mask(cover, lengths, SEGMENT)),
-        "segmented": (segmented_backend, lambda: segmented_mask(cover, lengths, SEGMENT)),
+    mask = {
+        "dense": lambda: regional_attention_mask(cover, lengths, SEGMENT),
+        "flex": lambda: regional_block_mask(cover, lengths, SEGMENT),
+        "segmented": lambda: segmented_mask(cover, lengths, SEGMENT),
     }[attention]
     kwargs = {"joint_attention_kwargs": {"attention_mask": mask()}} if n else {}
-    with (backend() if backend and n else contextlib.nullcontext()), torch.no_grad():
+    with torch.no_grad():
         ours = model(hidden_states=FluxPipeline._pack_latents(latents, 1, 16, LATENT, LATENT), timestep=sigma,
                      guidance=guidance, pooled_projections=pooled, encoder_hidden_states=text,
                      txt_ids=torch.zeros(text.shape[1], 3),

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
-import eligen.pipeline as pipeline_module
+import eligen.pipelines.common as pipeline_module
 from eligen import Entity
-from eligen.flex import regional_block_mask, regional_mask_mod
-from eligen.masks import regional_attention_mask
+from eligen.regional.dense import regional_attention_mask
+from eligen.regional.flex import regional_block_mask, regional_mask_mod
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -134,9 +134,9 @@ def test_trim_changes_only_entity_segment_lengths(tiny_pipe):
     captured = {}
     original = tiny_pipe._velocity
 
-    def spy(latents, timestep, guidance, pooled, context, text_ids, image_ids, mask, cache_name):
-        captured.setdefault(cache_name, (context, mask))
-        return original(latents, timestep, guidance, pooled, context, text_ids, image_ids, mask, cache_name)
+    def spy(latents, timestep, branch, geometry, guidance):  # the first forward of a call is the positive branch
+        captured.setdefault("cond", (branch.context, branch.attention_mask))
+        return original(latents, timestep, branch, geometry, guidance)
 
     tiny_pipe._velocity = spy
     try:
@@ -223,7 +223,7 @@ def test_flex_inpainting_equals_dense(tiny_pipe):
 @SETTINGS
 @given(layouts())
 def test_segmented_attention_equals_dense_sdpa(layout):
-    from eligen.segmented import segmented_attention, segmented_mask
+    from eligen.regional.segmented import segmented_attention, segmented_mask
 
     cover, lengths, global_length, _ = layout
     cover = cover[:1]  # one layout for the whole batch
@@ -239,7 +239,7 @@ def test_segmented_attention_equals_dense_sdpa(layout):
 
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_attend_lse_kernels_equal_the_formula(scale):
-    from eligen.segmented import _lse_formula, attend_lse
+    from eligen.regional.segmented import _lse_formula, attend_lse
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 3, 8, generator=g) for n in (5, 7, 7))  # (B, S, H, D)
@@ -256,7 +256,7 @@ def test_attend_lse_kernels_equal_the_formula(scale):
 def test_cuda_lse_kernels_are_called_with_their_signatures(dtype, flash):
     """The CUDA kernels run here on meta tensors: argument order and output shapes (the efficient kernel pads
     its log-sum-exp rows to a multiple of 32)."""
-    from eligen.segmented import _lse_kernel
+    from eligen.regional.segmented import _lse_kernel
 
     q, k, v = (torch.empty(2, 3, n, 128, device="meta", dtype=dtype) for n in (40, 70, 70))  # (B, H, S, D)
     out, lse = _lse_kernel(q, k, v, 0.1, flash)
@@ -264,7 +264,7 @@ def test_cuda_lse_kernels_are_called_with_their_signatures(dtype, flash):
 
 
 def test_merge_attention_is_attention_over_the_union():
-    from eligen.segmented import attend_lse, merge_attention
+    from eligen.regional.segmented import attend_lse, merge_attention
 
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 4, 2, 8, generator=g), torch.randn(1, 9, 2, 8, generator=g), torch.randn(1, 9, 2, 8,
@@ -286,7 +286,7 @@ def test_merge_attention_is_attention_over_the_union():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_segmented_half_precision_is_as_close_as_the_dense_mask(dtype):
     """Merging in fp32 keeps half-precision outputs within the dense mask's own rounding error."""
-    from eligen.segmented import segmented_attention, segmented_mask
+    from eligen.regional.segmented import segmented_attention, segmented_mask
 
     lengths, global_length, n_img = [16, 16, 16], 16, 64
     cover = torch.rand(1, 3, n_img, generator=torch.Generator().manual_seed(3)) < 0.4
@@ -305,7 +305,7 @@ def test_segmented_half_precision_is_as_close_as_the_dense_mask(dtype):
 
 
 def test_segmented_mask_rows_and_covers():
-    from eligen.segmented import segmented_mask
+    from eligen.regional.segmented import segmented_mask
 
     cover = torch.tensor([[[1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]], dtype=torch.bool)
     mask = segmented_mask(cover, [2, 3, 1], 4)

@@ -212,7 +212,8 @@ def test_kohya_and_diffusers_files_read_as_qwen(qwen):
     weights, fmt = read_lora(kohya_state(layers, alpha=2.0))
     assert fmt == "kohya" and lora_family(weights) == "qwen_image"
     assert_deltas(weights, hand_deltas(layers, alpha=2.0))
-    prefixed = {f"transformer.{m}.lora_{ab}.weight": t for m, (a, b) in layers.items() for ab, t in (("A", a), ("B", b))}
+    prefixed = {f"transformer.{m}.lora_{ab}.weight": t
+                for m, (a, b) in layers.items() for ab, t in (("A", a), ("B", b))}
     weights, fmt = read_lora(prefixed)
     assert fmt == "diffusers" and lora_family(weights) == "qwen_image"
     assert_deltas(weights, hand_deltas(layers))

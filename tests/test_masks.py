@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from eligen.masks import latent_grid_size, mask_tokens, regional_attention_mask, resize_nearest, token_cover
+from eligen.masks import latent_grid_size, mask_tokens, resize_nearest, token_cover
+from eligen.regional.dense import regional_attention_mask
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

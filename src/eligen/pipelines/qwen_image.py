@@ -146,13 +146,14 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
 
         def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            nonlocal prompt_embeds
             if callback_on_step_end is None:
                 return latents
             state = {"latents": latents, "prompt_embeds": prompt_embeds}
             outputs = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
-            if "prompt_embeds" in outputs:
-                embeds = outputs.pop("prompt_embeds")
-                branches["cond"].context = ents.context(embeds) if ents is not None else embeds
+            if "prompt_embeds" in outputs:  # the callback changed the prompt: rebuild the text sequence
+                prompt_embeds = outputs.pop("prompt_embeds")
+                branches["cond"].context = ents.context(prompt_embeds) if ents is not None else prompt_embeds
             return outputs.pop("latents", latents)
 
         # 3. The shared loop.
