@@ -34,3 +34,21 @@ def reference_mask(covers: list[list[bool]], entity_len: int, global_len: int, n
             row.append(allowed)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.bool)[None, None]
+
+
+def reference_mask_segments(covers: list[list[bool]], entity_lengths: list[int], global_len: int,
+                            n_img: int) -> torch.Tensor:
+    """The same rule for segments of any lengths (Qwen-Image): ``(1, 1, L, L)`` bool, element by element."""
+    owner = [i for i, n in enumerate(entity_lengths) for _ in range(n)] + ["global"] * global_len
+    owner += [("image", z) for z in range(n_img)]
+
+    def sees(a, b) -> bool:
+        image_a, image_b = isinstance(a, tuple), isinstance(b, tuple)
+        if image_a and image_b:
+            return True
+        if not image_a and not image_b:
+            return a == b
+        text, z = (a, b[1]) if image_b else (b, a[1])
+        return True if text == "global" else covers[text][z]
+
+    return torch.tensor([[sees(a, b) for b in owner] for a in owner], dtype=torch.bool)[None, None]

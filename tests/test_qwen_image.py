@@ -1,0 +1,239 @@
+"""EliGenQwenImagePipeline on the tiny random Qwen-Image (docs/design.md section 11).
+
+The tiny pipeline has VAE scale factor 2: a 32x48 image has an 8x12 token grid (n_img = 96). The reference here
+is written from the rules: each prompt encoded alone (true lengths), ``[e_1 | ... | e_N | global | image]``, text
+RoPE restarting at the global prompt's offset for every segment, the mask built element by element, attention as
+an explicit masked softmax; stock QwenImagePipeline runs the loop around it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from reference import reference_mask_segments
+
+from eligen import EliGenQwenImagePipeline, Entity
+from eligen.families.base import rescaled_cfg
+from eligen.inpaint import plain_cfg
+from eligen.masks import latent_grid_size, resize_nearest, token_cover
+
+H, W = 32, 48
+N_IMG = (H // 4) * (W // 4)
+PROMPT = "a red circle on a blue background"
+NEGATIVE = "blurry"
+ENTITIES = [Entity("a dog", box=(2, 2, 14, 10)), Entity("a cat on a red background", box=(20, 12, 46, 30))]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from eligen.tiny.random_qwen_pipeline import save_tiny_qwen_image_pipeline
+
+    return save_tiny_qwen_image_pipeline(tmp_path_factory.mktemp("tiny-qwen") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(qwen_dir):
+    p = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def stock(qwen_dir):
+    p = QwenImagePipeline.from_pretrained(qwen_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def kwargs(**overrides):
+    base = dict(prompt=PROMPT, height=H, width=W, num_inference_steps=3, output_type="latent")
+    base.update(overrides)
+    return base
+
+
+# -- zero entities: stock QwenImagePipeline ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [{}, {"negative_prompt": NEGATIVE, "true_cfg_scale": 4.0}])
+@pytest.mark.parametrize("output_type", ["latent", "np"])
+def test_zero_entities_equal_stock(pipe, stock, cfg, output_type):
+    ours = pipe(**kwargs(output_type=output_type, **cfg), generator=gen(1)).images
+    theirs = stock(**kwargs(output_type=output_type, **cfg), generator=gen(1)).images
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_cfg_combinations():
+    g = gen(2)
+    pos, neg = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    combined = neg + 4.0 * (pos - neg)
+    torch.testing.assert_close(plain_cfg(pos, neg, 4.0), combined)
+    expected = combined * (pos.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(rescaled_cfg(pos, neg, 4.0), expected)
+
+
+# -- the reference ----------------------------------------------------------------------------------------------
+
+
+def covers_of(entities, height=H, width=W) -> list[list[bool]]:
+    lat = latent_grid_size(height, width, 2)
+    return [token_cover(torch.from_numpy(resize_nearest(e.rasterize(width, height), *lat))).tolist()
+            for e in entities]
+
+
+class ReferenceProcessor:
+    """Joint attention of one Qwen-Image block written out: per-segment text RoPE from the rope table, the
+    element-wise mask, an explicit masked softmax. Applies to the sequence whose text length is ``regional_len``;
+    other sequences (the plain negative branch) get ordinary attention with ordinary positions."""
+
+    def __init__(self, pos_freqs, offset, lengths, mask):
+        self.pos_freqs, self.offset, self.lengths, self.mask = pos_freqs, offset, lengths, mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        heads, text_len = attn.heads, encoder_hidden_states.shape[1]
+        regional = text_len == sum(self.lengths)
+        lengths = self.lengths if regional else [text_len]
+        positions = [self.offset + j for n in lengths for j in range(n)]
+        img_freqs, _ = image_rotary_emb
+        txt_freqs = self.pos_freqs[positions]
+
+        def project(x, proj, norm, freqs):
+            y = proj(x).unflatten(-1, (heads, -1))
+            return apply_rotary_emb_qwen(norm(y), freqs, use_real=False) if freqs is not None else y
+
+        q = torch.cat([project(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q, txt_freqs),
+                       project(hidden_states, attn.to_q, attn.norm_q, img_freqs)], dim=1)
+        k = torch.cat([project(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k, txt_freqs),
+                       project(hidden_states, attn.to_k, attn.norm_k, img_freqs)], dim=1)
+        v = torch.cat([attn.add_v_proj(encoder_hidden_states).unflatten(-1, (heads, -1)),
+                       attn.to_v(hidden_states).unflatten(-1, (heads, -1))], dim=1)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+        if regional:
+            scores = scores.masked_fill(~self.mask, float("-inf"))
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).flatten(2)
+        return attn.to_out[0](out[:, text_len:]), attn.to_add_out(out[:, :text_len])
+
+
+def reference_run(stock, entities, seed, **call):
+    """Stock QwenImagePipeline on the full text sequence with :class:`ReferenceProcessor` in every block."""
+    segments = [stock._get_qwen_prompt_embeds(e.prompt)[0] for e in entities]
+    global_embeds = stock._get_qwen_prompt_embeds(PROMPT)[0]
+    lengths = [s.shape[1] for s in segments] + [global_embeds.shape[1]]
+    assert len(set(lengths[:-1])) > 1  # the segments really have different lengths
+    context = torch.cat([*segments, global_embeds], dim=1)
+    mask = reference_mask_segments(covers_of(entities), lengths[:-1], lengths[-1], N_IMG)
+    rope = stock.transformer.pos_embed
+    offset = max(H // 4 // 2, W // 4 // 2)  # scale_rope: text starts after the largest half-side of the grid
+    processor = ReferenceProcessor(rope.pos_freqs, offset, lengths, mask)
+    originals = dict(stock.transformer.attn_processors)
+    stock.transformer.set_attn_processor(processor)
+    try:
+        negative = {}
+        if "negative_prompt" in call:
+            negative = {"negative_prompt_embeds": stock._get_qwen_prompt_embeds(call.pop("negative_prompt"))[0]}
+            assert negative["negative_prompt_embeds"].shape[1] != context.shape[1]
+        return stock(**kwargs(prompt=None, prompt_embeds=context, **negative, **call), generator=gen(seed)).images
+    finally:
+        stock.transformer.set_attn_processor(originals)
+
+
+@pytest.mark.parametrize("attention", ["dense", "flex", "segmented"])
+@pytest.mark.parametrize("cfg", [{}, {"negative_prompt": NEGATIVE, "true_cfg_scale": 4.0}])
+def test_entities_equal_the_reference(pipe, stock, attention, cfg):
+    ours = pipe(**kwargs(**cfg), entities=ENTITIES, attention=attention, generator=gen(3)).images
+    expected = reference_run(stock, ENTITIES, 3, **cfg)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    plain = pipe(**kwargs(**cfg), generator=gen(3)).images
+    assert (ours - plain).abs().max() > 1e-3  # the entities matter
+
+
+def test_segments_are_unpadded_and_positions_restart(pipe):
+    seen = {}
+    original = pipe._velocity
+
+    def spy(latents, timestep, branch, geometry, guidance):
+        seen.setdefault("cond", branch)
+        return original(latents, timestep, branch, geometry, guidance)
+
+    pipe._velocity = spy
+    try:
+        pipe(**kwargs(num_inference_steps=1), entities=ENTITIES, generator=gen(0))
+    finally:
+        del pipe._velocity
+    branch = seen["cond"]
+    lengths = [pipe._get_qwen_prompt_embeds(p)[0].shape[1] for p in [e.prompt for e in ENTITIES] + [PROMPT]]
+    assert branch.context.shape[1] == sum(lengths)
+    assert branch.positions.tolist() == [j for n in lengths for j in range(n)]
+    assert branch.text_mask is None
+
+
+def test_plain_cfg_mode_differs_from_rescaled(pipe):
+    call = kwargs(negative_prompt=NEGATIVE, true_cfg_scale=4.0)
+    rescaled = pipe(**call, entities=ENTITIES, generator=gen(4)).images
+    plain = pipe(**call, entities=ENTITIES, cfg_mode="plain", generator=gen(4)).images
+    assert torch.equal(rescaled, pipe(**call, entities=ENTITIES, cfg_mode="rescaled", generator=gen(4)).images)
+    assert (plain - rescaled).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="cfg_mode"):
+        pipe(**call, entities=ENTITIES, cfg_mode="norm", generator=gen(4))
+
+
+def test_entities_on_negative_uses_the_negative_prompt_in_every_slot(pipe):
+    call = kwargs(negative_prompt=NEGATIVE, true_cfg_scale=4.0)
+    off = pipe(**call, entities=ENTITIES, generator=gen(5)).images
+    on = pipe(**call, entities=ENTITIES, entities_on_negative=True, generator=gen(5)).images
+    assert (on - off).abs().max() > 1e-4
+    for attention in ("flex", "segmented"):
+        other = pipe(**call, entities=ENTITIES, entities_on_negative=True, attention=attention, generator=gen(5))
+        torch.testing.assert_close(other.images, on, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_checkpoint_is_refused_by_the_qwen_pipeline(tiny_pipeline_dir, qwen_dir):
+    from eligen import EliGenPipeline
+
+    with pytest.raises(ValueError, match="EliGenPipeline"):
+        EliGenQwenImagePipeline.from_pretrained(tiny_pipeline_dir)
+    with pytest.raises(ValueError, match="EliGenQwenImagePipeline"):
+        EliGenPipeline.from_pretrained(qwen_dir)
+
+
+# -- inpainting -------------------------------------------------------------------------------------------------
+
+
+def test_inpainting_keeps_latents_outside_the_union(pipe):
+    rgb = (np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8)
+    z_init = pipe.encode_image_latents(rgb, torch.device("cpu"), torch.float32)
+    out = pipe(**kwargs(negative_prompt=NEGATIVE, true_cfg_scale=4.0), entities=ENTITIES, image=rgb, inpaint=True,
+               generator=gen(6)).images
+    latent = torch.zeros(latent_grid_size(H, W, 2), dtype=torch.bool)
+    for e in ENTITIES:
+        latent |= torch.from_numpy(resize_nearest(e.rasterize(W, H), *latent.shape))
+    tokens = token_cover(latent)  # a token is inside if any of its latent pixels is
+    outside = ~tokens
+    assert outside.any() and tokens.any()
+    assert (out - z_init)[0, outside].abs().max() <= 1e-6
+    assert (out - z_init)[0, tokens].abs().max() > 1e-2
+    image = pipe(**kwargs(output_type="np"), entities=ENTITIES, image=rgb, inpaint=True, generator=gen(6)).images
+    union = np.zeros((H, W), dtype=bool)
+    for e in ENTITIES:
+        union |= e.rasterize(W, H)
+    assert np.array_equal((image[0] * 255).round().astype(np.uint8)[~union], rgb[~union])  # pasted back
+
+
+def test_vae_round_trip_uses_the_latent_statistics(pipe):
+    """encode_image then decode is the VAE's own round trip: the mean/std normalisation cancels."""
+    rgb = (np.random.default_rng(1).random((H, W, 3)) * 255).astype(np.uint8)
+    packed = pipe.encode_image_latents(rgb, torch.device("cpu"), torch.float32)
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        direct = pipe.vae.decode(pipe.vae.encode(pixels[:, :, None]).latent_dist.mode(), return_dict=False)[0][:, :, 0]
+        ours = pipe.family.decode(pipe, packed, H, W)
+    torch.testing.assert_close(ours, direct, atol=1e-5, rtol=1e-5)
+    mean = torch.tensor(pipe.vae.config.latents_mean)
+    assert mean.abs().max() > 0  # the statistics are not trivial
