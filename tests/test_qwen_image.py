@@ -13,12 +13,12 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-from reference import reference_mask_segments
 
 from eligen import EliGenQwenImagePipeline, Entity
 from eligen.families.base import rescaled_cfg
 from eligen.inpaint import plain_cfg
 from eligen.masks import latent_grid_size, resize_nearest, token_cover
+from reference import reference_mask_segments
 
 H, W = 32, 48
 N_IMG = (H // 4) * (W // 4)

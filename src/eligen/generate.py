@@ -220,10 +220,10 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
 
 
 def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float]):
-    """``EliGenPipeline.from_pretrained`` on ``device`` in ``dtype`` with the LoRAs stacked at ``scales``."""
-    from .pipelines.flux import EliGenPipeline
+    """The EliGen pipeline of the model's family on ``device`` in ``dtype``, with the LoRAs stacked at ``scales``."""
+    from .pipelines import load_eligen_pipeline
 
-    pipe = EliGenPipeline.from_pretrained(model, dtype=DTYPES[dtype])
+    pipe = load_eligen_pipeline(model, dtype=DTYPES[dtype])
     pipe.to(device)
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):

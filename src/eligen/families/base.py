@@ -100,3 +100,16 @@ class ModelFamily:
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
         """One forward: packed latents ``(B, n_img, C * 4)`` and ``timestep`` (B,) in [0, 1] -> velocity."""
         raise NotImplementedError
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    has_pooled: ClassVar[bool] = False
+
+    def encode_texts(self, pipe, prompts: Sequence[str],
+                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Prompts -> ``(sequence (T, D), pooled (P,) or None)`` each, as the family encodes a global prompt."""
+        raise NotImplementedError
+
+    def training_schedule(self):
+        """The reference trainer's noise levels and loss weights for this family."""
+        raise NotImplementedError

@@ -16,6 +16,7 @@ class FluxFamily(ModelFamily):
     pipeline_class = "FluxPipeline"
     transformer_class = "FluxTransformer2DModel"
     block_lists = ("transformer_blocks", "single_transformer_blocks")
+    lora_rank = 64  # the paper's rank (the reference's FLUX trainer uses 32)
     def encode_entities(self, pipe, prompts: Sequence[str], max_sequence_length: int,
                         device: torch.device) -> list[torch.Tensor]:
         """T5 exactly like the global prompt (same padding to ``max_sequence_length``)."""
@@ -41,6 +42,19 @@ class FluxFamily(ModelFamily):
     def geometry(self, pipe, batch: int, height: int, width: int, device: torch.device, dtype: torch.dtype):
         """``img_ids (n_img, 3)`` for a latent grid ``height x width`` (latent pixels)."""
         return pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+
+    has_pooled = True
+
+    def encode_texts(self, pipe, prompts: Sequence[str],
+                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        seq, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None,
+                                            max_sequence_length=max_sequence_length)
+        return list(zip(seq.cpu(), pooled.cpu(), strict=True))
+
+    def training_schedule(self):
+        from ..train.loss import reference_schedule
+
+        return reference_schedule()
 
     def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:

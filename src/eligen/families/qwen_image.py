@@ -36,9 +36,21 @@ class QwenImageFamily(ModelFamily):
         """One prompt at a time, so no segment carries padding."""
         return [pipe._get_qwen_prompt_embeds(text, device)[0][:, :max_sequence_length] for text in prompts]
 
+    def encode_texts(self, pipe, prompts: Sequence[str],
+                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(pipe._get_qwen_prompt_embeds(text)[0][0, :max_sequence_length].cpu(), None) for text in prompts]
+
+    def training_schedule(self):
+        from ..train.loss import qwen_reference_schedule
+
+        return qwen_reference_schedule()
+
     def positions(self, entity_lengths: Sequence[int], global_length: int, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
-        """``(T,)`` long: ``0..T_i - 1`` for every segment (each starts where the global prompt starts)."""
+        """``(T,)`` long: ``0..T_i - 1`` for every segment (each starts where the global prompt starts); None without
+        entities (the transformer's own positions are then the same)."""
+        if not entity_lengths:
+            return None
         return torch.cat([torch.arange(n, device=device) for n in (*entity_lengths, global_length)])
 
     def _statistics(self, vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

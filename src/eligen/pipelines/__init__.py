@@ -1,1 +1,27 @@
 """EliGen pipelines: thin diffusers subclasses, one per model family, on the shared core (:mod:`.common`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pipeline_class(family: str) -> type:
+    """The EliGen pipeline class of a model family (``"flux"`` or ``"qwen_image"``)."""
+    if family == "flux":
+        from .flux import EliGenPipeline
+
+        return EliGenPipeline
+    if family == "qwen_image":
+        from .qwen_image import EliGenQwenImagePipeline
+
+        return EliGenQwenImagePipeline
+    from ..families import UnknownFamilyError
+
+    raise UnknownFamilyError(f"unknown model family {family!r}")
+
+
+def load_eligen_pipeline(model: str, **kwargs: Any):
+    """``from_pretrained`` with the pipeline class of the checkpoint's family (read from ``model_index.json``)."""
+    from ..families import model_family
+
+    return pipeline_class(model_family(model)).from_pretrained(model, **kwargs)

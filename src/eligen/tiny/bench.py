@@ -98,13 +98,13 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     """Generate, score and report; writes ``shapesbench.json`` and ``contact_sheet.png`` to ``output_dir``."""
-    from ..pipelines.flux import EliGenPipeline
+    from ..pipelines import load_eligen_pipeline
 
     if pipe is None:
         if not config.model:
             raise ValueError("give the model to benchmark with --model")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = EliGenPipeline.from_pretrained(config.model).to(device)
+        pipe = load_eligen_pipeline(config.model).to(device)
     pipe.set_progress_bar_config(disable=True)
     declared = model_defaults(config.model) if config.model else {}
     lora = config.lora or (declared.get("lora") or [None])[0]

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from eligen.config import option
-from eligen.families.flux import vae_latents
+from eligen.families.base import Branch
+from eligen.families.flux import FLUX, vae_latents
 
 from .shipped import DEFAULTS_FILE
 from .tokenizers import DEFAULT_WORDS, build_clip_tokenizer, build_t5_tokenizer
@@ -154,15 +155,14 @@ def train_base(pipe: FluxPipeline, config: TinyBuildConfig) -> list[float]:
         captions = ["" if d else bank_captions[i] for i, d in zip(index.tolist(), drop.tolist(), strict=True)]
         b, c, h, w = z.shape
         x0 = pipe._pack_latents(z, b, c, h, w)
-        ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
+        ids = FLUX.geometry(pipe, b, h, w, x0.device, x0.dtype)
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(captions, None,
                                                              max_sequence_length=config.max_sequence_length)
         noise = torch.randn(x0.shape, generator=generator)
         sigma = torch.sigmoid(torch.randn(b, generator=generator))
         x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        prediction = pipe.transformer(hidden_states=x_t, timestep=sigma, pooled_projections=pooled,
-                                      encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=ids,
-                                      return_dict=False)[0]
+        prediction = FLUX.forward(pipe.transformer, x_t, sigma, Branch(prompt_embeds, pooled, positions=text_ids),
+                                  ids, guidance=None)
         loss = torch.nn.functional.mse_loss(prediction, noise - x0)
         optimizer.zero_grad()
         loss.backward()

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from eligen.config import option
 
-from ..families.flux import vae_latents
-from ..masks import pixel_masks_to_covers
+from ..families.base import Branch
+from ..masks import latent_grid_size, pixel_masks_to_covers
 from ..regional.dense import regional_attention_mask
-from .loss import TIMESTEP_SAMPLING, flow_loss, noisy_latents, per_sample_loss, reference_schedule, sample_sigmas
+from .loss import TIMESTEP_SAMPLING, flow_loss, noisy_latents, per_sample_loss, sample_sigmas
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOSS_BINS = 5  # TensorBoard: loss per noise-level bin (sigma in [0, 0.2), ..., [0.8, 1])
@@ -37,12 +37,13 @@ class TrainConfig:
     """Everything `eligen train` reads; a YAML file sets any field and every field is also a flag."""
 
     config: Path | None = option(None, "YAML file with any of these fields (flags override it)", positional=True)
-    model: str | None = option(None, "diffusers FLUX pipeline directory or hub id to train on")
+    model: str | None = option(None, "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id to train on")
     dataset: Path | None = option(None, "training data: our JSONL or the reference metadata.json")
     output_dir: Path | None = option(None, "where checkpoints, logs, validation grids and the LoRA go")
     resolution: int = option(512, "training side length (aspect-ratio buckets keep about this many pixels)")
     buckets: bool = option(True, "aspect-ratio buckets (else square crops)")
-    rank: int = option(64, "LoRA rank (the paper: 64; the reference trainer: 32)")
+    rank: int | None = option(None, "LoRA rank (default: the family's recipe: FLUX 64 as in the paper, Qwen-Image "
+                              "32 as in the reference)")
     alpha: float | None = option(None, "LoRA alpha (default: the rank)")
     learning_rate: float = option(1e-4, "AdamW learning rate")
     warmup_steps: int = option(0, "linear learning-rate warm-up steps")
@@ -76,7 +77,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
-        positive = ("resolution", "rank", "max_steps", "batch_size", "gradient_accumulation", "checkpoint_every",
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        positive = ("resolution", "max_steps", "batch_size", "gradient_accumulation", "checkpoint_every",
                     "keep_checkpoints", "log_every", "max_sequence_length", "validation_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -108,20 +111,19 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def block_linear_names(transformer: torch.nn.Module) -> list[str]:
-    """Every ``nn.Linear`` inside the double and single blocks: attention in/out, MLPs, AdaLN (the paper's set)."""
-    return [name for name, module in transformer.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.split(".")[0] in
-            ("transformer_blocks", "single_transformer_blocks")]
+def pad_stack(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T_i, D)`` sequences -> ``(B, max T_i, D)`` padded with zeros after each, and ``(B, max T_i)`` bool valid."""
+    length = max(s.shape[0] for s in sequences)
+    padded = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[0])) for s in sequences])
+    valid = torch.arange(length)[None, :] < torch.tensor([s.shape[0] for s in sequences])[:, None]
+    return padded, valid
 
 
-def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None) -> None:
-    """A trainable peft LoRA (A Gaussian, B zero: starts as the identity) on every block linear."""
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, names: list[str]) -> None:
+    """A trainable peft LoRA (A Gaussian, B zero: starts as the identity) on the named linear layers."""
     import re
 
     from peft import LoraConfig
-
-    names = block_linear_names(transformer)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                                        init_lora_weights="gaussian",
@@ -147,7 +149,7 @@ def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
     return layers
 
 
-def save_lora_files(weights, output_dir: Path) -> dict[str, Path]:
+def save_lora_files(weights, output_dir: Path, family: str | None = None) -> dict[str, Path]:
     """The LoRA in all three key formats: ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
     from ..lora import save_state_dict, write_lora
 
@@ -156,16 +158,18 @@ def save_lora_files(weights, output_dir: Path) -> dict[str, Path]:
              "kohya": output_dir / "eligen_lora_kohya.safetensors"}
     for fmt, path in files.items():
         tmp = path.with_name(f".{path.name}.tmp")
-        save_state_dict(write_lora(weights, fmt), tmp, fmt)
+        save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)
         os.replace(tmp, path)
     return files
 
 
 class TextCache:
-    """T5 sequences and pooled CLIP vectors per prompt, encoded once (and kept on disk when a path is given)."""
+    """Text sequences (and pooled vectors, for families that have them) per prompt, encoded once by the family
+    (and kept on disk when a path is given)."""
 
     def __init__(self, pipe, max_sequence_length: int, path: Path | None = None):
         self.pipe, self.max_sequence_length, self.path = pipe, max_sequence_length, path
+        self.family = pipe.family
         self.sequences: dict[str, torch.Tensor] = {}
         self.pooled: dict[str, torch.Tensor] = {}
         if path is not None and path.exists():
@@ -174,14 +178,16 @@ class TextCache:
 
     @torch.no_grad()
     def encode(self, prompts: list[str], pooled: bool) -> None:
-        """Encode the prompts not yet cached (T5 always; CLIP pooled for global prompts)."""
+        """Encode the prompts not yet cached (the sequence always; the pooled vector for global prompts)."""
+        pooled = pooled and self.family.has_pooled
         todo = sorted({p for p in prompts if p not in self.sequences or (pooled and p not in self.pooled)})
         for start in range(0, len(todo), 16):
             chunk = todo[start:start + 16]
-            seq, pool, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=None,
-                                                   max_sequence_length=self.max_sequence_length)
-            for text, s, p in zip(chunk, seq.cpu(), pool.cpu(), strict=True):
-                self.sequences[text], self.pooled[text] = s, p
+            for text, (seq, pool) in zip(chunk, self.family.encode_texts(self.pipe, chunk, self.max_sequence_length),
+                                         strict=True):
+                self.sequences[text] = seq
+                if pool is not None:
+                    self.pooled[text] = pool
 
     def save(self) -> None:
         if self.path is not None:
@@ -222,7 +228,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        from ..pipelines.flux import EliGenPipeline
+        from ..pipelines import load_eligen_pipeline
         from .data import BucketBatchSampler, EntityDataset
 
         config.require()
@@ -241,14 +247,16 @@ class Trainer:
             config.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.accelerator.device
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        self.pipe = EliGenPipeline.from_pretrained(config.model, dtype=weight_dtype)
+        self.pipe = load_eligen_pipeline(config.model, dtype=weight_dtype)
+        self.family = self.pipe.family
+        self.rank = config.rank or self.family.lora_rank
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.vae.to(self.device).requires_grad_(False)
         self.transformer = self.pipe.transformer
         self.transformer.to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the LoRA's initial A matrices are part of the run's determinism
-            add_lora(self.transformer, config.rank, config.alpha)
+            add_lora(self.transformer, self.rank, config.alpha, self.family.lora_train_names(self.transformer))
         for param in self.transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable LoRA weights in fp32, the frozen base in weight_dtype
@@ -263,7 +271,7 @@ class Trainer:
                                           world_size=self.accelerator.num_processes)
         self.text = TextCache(self.pipe, config.max_sequence_length,
                               config.output_dir / "text_cache.pt" if config.cache_text_embeddings else None)
-        self.schedule = reference_schedule()
+        self.schedule = self.family.training_schedule()
         self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
@@ -313,34 +321,41 @@ class Trainer:
             self.sampler.set_epoch(start["epoch"] + 1)
 
     def encode_batch(self, batch: dict):
-        """Latents, text sequence, pooled vectors and the regional mask for one batch."""
-        config, pipe = self.config, self.pipe
+        """Latents ``(B, n_img, C)``, the image geometry and the positive branch (text sequence, pooled vectors,
+        text positions, regional mask) for one batch."""
+        config, pipe, family = self.config, self.pipe, self.family
         images = batch["images"].to(self.device, pipe.vae.dtype)
-        z = vae_latents(pipe.vae, images)
-        b, c, h, w = z.shape
-        x0 = pipe._pack_latents(z, b, c, h, w).float()
-        image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, x0.dtype)
+        x0 = family.encode_image(pipe, images).float()
+        b, lat_h, lat_w = x0.shape[0], *latent_grid_size(images.shape[2], images.shape[3], pipe.vae_scale_factor)
+        geometry = family.geometry(pipe, b, lat_h, lat_w, self.device, x0.dtype)
         prompts = batch["prompts"]
         entity_prompts = batch["entity_prompts"]
         n = max((len(e) for e in entity_prompts), default=0)
         self.text.encode([*prompts, *(p for e in entity_prompts for p in e)], pooled=True)
-        global_seq = torch.stack([self.text.sequences[p] for p in prompts])
-        pooled = torch.stack([self.text.pooled[p] for p in prompts])
-        segments = [torch.stack([self.text.sequences[e[i]] for e in entity_prompts]) for i in range(n)]
-        context = torch.cat([*segments, global_seq], dim=1).to(self.device)
+        global_seq, global_valid = pad_stack([self.text.sequences[p] for p in prompts])
+        pooled = torch.stack([self.text.pooled[p] for p in prompts]).to(self.device) if family.has_pooled else None
+        segments = [pad_stack([self.text.sequences[e[i]] for e in entity_prompts]) for i in range(n)]
+        context = torch.cat([*(s for s, _ in segments), global_seq], dim=1).to(self.device)
+        valid = torch.cat([*(v for _, v in segments), global_valid], dim=1).to(self.device)
+        lengths = [s.shape[1] for s, _ in segments]
         cover = pixel_masks_to_covers(batch["entity_masks"], pipe.vae_scale_factor)
         keep = torch.rand(b, generator=self.generator) >= config.drop_entities  # global-only samples
         cover = cover & keep[:, None, None]
-        mask = None
-        if n:
-            mask = regional_attention_mask(cover, [s.shape[1] for s in segments], global_seq.shape[1])
-            mask = mask.to(self.device)
-        return x0, image_ids, context, pooled.to(self.device), mask
+        mask = regional_attention_mask(cover, lengths, global_seq.shape[1]).to(self.device) if n else None
+        text_mask = None
+        if not valid.all():  # prompts of unequal lengths in one batch (Qwen-Image): no token sees the padding
+            if mask is None:
+                text_mask = valid
+            else:
+                keys = torch.cat([valid, valid.new_ones(b, x0.shape[1])], dim=1)
+                mask = mask & keys[:, None, None, :]
+        positions = family.positions(lengths, global_seq.shape[1], self.device, torch.float32)
+        return x0, geometry, Branch(context, pooled, text_mask, mask, positions)
 
     # -- one step -------------------------------------------------------------------------------------
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x0, image_ids, context, pooled, mask = self.encode_batch(batch)
+        x0, geometry, branch = self.encode_batch(batch)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         sigmas, weights = sample_sigmas(x0.shape[0], self.config.timestep_sampling, self.generator, self.schedule)
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
@@ -348,14 +363,8 @@ class Trainer:
         guidance = None  # only guidance-distilled transformers (FLUX.1-dev) take the embedded guidance value
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
-        text_ids = torch.zeros(context.shape[1], 3, device=self.device)
-        kwargs = {"attention_mask": mask} if mask is not None else {}
         with self.accelerator.autocast():
-            prediction = self.model(
-                hidden_states=x_t, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
-                encoder_hidden_states=context, txt_ids=text_ids, img_ids=image_ids,
-                joint_attention_kwargs=kwargs, return_dict=False,
-            )[0]
+            prediction = self.family.forward(self.model, x_t, sigmas, branch, geometry, guidance)
         per_sample = per_sample_loss(prediction, x0, noise)
         return flow_loss(per_sample, weights), per_sample.detach(), sigmas.detach()
 
@@ -496,8 +505,9 @@ class Trainer:
         if self.is_main:
             self.text.save()
             model = self.accelerator.unwrap_model(self.model)
-            alpha = config.alpha if config.alpha is not None else config.rank
-            result.lora_files = save_lora_files(lora_weights_from_model(model, alpha), config.output_dir)
+            alpha = config.alpha if config.alpha is not None else self.rank
+            result.lora_files = save_lora_files(lora_weights_from_model(model, alpha), config.output_dir,
+                                                self.family.name)
         self.accelerator.end_training()
         return result
 
