@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random FLUX pipeline saved to disk and loaded through from_pretrained (no download)."""
+"""Shared fixtures: tiny random FLUX and Qwen-Image pipelines saved to disk and loaded through from_pretrained (no
+download)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def tiny_pipeline_dir(tmp_path_factory):
     from eligen.tiny.random_pipeline import save_tiny_flux_pipeline
 
     return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """A random tiny QwenImagePipeline directory (VAE scale factor 2, the real prompt template)."""
+    from eligen.tiny.random_qwen_pipeline import save_tiny_qwen_image_pipeline
+
+    return save_tiny_qwen_image_pipeline(tmp_path_factory.mktemp("tiny-qwen") / "pipe", seed=0)
 
 
 @pytest.fixture(scope="session")

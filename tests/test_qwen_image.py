@@ -32,10 +32,8 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    from eligen.tiny.random_qwen_pipeline import save_tiny_qwen_image_pipeline
-
-    return save_tiny_qwen_image_pipeline(tmp_path_factory.mktemp("tiny-qwen") / "pipe", seed=0)
+def qwen_dir(tiny_qwen_dir):
+    return tiny_qwen_dir
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +235,94 @@ def test_vae_round_trip_uses_the_latent_statistics(pipe):
     torch.testing.assert_close(ours, direct, atol=1e-5, rtol=1e-5)
     mean = torch.tensor(pipe.vae.config.latents_mean)
     assert mean.abs().max() > 0  # the statistics are not trivial
+
+
+# -- LoRA ---------------------------------------------------------------------------------------------------------
+
+
+def reference_lora(transformer, rank: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
+    """A random LoRA in the released Qwen-Image-EliGen form: peft names with ``.default``, no prefix, no alpha."""
+    from eligen.families.qwen_image import QWEN_IMAGE
+
+    g = gen(seed)
+    state = {}
+    modules = dict(transformer.named_modules())
+    for name in QWEN_IMAGE.lora_train_names(transformer):
+        layer = modules[name]
+        state[f"{name}.lora_A.default.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
+        state[f"{name}.lora_B.default.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.3
+    return state
+
+
+def test_reference_format_lora_equals_a_hand_merge(qwen_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    lora_pipe = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
+    merged = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
+    for p in (lora_pipe, merged):
+        p.set_progress_bar_config(disable=True)
+    state = reference_lora(lora_pipe.transformer)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert lora_pipe.load_eligen_lora(tmp_path) == "diffsynth"
+    modules = dict(merged.transformer.named_modules())
+    with torch.no_grad():
+        for key, down in state.items():
+            if ".lora_A." in key:
+                name = key.removesuffix(".lora_A.default.weight")
+                modules[name].weight += state[f"{name}.lora_B.default.weight"] @ down  # no alpha: scale 1
+    call = kwargs(negative_prompt=NEGATIVE, true_cfg_scale=4.0)
+    ours = lora_pipe(**call, entities=ENTITIES, generator=gen(8)).images
+    expected = merged(**call, entities=ENTITIES, generator=gen(8)).images
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert (ours - pipe_without_lora(qwen_dir)(**call, entities=ENTITIES, generator=gen(8)).images).abs().max() > 1e-3
+
+
+def pipe_without_lora(qwen_dir):
+    p = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_a_flux_lora_is_refused_naming_the_families(pipe, random_lora_file):
+    from eligen.lora import LoraFormatError
+
+    with pytest.raises(LoraFormatError, match="FLUX"):
+        pipe.load_eligen_lora(random_lora_file)
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_inpaint_and_data_generate_on_qwen(qwen_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from eligen.cli import main
+    from eligen.generate import read_metadata
+
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"prompt": PROMPT, "negative_prompt": NEGATIVE, "width": W, "height": H, "seed": 3,
+                                  "entities": [{"prompt": "a dog", "box": [2, 2, 14, 10]},
+                                               {"prompt": "a cat", "box": [20, 12, 46, 30]}]}))
+    fast = ["--model", str(qwen_dir), "--steps", "2", "--max-sequence-length", "32", "--true-cfg", "4"]
+    assert main(["generate", str(layout), "-o", str(tmp_path / "out.png"), *fast, "--overlay"]) == 0
+    meta = read_metadata(tmp_path / "out.png")
+    assert meta["params"]["model"] == str(qwen_dir) and len(meta["layout"]["entities"]) == 2
+    assert (tmp_path / "out_overlay.png").exists()
+    assert main(["generate", "--from", str(tmp_path / "out.png"), "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(Image.open(tmp_path / "again.png")))
+    assert main(["generate", str(layout), "-o", str(tmp_path / "plain.png"), *fast, "--cfg-mode", "plain"]) == 0
+    assert read_metadata(tmp_path / "plain.png")["params"]["cfg_mode"] == "plain"
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "out.png")),
+                              np.asarray(Image.open(tmp_path / "plain.png")))
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8)).save(photo)
+    assert main(["inpaint", str(photo), str(layout), "-o", str(tmp_path / "inpainted.png"), *fast]) == 0
+    before, after = np.asarray(Image.open(photo)), np.asarray(Image.open(tmp_path / "inpainted.png"))
+    assert np.array_equal(before[:, :2], after[:, :2])  # the left edge lies outside both boxes: untouched
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square on a gray background\n")
+    assert main(["data", "generate", str(captions), "--model", str(qwen_dir), "--out", str(tmp_path / "data"),
+                 "--steps", "2", "--width", "32", "--height", "32", "--batch-size", "2"]) == 0
+    assert len(list((tmp_path / "data" / "images").glob("*.png"))) == 2

@@ -30,11 +30,13 @@ from .tiny.build import TinyBuildConfig
 from .tiny.shipped import model_defaults
 from .train.trainer import TrainConfig
 
-DESCRIPTION = "eligen: entity-level controlled image generation (EliGen) with diffusers FLUX."
+DESCRIPTION = "eligen: entity-level controlled image generation (EliGen) with diffusers FLUX.1 and Qwen-Image."
 GENERATE_EPILOG = """examples:
   eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora modelscope/EliGen --overlay
   eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora eligen.safetensors --lora style.safetensors \\
       --lora-scale 1.0 --lora-scale 0.6
+  eligen generate layout.json -o out.png --model Qwen/Qwen-Image --lora DiffSynth-Studio/Qwen-Image-EliGen-V2 \
+      --true-cfg 4 --steps 40
   eligen generate --from out.png -o again.png          # reproduce from the PNG's metadata
   eligen generate --from out.png -o bigger.png --steps 60
 """
@@ -79,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="build EliGen training data: generate images, annotate them with a VLM",
                                description="Build EliGen training data the paper's way: images from captions with "
-                               "any FLUX model, then a grounding VLM writes captions and entity boxes.")
+                               "any FLUX.1 or Qwen-Image model, then a grounding VLM writes captions and entity boxes.")
     data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     data_generate = data_commands.add_parser(
         "generate", help="images from captions (txt or jsonl), resumable and shardable (--shard i/n)",
-        description="Render captions with any diffusers FLUX model into OUT/images; finished images are skipped, "
+        description="Render captions with any diffusers FLUX.1 or Qwen-Image model into OUT/images; finished images are skipped, "
         "writes are atomic, --shard i/n (or accelerate/torchrun's RANK/WORLD_SIZE) splits the work.")
     add_dataclass_arguments(data_generate, DataGenerateConfig)
     data_generate.set_defaults(handler=run_data_generate)

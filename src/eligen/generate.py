@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 from . import __version__
 from .config import DTYPES, option
 from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
+from .families.base import CFG_MODES
 from .inpaint import FUSIONS
 from .masks import ATTENTION_MODES, ENTITY_TOKEN_MODES
 from .overlay import render_overlay
@@ -34,7 +35,8 @@ class GenerateConfig:
     output: Path | None = option(None, "output PNG path", short="-o", flag="--output", metavar="OUT.png")
     from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
                                    "(other flags override it)", flag="--from", metavar="PNG")
-    model: str | None = option("eligen-tiny", "diffusers FLUX pipeline directory or hub id; eligen-tiny is the small "
+    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id (the family "
+                               "is read from its model_index.json); eligen-tiny is the small "
                                "shapes-world model shipped in the package (its own defaults: 20 steps, 32-token "
                                "prompts, its EliGen LoRA)")
     lora: list[str] = option([], "LoRA file, folder or hub id in DiffSynth, kohya or diffusers format (repeat to "
@@ -43,6 +45,9 @@ class GenerateConfig:
                                      metavar="S")
     steps: int = option(50, "number of denoising steps")
     true_cfg: float = option(3.0, "true CFG scale; 1 disables the negative pass")
+    cfg_mode: str | None = option(None, "how true CFG combines the passes: plain (neg + s (pos - neg), FLUX and the "
+                                  "reference) or rescaled (diffusers' Qwen-Image: rescaled to the positive "
+                                  "prediction's norm); default: the model family's", choices=CFG_MODES)
     guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
     seed: int | None = option(None, "random seed (default: the layout's seed, else a random one; always recorded)")
     height: int | None = option(None, "output height in pixels (default: the layout's; boxes and polygons scale)")
@@ -90,6 +95,8 @@ class GenerateConfig:
             raise ValueError(f"--entity-tokens must be one of {ENTITY_TOKEN_MODES}, got {self.entity_tokens!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"--cfg-mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
 
     def recorded(self) -> dict[str, Any]:
         """The parameters stored in the PNG (everything that shapes the image)."""
@@ -238,7 +245,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     if config.output is None:
         raise ValueError("give an output path with -o OUT.png")
     if not config.model:
-        raise ValueError("give a model with --model (a diffusers FLUX directory or hub id)")
+        raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
     layout = resolve_layout(config, stored_layout)
     seed = config.seed if config.seed is not None else layout.seed
     if seed is None:
@@ -258,6 +265,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         width=layout.width,
         num_inference_steps=config.steps,
         true_cfg_scale=config.true_cfg,
+        cfg_mode=config.cfg_mode,
         guidance_scale=config.guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
         max_sequence_length=config.max_sequence_length,

@@ -43,7 +43,10 @@ FAMILY_MARKERS = {
                        "x_embedder", "context_embedder", "text_embedder", "guidance_embedder"}),
     "qwen_image": frozenset({"img_mlp", "txt_mlp", "img_mod", "txt_mod", "img_in", "txt_in"}),
 }
-HUB_DEFAULT_FILES = {"modelscope/EliGen": "model_bf16.safetensors"}
+HUB_DEFAULT_FILES = {"modelscope/EliGen": "model_bf16.safetensors",
+                     "DiffSynth-Studio/Qwen-Image-EliGen": "model.safetensors",
+                     "DiffSynth-Studio/Qwen-Image-EliGen-V2": "model.safetensors",
+                     "DiffSynth-Studio/Qwen-Image-EliGen-Poster": "model.safetensors"}
 
 # (block kind, reference name) -> diffusers module names inside the block, in fused row order.
 DOUBLE = {

@@ -1,4 +1,4 @@
-"""Dataset step one: render images from captions with any diffusers FLUX model.
+"""Dataset step one: render images from captions with any diffusers FLUX.1 or Qwen-Image model.
 
 Every image is written atomically to ``OUT/images/{index:06d}.png`` with its caption and parameters in the PNG's
 metadata, so the PNGs are the record: a run is resumable (an existing PNG is a finished item and is never
@@ -34,7 +34,7 @@ class DataGenerateConfig:
 
     captions: Path | None = option(None, "captions: a .txt file (one caption per non-empty line) or a .jsonl file "
                                    "of {\"prompt\": ..., \"seed\": optional int}", positional=True, required=True)
-    model: str | None = option(None, "diffusers FLUX pipeline directory or hub id")
+    model: str | None = option(None, "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id")
     out: Path | None = option(None, "output folder (images in OUT/images/000000.png, ..., and OUT/captions.jsonl)",
                               short="-o", metavar="DIR")
     steps: int = option(28, "number of denoising steps")
@@ -217,7 +217,7 @@ def write_captions_index(out: Path) -> int:
 def _load(config: DataGenerateConfig) -> tuple[Any, str]:
     """The pipeline named by the config, and the dtype it runs in."""
     if config.model is None:
-        raise ValueError("give a model with --model (a diffusers FLUX directory or hub id)")
+        raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
     device = config.device or default_device()
     dtype = config.dtype or default_dtype(device)
     return load_pipeline(config.model, device, dtype, [], []), dtype

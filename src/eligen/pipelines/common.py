@@ -152,7 +152,7 @@ class EliGenMixin:
         shapes) before anything is applied, cast to the transformer's dtype, and activated at ``scale`` beside any
         adapters already active (stack and re-weight them with ``set_adapters``). Returns the detected format.
         """
-        weights, fmt = read_lora(load_state_dict(resolve_lora_path(path_or_hub_id, filename)))
+        weights, fmt = read_lora(load_state_dict(resolve_lora_path(path_or_hub_id, filename)), self.family.name)
         check_fits(weights, self.transformer)
         previous = self.get_active_adapters() if getattr(self.transformer, "peft_config", None) else []
         dtype = self.transformer.dtype

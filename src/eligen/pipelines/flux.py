@@ -51,6 +51,7 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
         entity_masks: Sequence[Any] | None = None,
         entities_on_negative: bool = False,
         true_cfg_scale: float = 1.0,
+        cfg_mode: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 28,
@@ -90,6 +91,8 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
             entity_masks: one mask per entity (PIL image, numpy array or tensor, any resolution).
             entities_on_negative: the reference's "enable on negative": run the negative CFG branch with the
                 negative prompt copied into every entity slot under the same masks. Default: no entities there.
+            cfg_mode: "plain" (default: ``neg + s (pos - neg)``) or "rescaled" (the combination rescaled to the
+                positive prediction's norm, as diffusers' Qwen-Image does).
             shift_sigmas: with False, ``sigmas`` are used verbatim (e.g. ``eligen.reference_sigmas(50)``);
                 with True (default) they are shifted by the scheduler exactly as in FluxPipeline.
 
@@ -116,6 +119,7 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
         """
         # 0. Validate.
         self._check_speed_options(attention, entity_tokens, output_type)
+        combine = self.family.combine(cfg_mode or self.family.default_cfg)
         source = None
         if image is not None or inpaint:
             source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
@@ -192,7 +196,7 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
 
         # 3. The shared loop: schedule, inpainting fusion, Euler steps on the true-CFG velocity.
         latents = self._run(latents, branches, ents, source, work, num_inference_steps, sigmas, shift_sigmas,
-                            guidance, true_cfg_scale, self.family.combine("plain"), strength, fusion, mask_dilate,
+                            guidance, true_cfg_scale, combine, strength, fusion, mask_dilate,
                             mask_blur, on_step_end)
 
         # 4. Decode.
