@@ -29,6 +29,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from timing import timed
 
+from eligen.families.flux import FLUX
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask
 from eligen.regional.processors import install_regional_processors
@@ -138,7 +139,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch._dynamo.config.cache_size_limit = 64
     model = build_transformer(args.size, device, dtype)
-    install_regional_processors(model)  # every mask form reaches attention through eligen's processors
+    install_regional_processors(model, FLUX.processors)  # every mask form reaches attention through eligen's processors
     _, pixels, vae, seg_len, trim_len = SIZES[args.size]
     side = pixels // vae // 2
     n_img = side * side

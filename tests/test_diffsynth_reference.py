@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from eligen.families.flux import FLUX
 from eligen.masks import token_cover
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask
@@ -34,7 +35,7 @@ def models():
     torch.manual_seed(0)
     model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True).eval()
     model.requires_grad_(False)
-    install_regional_processors(model)  # every mask form reaches attention through eligen's processors
+    install_regional_processors(model, FLUX.processors)  # every mask form reaches attention through eligen's processors
     return model, ref.reference_dit(model)
 
 

@@ -11,13 +11,14 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import reference_mask_segments
 
 from eligen import EliGenPipeline, EliGenQwenImagePipeline, Entity
+from eligen.families.flux import RegionalFluxAttnProcessor
+from eligen.families.qwen_image import RegionalQwenAttnProcessor
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask
-from eligen.regional.processors import RegionalFluxAttnProcessor, RegionalQwenAttnProcessor
 from eligen.regional.rule import allowed, regional_tables
+from reference import reference_mask_segments
 
 FLUX_CALL = dict(prompt="a red circle", height=32, width=48, num_inference_steps=3, max_sequence_length=16,
                  output_type="latent", negative_prompt="blurry", true_cfg_scale=3.0)

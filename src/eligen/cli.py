@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     data_generate = data_commands.add_parser(
         "generate", help="images from captions (txt or jsonl), resumable and shardable (--shard i/n)",
-        description="Render captions with any diffusers FLUX.1 or Qwen-Image model into OUT/images; finished images are skipped, "
-        "writes are atomic, --shard i/n (or accelerate/torchrun's RANK/WORLD_SIZE) splits the work.")
+        description="Render captions with any diffusers FLUX.1 or Qwen-Image model into OUT/images; finished images "
+        "are skipped, writes are atomic, --shard i/n (or accelerate/torchrun's RANK/WORLD_SIZE) splits the work.")
     add_dataclass_arguments(data_generate, DataGenerateConfig)
     data_generate.set_defaults(handler=run_data_generate)
     data_annotate = data_commands.add_parser(

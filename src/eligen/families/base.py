@@ -50,6 +50,7 @@ class ModelFamily:
     transformer_class: ClassVar[str]
     default_cfg: ClassVar[str] = "plain"
     lora_rank: ClassVar[int] = 32  # the reference's training rank for the family
+    processors: ClassVar[dict[type, type]]  # diffusers' stock attention processor -> the family's regional one
 
     def combine(self, mode: str):
         """The CFG combination ``(positive, negative, scale) -> velocity`` for ``mode`` in :data:`CFG_MODES`."""

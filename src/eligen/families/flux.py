@@ -4,11 +4,45 @@ pooled CLIP vector of the global prompt, a shifted and scaled VAE latent, plain 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from ..regional.processors import RegionalProcessor, attend
 from .base import Branch, ModelFamily
+
+
+class RegionalFluxAttnProcessor(RegionalProcessor, FluxAttnProcessor):
+    """diffusers' ``FluxAttnProcessor`` whose attention call is :func:`attend` (every form of the regional mask)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:  # double-stream block: text first, as diffusers concatenates
+            encoder_query, encoder_key, encoder_value = (
+                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        hidden_states = attend(query, key, value, attention_mask, self._attention_backend, self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
 class FluxFamily(ModelFamily):
@@ -17,6 +51,8 @@ class FluxFamily(ModelFamily):
     transformer_class = "FluxTransformer2DModel"
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     lora_rank = 64  # the paper's rank (the reference's FLUX trainer uses 32)
+    processors: ClassVar[dict[type, type]] = {FluxAttnProcessor: RegionalFluxAttnProcessor}
+
     def encode_entities(self, pipe, prompts: Sequence[str], max_sequence_length: int,
                         device: torch.device) -> list[torch.Tensor]:
         """T5 exactly like the global prompt (same padding to ``max_sequence_length``)."""

@@ -11,11 +11,76 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0, apply_rotary_emb_qwen
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from ..regional.processors import RegionalProcessor, attend
 from .base import Branch, ModelFamily
+
+
+def _qwen_mask(attention_mask, encoder_hidden_states_mask: torch.Tensor | None, n_img: int):
+    """The joint mask of a Qwen-Image layer: the regional mask, the text padding mask, both, or neither."""
+    if encoder_hidden_states_mask is None:
+        return attention_mask
+    keys = torch.cat([encoder_hidden_states_mask.bool(),
+                      encoder_hidden_states_mask.new_ones(encoder_hidden_states_mask.shape[0], n_img).bool()], dim=1)
+    keys = keys[:, None, None, :]
+    if attention_mask is None:
+        return keys
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError("padded prompts (a prompt batch of unequal lengths) need attention='dense' with entities")
+    return attention_mask & keys
+
+
+class RegionalQwenAttnProcessor(RegionalProcessor, QwenDoubleStreamAttnProcessor2_0):
+    """diffusers' Qwen-Image double-stream processor that accepts the regional mask (the stock one refuses an
+    external mask) and per-segment text positions.
+
+    ``text_positions`` ``(T,)`` long: the RoPE position of every text token counted from the text offset, so each
+    segment can restart at the global prompt's first position (docs/design.md section 11).
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None, text_positions=None):
+        if encoder_hidden_states is None:
+            raise ValueError("the Qwen-Image attention needs encoder_hidden_states (the text stream)")
+        attention_mask = _qwen_mask(attention_mask, encoder_hidden_states_mask, hidden_states.shape[1])
+        seq_txt = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+        img_query, img_key, img_value = (
+            p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        txt_query, txt_key, txt_value = (
+            p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+            for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            if text_positions is not None:
+                txt_freqs = txt_freqs[text_positions]
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+        joint_query = torch.cat([txt_query, img_query], dim=1)
+        joint_key = torch.cat([txt_key, img_key], dim=1)
+        joint_value = torch.cat([txt_value, img_value], dim=1)
+        joint = attend(joint_query, joint_key, joint_value, attention_mask, self._attention_backend,
+                       self._parallel_config, dropout_p=0.0, is_causal=False)
+        joint = joint.flatten(2, 3).to(joint_query.dtype)
+        img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(joint[:, :seq_txt, :].contiguous())
 
 
 class QwenImageFamily(ModelFamily):
@@ -23,6 +88,7 @@ class QwenImageFamily(ModelFamily):
     pipeline_class = "QwenImagePipeline"
     transformer_class = "QwenImageTransformer2DModel"
     default_cfg = "rescaled"
+    processors: ClassVar[dict[type, type]] = {QwenDoubleStreamAttnProcessor2_0: RegionalQwenAttnProcessor}
     # the reference's lora_target_modules for Qwen-Image EliGen (rank 32, lr 1e-4)
     lora_targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
                     "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1")

@@ -137,7 +137,7 @@ class EliGenMixin:
         they compute exactly what the stock ones do)."""
         super().register_modules(**kwargs)
         if kwargs.get("transformer") is not None:
-            install_regional_processors(kwargs["transformer"])
+            install_regional_processors(kwargs["transformer"], self.family.processors)
 
     # -- LoRA -------------------------------------------------------------------------------------------------
 
@@ -187,7 +187,8 @@ class EliGenMixin:
         """``torch.compile`` the repeated transformer blocks once (regional compilation: every block of a kind
         shares one compiled graph)."""
         if not getattr(self.transformer, "_eligen_compiled", False):
-            install_regional_processors(self.transformer)  # before compiling: a processor swap would recompile
+            # before compiling: a processor swap would recompile
+            install_regional_processors(self.transformer, self.family.processors)
             self.transformer.compile_repeated_blocks(**{"fullgraph": True, **compile_kwargs})
             self.transformer._eligen_compiled = True
 
@@ -313,7 +314,7 @@ class EliGenMixin:
         global_length = positive.context.shape[1]
         lengths: list[int] = []
         if ents is not None:
-            install_regional_processors(self.transformer)
+            install_regional_processors(self.transformer, self.family.processors)
             check_regional_attention_support(self.transformer, backend=mode)
             lengths = ents.lengths
             positive.context = ents.context(positive.context)
