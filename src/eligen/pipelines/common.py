@@ -222,7 +222,7 @@ class EliGenMixin:
         """Binary masks of any resolution -> ``(1, N, n_img)`` bool covers on this pipeline's token grid."""
         return token_cover(self.entity_latent_masks(masks, height, width, fields)).unsqueeze(0)
 
-    def encode_entity_prompts(self, prompts: Sequence[str], max_sequence_length: int,
+    def encode_entity_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512,
                               device: torch.device | None = None) -> list[torch.Tensor]:
         """Entity prompts -> ``(1, T_i, D)`` segments, each encoded as the family encodes the global prompt."""
         for i, text in enumerate(prompts):
