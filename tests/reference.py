@@ -1,4 +1,4 @@
-"""Independent, loop-based references written from DESIGN.md, shared by the tests (never by the library)."""
+"""Independent, loop-based references written from docs/design.md, shared by the tests (never by the library)."""
 
 from __future__ import annotations
 

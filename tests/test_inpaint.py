@@ -1,4 +1,4 @@
-"""Inpainting fusion (DESIGN.md section 5, paper eqs. 14-19) on the tiny random FLUX.
+"""Inpainting fusion (docs/design.md section 5, paper eqs. 14-19) on the tiny random FLUX.
 
 The tiny pipeline has VAE scale factor 2: one latent pixel = 2x2 pixels, one token = 4x4 pixels. Every reference
 here (box rasteriser, NEAREST resize, union, packing, regional mask, dilation) is rebuilt independently with loops

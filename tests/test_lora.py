@@ -1,9 +1,9 @@
-"""EliGen LoRA files (DESIGN.md section 4): the three key formats against hand-merged weights, the full-size
+"""EliGen LoRA files (docs/design.md section 4): the three key formats against hand-merged weights, the full-size
 FLUX.1-dev layout on the meta device, refused files, format round trips, the `eligen lora` commands and
 `generate --lora`, and LoRA path resolution.
 
 Everything here is built from the specification, independently of ``eligen.lora``'s own tables: the key names
-below are written out from DESIGN.md section 4, fused ``lora_B`` rows are split by hand, and the expected
+below are written out from docs/design.md section 4, fused ``lora_B`` rows are split by hand, and the expected
 transformer is a deep copy of the base whose ``nn.Linear`` weights get ``W + (alpha / r) * B @ A`` added here.
 """
 
@@ -30,7 +30,7 @@ FORWARD_TOL = 1e-5
 DELTA_TOL = 1e-6
 
 # ----------------------------------------------------------------------------------------------------------
-# The specification, written out by hand (DESIGN.md section 4)
+# The specification, written out by hand (docs/design.md section 4)
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The regional attention mask and the pixel mask -> token path against independent loop references.
 
-The references below are written from DESIGN.md section 2 with plain Python loops and PIL; they never call
+The references below are written from docs/design.md section 2 with plain Python loops and PIL; they never call
 :mod:`eligen.masks`.
 """
 

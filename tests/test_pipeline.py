@@ -1,4 +1,4 @@
-"""EliGenPipeline end to end on the tiny random FLUX (DESIGN.md sections 2, 3, 9 and 10).
+"""EliGenPipeline end to end on the tiny random FLUX (docs/design.md sections 2, 3, 9 and 10).
 
 The tiny pipeline has VAE scale factor 2: one token = 4x4 pixels, so a 32x48 image has an 8x12 token grid
 (n_img = 96) on a 16x24 latent grid. Every test restores the session-scoped pipelines' state it touches.
@@ -96,7 +96,7 @@ def transformer_calls(pipe):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# An independent reference for the token cover and the regional attention mask (DESIGN.md section 2)
+# An independent reference for the token cover and the regional attention mask (docs/design.md section 2)
 # --------------------------------------------------------------------------------------------------------------
 
 

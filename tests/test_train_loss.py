@@ -1,4 +1,4 @@
-"""The rectified-flow training maths, against the rules of DESIGN.md section 6 written out here."""
+"""The rectified-flow training maths, against the rules of docs/design.md section 6 written out here."""
 
 from __future__ import annotations
 

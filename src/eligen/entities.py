@@ -6,7 +6,7 @@ An entity is a local prompt plus exactly one spatial field:
 - ``box``: pixel coordinates ``(x0, y0, x1, y1)`` of the output image;
 - ``polygon``: pixel vertices ``[(x, y), ...]`` of the output image.
 
-Masks are binarised with the reference rule (DESIGN.md section 2): a pixel is on when the mean of its
+Masks are binarised with the reference rule (docs/design.md section 2): a pixel is on when the mean of its
 channels mapped to [-1, 1] is positive, i.e. an 8-bit value >= 128. Everything here is plain numpy and
 PIL; the tensor maths lives in :mod:`eligen.masks`.
 """

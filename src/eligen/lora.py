@@ -1,4 +1,4 @@
-"""EliGen LoRA files: read and write the three key formats in the wild (DESIGN.md section 4).
+"""EliGen LoRA files: read and write the three key formats in the wild (docs/design.md section 4).
 
 The in-memory form is :class:`LoraWeights`: one :class:`LoraLayer` ``(down A [r, in], up B [out, r], alpha)``
 per diffusers ``nn.Linear`` of the transformer, keyed by its module name (``transformer_blocks.3.attn.to_q``).

@@ -1,4 +1,4 @@
-"""Noise schedules (DESIGN.md section 3)."""
+"""Noise schedules (docs/design.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Parse and validate the answers of grounding vision-language models into EliGen entities.
 
 EliGen training data is an image, a global caption and entities (a local prompt plus a box). A grounding VLM
-produces them in one of two conventions (DESIGN.md section 6):
+produces them in one of two conventions (docs/design.md section 6):
 
 - **Qwen2-VL** writes ``<|object_ref_start|>a red apple<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
   with coordinates on a 0-1000 grid of the image (:func:`parse_qwen2_boxes`). An OpenAI-compatible server that

@@ -1,4 +1,4 @@
-"""ShapesBench: entity control measured exactly on the shapes world (DESIGN.md section 8).
+"""ShapesBench: entity control measured exactly on the shapes world (docs/design.md section 8).
 
 Held-out layouts (1-4 entities; box, ellipse and irregular masks) are generated three ways: (a) the base model
 with the global prompt only, (b) train-free regional attention (entities, no LoRA), (c) the EliGen LoRA. Each

@@ -1,4 +1,4 @@
-"""`eligen tiny build`: the embedded default model, trained from scratch on the shapes world (DESIGN.md section 8).
+"""`eligen tiny build`: the embedded default model, trained from scratch on the shapes world (docs/design.md section 8).
 
 Three stages, deterministic given the seed: a small VAE (scale factor 2, so 64x64 images make 16x16 = 256
 tokens), a small FluxTransformer2DModel trained as a text-to-image base together with its tiny CLIP and T5

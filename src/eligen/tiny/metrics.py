@@ -1,4 +1,4 @@
-"""ShapesBench scoring (DESIGN.md section 8): segment each entity by its colour and compare with its mask.
+"""ShapesBench scoring (docs/design.md section 8): segment each entity by its colour and compare with its mask.
 
 Pure numpy. The rules, fixed before any training (they move IoU by about 0.1):
 

@@ -1,4 +1,4 @@
-"""The shapes world: a deterministic synthetic dataset of coloured shapes on backgrounds (DESIGN.md section 8).
+"""The shapes world: a deterministic synthetic dataset of coloured shapes on backgrounds (docs/design.md section 8).
 
 Every image is exactly annotated: each pixel is either one object's flat palette colour or (softly textured)
 background, so an object's mask is recovered exactly by its colour and no two objects in one image share a colour.

@@ -1,6 +1,6 @@
 """Training data for EliGen LoRAs: record files, up-front validation, aspect-ratio buckets and batching.
 
-Two record formats are read (DESIGN.md section 6), detected from the content:
+Two record formats are read (docs/design.md section 6), detected from the content:
 
 - ours, JSONL: one object per line ``{"image": "rel/path.png", "prompt": "...", "entities": [{"prompt": "...",
   "box": [x0, y0, x1, y1]} | {"prompt": "...", "mask": "rel/mask.png"}]}``;

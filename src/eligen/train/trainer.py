@@ -1,4 +1,4 @@
-"""EliGen LoRA training (DESIGN.md section 6): one explicit loop under accelerate, single device to many GPUs.
+"""EliGen LoRA training (docs/design.md section 6): one explicit loop under accelerate, single device to many GPUs.
 
 Per optimisation step: VAE-encode the batch, draw noise and a noise level, run the DiT with the entity prompts
 and the batch's regional mask (dense, per sample: padded entities have empty masks and are exactly inert),
