@@ -17,18 +17,22 @@ import base64
 import io
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from PIL import Image
 
-try:  # torch is a hard dependency of the package, but this module must not need it to import.
+if TYPE_CHECKING:
     import torch
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
 
 MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 DATA_URI_PREFIX = "data:image/png;base64,"
@@ -253,7 +257,8 @@ def binarize_mask(mask: MaskLike, index: int | None = None) -> np.ndarray:
         mask = load_mask_image(mask, index)
     if isinstance(mask, Image.Image):
         array = _array_from_image(mask)
-    elif torch is not None and isinstance(mask, torch.Tensor):
+    elif _is_tensor(mask):  # this module never imports torch: a tensor exists only once torch is loaded
+        torch = sys.modules["torch"]
         tensor = mask.detach().cpu()
         if tensor.ndim == 4 and tensor.shape[0] == 1:
             tensor = tensor[0]

@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 
 from .config import option
+from .families import FAMILY_NAMES as FAMILIES
+from .families import FAMILY_TITLES, TRANSFORMER_FAMILIES
 
 FORMATS = ("diffsynth", "kohya", "diffusers")
-FAMILIES = ("flux", "qwen_image")
-FAMILY_NAMES = {"flux": "FLUX", "qwen_image": "Qwen-Image"}
-TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "flux", "QwenImageTransformer2DModel": "qwen_image"}
 # Module-name parts that occur in one family only (attn.*, proj_out, norm_out.linear, ... occur in both).
 FAMILY_MARKERS = {
     "flux": frozenset({"ff", "ff_context", "norm1", "norm1_context", "single_transformer_blocks", "proj_mlp",
@@ -383,7 +382,7 @@ def read_lora_family(state_dict: Mapping[str, torch.Tensor],
             raise
         found = None
     if family is not None and found not in (None, family):
-        raise LoraFormatError(f"this LoRA is for {FAMILY_NAMES[found]}, not {FAMILY_NAMES[family]}")
+        raise LoraFormatError(f"this LoRA is for {FAMILY_TITLES[found]}, not {FAMILY_TITLES[family]}")
     return weights, fmt, found or family
 
 
@@ -607,9 +606,9 @@ def _check_family_fits(weights: LoraWeights, transformer: torch.nn.Module) -> No
         return
     found = lora_family(weights, expected)
     if found != expected:
-        raise LoraFormatError(f"this LoRA is for {FAMILY_NAMES[found]} but the pipeline's transformer is "
-                              f"{FAMILY_NAMES[expected]} ({type(transformer).__name__}); load it into a "
-                              f"{FAMILY_NAMES[found]} pipeline")
+        raise LoraFormatError(f"this LoRA is for {FAMILY_TITLES[found]} but the pipeline's transformer is "
+                              f"{FAMILY_TITLES[expected]} ({type(transformer).__name__}); load it into a "
+                              f"{FAMILY_TITLES[found]} pipeline")
 
 
 def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 FAMILY_NAMES = ("flux", "qwen_image")
+FAMILY_TITLES = {"flux": "FLUX", "qwen_image": "Qwen-Image"}
+TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "flux", "QwenImageTransformer2DModel": "qwen_image"}
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "EliGenPipeline": "flux", "QwenImagePipeline": "qwen_image",
                      "EliGenQwenImagePipeline": "qwen_image"}
 

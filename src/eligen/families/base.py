@@ -46,8 +46,6 @@ class ModelFamily:
     """What differs between model families. Subclasses hold no state: one instance per family."""
 
     name: ClassVar[str]
-    pipeline_class: ClassVar[str]  # the diffusers pipeline class named in model_index.json
-    transformer_class: ClassVar[str]
     default_cfg: ClassVar[str] = "plain"
     lora_rank: ClassVar[int] = 32  # the reference's training rank for the family
     processors: ClassVar[dict[type, type]]  # diffusers' stock attention processor -> the family's regional one

@@ -47,8 +47,6 @@ class RegionalFluxAttnProcessor(RegionalProcessor, FluxAttnProcessor):
 
 class FluxFamily(ModelFamily):
     name = "flux"
-    pipeline_class = "FluxPipeline"
-    transformer_class = "FluxTransformer2DModel"
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     lora_rank = 64  # the paper's rank (the reference's FLUX trainer uses 32)
     processors: ClassVar[dict[type, type]] = {FluxAttnProcessor: RegionalFluxAttnProcessor}

@@ -85,8 +85,6 @@ class RegionalQwenAttnProcessor(RegionalProcessor, QwenDoubleStreamAttnProcessor
 
 class QwenImageFamily(ModelFamily):
     name = "qwen_image"
-    pipeline_class = "QwenImagePipeline"
-    transformer_class = "QwenImageTransformer2DModel"
     default_cfg = "rescaled"
     processors: ClassVar[dict[type, type]] = {QwenDoubleStreamAttnProcessor2_0: RegionalQwenAttnProcessor}
     # the reference's lora_target_modules for Qwen-Image EliGen (rank 32, lr 1e-4)

@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
 
 from ..entities import Entity, LayoutError, binarize_mask
-from ..families import PIPELINE_FAMILIES, family_of_index
+from ..families import family_of_index
 from ..families.base import Branch, ModelFamily
 from ..inpaint import FUSIONS, pack_mask, paste_back, snap_size, soft_union, to_rgb_array
 from ..lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
@@ -525,4 +525,4 @@ def resolution_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, ba
     return image_seq_len * m + b
 
 
-__all__ = ["PIPELINE_FAMILIES", "EliGenMixin", "EntityBatch", "InpaintSource"]
+__all__ = ["EliGenMixin", "EntityBatch", "InpaintSource"]
