@@ -26,9 +26,9 @@ from .lora import (
     lora_info,
 )
 from .tiny.bench import BenchConfig
-from .tiny.build import TinyBuildConfig
+from .tiny.build_config import TinyBuildConfig
 from .tiny.shipped import model_defaults
-from .train.trainer import TrainConfig
+from .train.config import TrainConfig
 
 DESCRIPTION = "eligen: entity-level controlled image generation (EliGen) with diffusers FLUX.1 and Qwen-Image."
 GENERATE_EPILOG = """examples:
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(given: dict) -> int:
-    from .train.trainer import load_train_config, train
+    from .train.config import load_train_config
+    from .train.trainer import train
 
     result = train(load_train_config(given))
     if result.interrupted:

@@ -15,9 +15,16 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from .choices import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+def torch_dtype(name: str):
+    """``"bfloat16"`` -> ``torch.bfloat16`` (torch is imported here, when a model is about to be loaded)."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {name!r}")
+    return getattr(torch, name)
 
 
 def option(default: Any = None, help: str = "", **meta: Any) -> Any:

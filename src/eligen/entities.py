@@ -466,3 +466,9 @@ def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
 
 def save_layout(layout: Layout, path: str | Path, embed_masks: bool = True) -> None:
     Path(path).write_text(json.dumps(layout_to_dict(layout, embed_masks), indent=2) + "\n", encoding="utf-8")
+
+
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(H, W)`` bool -> ``(height, width)`` bool with PIL's NEAREST sampling (the reference's resize)."""
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    return np.asarray(image.resize((width, height), resample=Image.Resampling.NEAREST)) >= 128

@@ -11,15 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, PngImagePlugin
 
 from . import __version__
-from .config import DTYPES, option
+from .choices import ATTENTION_MODES, CFG_MODES, DTYPE_NAMES, ENTITY_TOKEN_MODES, FUSIONS
+from .config import option, torch_dtype
 from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
-from .families.base import CFG_MODES
-from .inpaint import FUSIONS
-from .masks import ATTENTION_MODES, ENTITY_TOKEN_MODES
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
@@ -54,7 +51,7 @@ class GenerateConfig:
     width: int | None = option(None, "output width in pixels (default: the layout's; boxes and polygons scale)")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
-                               choices=sorted(DTYPES))
+                               choices=DTYPE_NAMES)
     overlay: bool = option(False, "also write OUT_overlay.png: every entity mask tinted and labelled")
     max_sequence_length: int = option(512, "T5 tokens per prompt segment (FLUX and the released LoRA use 512)")
     entities_on_negative: bool = option(False, "reference behaviour: also apply the entities on the negative "
@@ -89,8 +86,8 @@ class GenerateConfig:
         if len(self.lora_scale) > len(self.lora):
             raise ValueError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} --lora files; give "
                              "one scale per LoRA, in the same order")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.entity_tokens not in ENTITY_TOKEN_MODES:
             raise ValueError(f"--entity-tokens must be one of {ENTITY_TOKEN_MODES}, got {self.entity_tokens!r}")
         if self.attention not in ATTENTION_MODES:
@@ -158,6 +155,8 @@ class GenerateResult:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -230,7 +229,7 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
     """The EliGen pipeline of the model's family on ``device`` in ``dtype``, with the LoRAs stacked at ``scales``."""
     from .pipelines import load_eligen_pipeline
 
-    pipe = load_eligen_pipeline(model, dtype=DTYPES[dtype])
+    pipe = load_eligen_pipeline(model, dtype=torch_dtype(dtype))
     pipe.to(device)
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):
@@ -242,6 +241,8 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
 
 def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> GenerateResult:
     """Render a layout to ``config.output`` (and an overlay), recording layout and parameters in the PNG."""
+    import torch
+
     if config.output is None:
         raise ValueError("give an output path with -o OUT.png")
     if not config.model:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from PIL import Image
 
-FUSIONS = ("exact", "paper")
+from .choices import FUSIONS
 
 
 def plain_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:

@@ -28,12 +28,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import option
 from .families import FAMILY_NAMES as FAMILIES
 from .families import FAMILY_TITLES, TRANSFORMER_FAMILIES
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("diffsynth", "kohya", "diffusers")
 # Module-name parts that occur in one family only (attn.*, proj_out, norm_out.linear, ... occur in both).
@@ -408,6 +410,8 @@ def _fuse(members: list[LoraLayer | None], widths: list[int]) -> LoraLayer:
     exact; otherwise the As are stacked and B is block-diagonal with each scale folded in, which is exact at a
     higher rank. Missing members get zero rows.
     """
+    import torch
+
     present = [m for m in members if m is not None]
     first = present[0]
     device, dtype = first.up.device, first.up.dtype
@@ -497,6 +501,8 @@ def _write_qwen_diffsynth(weights: LoraWeights) -> dict[str, torch.Tensor]:
 
 
 def _kohya_layer(stem: str, layer: LoraLayer) -> dict[str, torch.Tensor]:
+    import torch
+
     return {f"{stem}.lora_down.weight": layer.down.contiguous(), f"{stem}.lora_up.weight": layer.up.contiguous(),
             f"{stem}.alpha": torch.tensor(float(layer.alpha if layer.alpha is not None else layer.rank))}
 
@@ -532,6 +538,8 @@ def write_kohya(weights: LoraWeights, family: str | None = None) -> dict[str, to
 
 def write_diffusers(weights: LoraWeights, with_alpha: bool = True) -> dict[str, torch.Tensor]:
     """``transformer.<module>.lora_A.weight`` keys; alpha kept as ``.alpha`` (or folded into B)."""
+    import torch
+
     out = {}
     for module, layer in sorted(weights.items()):
         if not with_alpha:
@@ -614,6 +622,8 @@ def _check_family_fits(weights: LoraWeights, transformer: torch.nn.Module) -> No
 def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
     """Refuse a LoRA that does not fit ``transformer`` as a whole (nothing is applied partially): a LoRA of the
     other model family, layers the transformer lacks, layers of other shapes."""
+    import torch
+
     _check_family_fits(weights, transformer)
     modules = dict(transformer.named_modules())
     missing, misshaped = [], []

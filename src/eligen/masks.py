@@ -12,25 +12,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from einops import rearrange, reduce
-from PIL import Image
+
+from .entities import resize_nearest
 
 PACK = 2  # both families pack 2x2 latent pixels into one token
-# The forms the regional mask reaches attention in (all exact; "auto" picks per device), and the entity segment
-# lengths: "full" pads every entity prompt to max_sequence_length, "trim" keeps its real tokens plus a few pads.
-ATTENTION_MODES = ("auto", "dense", "flex", "segmented")
-ENTITY_TOKEN_MODES = ("full", "trim")
 
 
 def latent_grid_size(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
     """Latent ``(h, w)`` exactly as diffusers' FLUX and Qwen-Image ``prepare_latents`` compute it (a multiple of the
     2x2 packing)."""
     return PACK * (int(height) // (vae_scale_factor * PACK)), PACK * (int(width) // (vae_scale_factor * PACK))
-
-
-def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``(H, W)`` bool -> ``(height, width)`` bool with PIL's NEAREST sampling (the reference's resize)."""
-    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
-    return np.asarray(image.resize((width, height), resample=Image.Resampling.NEAREST)) >= 128
 
 
 def token_cover(latent_mask: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import DTYPES, option
+from ..choices import DTYPE_NAMES
+from ..config import option
 from ..generate import default_device, default_dtype, load_pipeline, read_metadata, save_png
 
 IMAGES_DIR = "images"
@@ -48,7 +48,7 @@ class DataGenerateConfig:
                                "WORLD_SIZE when WORLD_SIZE > 1, else 0/1)", metavar="I/N")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
-                               choices=sorted(DTYPES))
+                               choices=DTYPE_NAMES)
     max_sequence_length: int = option(512, "T5 tokens per prompt")
     batch_size: int = option(1, "captions per pipeline call (each keeps its own seed)")
     progress: bool = option(True, "show a progress bar")
@@ -69,8 +69,8 @@ class DataGenerateConfig:
             raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
         if not 1 <= self.max_sequence_length <= 512:
             raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.shard is not None:
             parse_shard(self.shard)
 
@@ -174,6 +174,8 @@ def item_metadata(config: DataGenerateConfig, item: dict[str, Any], seed: int, d
 
 def _render_batch(pipe, config: DataGenerateConfig, prompts: list[str], seeds: list[int]) -> list:
     """One pipeline call: a PIL image per prompt, each from its own seeded generator."""
+    import torch
+
     kwargs: dict[str, Any] = {}
     if config.true_cfg > 1:
         kwargs["negative_prompt"] = [config.negative_prompt] * len(prompts)
@@ -225,8 +227,8 @@ def _load(config: DataGenerateConfig) -> tuple[Any, str]:
 
 def _pipe_dtype(pipe) -> str:
     """The dtype name of a pipeline passed in (recorded in the metadata)."""
-    dtype = getattr(pipe, "dtype", None)
-    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype))
+    dtype = str(getattr(pipe, "dtype", None))
+    return dtype.removeprefix("torch.") if dtype.removeprefix("torch.") in DTYPE_NAMES else dtype
 
 
 def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult:

@@ -14,9 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..choices import CFG_MODES
 from ..inpaint import plain_cfg  # N_neg + s (N_pos - N_neg): FLUX's true CFG, the reference's Qwen one
-
-CFG_MODES = ("plain", "rescaled")
 
 
 @dataclass

@@ -17,12 +17,13 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 from PIL import Image
 
+from ..choices import ATTENTION_MODES, ENTITY_TOKEN_MODES, FUSIONS
 from ..entities import Entity, LayoutError, binarize_mask
 from ..families import family_of_index
 from ..families.base import Branch, ModelFamily
-from ..inpaint import FUSIONS, pack_mask, paste_back, snap_size, soft_union, to_rgb_array
+from ..inpaint import pack_mask, paste_back, snap_size, soft_union, to_rgb_array
 from ..lora import check_fits, load_state_dict, peft_config, read_lora, resolve_lora_path, write_diffusers
-from ..masks import ATTENTION_MODES, ENTITY_TOKEN_MODES, latent_grid_size, latent_mask, resize_nearest, token_cover
+from ..masks import latent_grid_size, latent_mask, resize_nearest, token_cover
 from ..regional.dense import regional_attention_mask
 from ..regional.flex import FlexSlot, regional_block_mask
 from ..regional.processors import check_regional_attention_support, install_regional_processors

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from eligen.config import option
@@ -98,6 +97,8 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     """Generate, score and report; writes ``shapesbench.json`` and ``contact_sheet.png`` to ``output_dir``."""
+    import torch
+
     from ..pipelines import load_eligen_pipeline
 
     if pipe is None:
