@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from functools import partial
 
@@ -51,6 +52,8 @@ COMMAND_CONFIGS = {"generate": GenerateConfig, "inpaint": InpaintConfig}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eligen", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"eligen {__version__}")
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="show the libraries' warnings, logs and loading bars (hidden by default)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     gen = commands.add_parser(
         "generate", help="render a layout JSON file to a PNG", description="Render a layout JSON file to a PNG. "
@@ -233,16 +236,21 @@ def run_render(command: str, given: dict) -> int:
 
 
 def quiet_libraries() -> None:
-    """Keep the terminal for our own progress bar and messages (set before diffusers/transformers import)."""
+    """Keep the terminal for our own progress bars and messages: the libraries' logs, loading bars and warnings
+    stay hidden (set before diffusers/transformers import; ``--verbose`` skips this)."""
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(name, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for library in ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_libraries()
     parser = build_parser()
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if not args.pop("verbose", False):
+        quiet_libraries()
     handler = args.pop("handler", None)
     args.pop("command", None)
     args.pop("lora_command", None)

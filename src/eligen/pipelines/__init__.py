@@ -21,7 +21,15 @@ def pipeline_class(family: str) -> type:
 
 
 def load_eligen_pipeline(model: str, **kwargs: Any):
-    """``from_pretrained`` with the pipeline class of the checkpoint's family (read from ``model_index.json``)."""
+    """``from_pretrained`` with the pipeline class of the checkpoint's family (read from ``model_index.json``).
+
+    Loading bars follow ``HF_HUB_DISABLE_PROGRESS_BARS``, as transformers' do (diffusers' own ignore it).
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
+
     from ..families import model_family
 
+    if are_progress_bars_disabled():
+        diffusers_logging.disable_progress_bar()
     return pipeline_class(model_family(model)).from_pretrained(model, **kwargs)

@@ -7,6 +7,7 @@ the chosen form, inpainting input and output, the schedule, LoRA loading, and th
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,10 +159,12 @@ class EliGenMixin:
         previous = self.get_active_adapters() if getattr(self.transformer, "peft_config", None) else []
         dtype = self.transformer.dtype
         state = {k: v.to(dtype) for k, v in write_diffusers(weights, with_alpha=False).items()}
-        self.transformer.load_lora_adapter(
-            state, prefix="transformer", adapter_name=adapter_name, metadata=peft_config(weights), _pipeline=self,
-            low_cpu_mem_usage=True,
-        )
+        with warnings.catch_warnings():  # stacking adapters is the point here, not a mistake peft should flag
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.transformer.load_lora_adapter(
+                state, prefix="transformer", adapter_name=adapter_name, metadata=peft_config(weights),
+                _pipeline=self, low_cpu_mem_usage=True,
+            )
         self.transformer.set_adapter([*previous, adapter_name])  # keeps the others active, at their weights
         if scale != 1.0:
             self.set_lora_scale(adapter_name, scale)
