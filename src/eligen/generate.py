@@ -229,7 +229,7 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
     """The EliGen pipeline of the model's family on ``device`` in ``dtype``, with the LoRAs stacked at ``scales``."""
     from .pipelines import load_eligen_pipeline
 
-    pipe = load_eligen_pipeline(model, dtype=torch_dtype(dtype))
+    pipe = load_eligen_pipeline(model, dtype=torch_dtype(dtype), load_default_lora=False)  # the LoRAs are ours
     pipe.to(device)
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):

@@ -32,6 +32,10 @@ from ..regional.segmented import segmented_mask
 from ..sampling import Fusion, denoise
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# eligen_defaults.json keys -> the pipeline arguments they fill when a call leaves them out
+DEFAULT_ARGUMENTS = {"steps": "num_inference_steps", "true_cfg": "true_cfg_scale", "guidance": "guidance_scale",
+                     "max_sequence_length": "max_sequence_length"}
+FAR_FROM_NATIVE = 4.0  # warn when the pixel count differs from the native size's by more than this factor
 TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 logger = logging.getLogger(__name__)
 
@@ -116,12 +120,18 @@ class EliGenMixin:
     """The family-independent half of an EliGen pipeline (mixed into a diffusers pipeline class)."""
 
     family: ClassVar[ModelFamily]
+    eligen_defaults: dict[str, Any] = {}  # noqa: RUF012  (replaced per instance, never mutated)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, load_default_lora: bool = True, **kwargs):
         """diffusers' ``from_pretrained``; ``"eligen-tiny"`` is the model shipped in the package, and a checkpoint
-        of another family is refused naming the pipeline class that runs it."""
-        from ..tiny.shipped import resolve_model
+        of another family is refused naming the pipeline class that runs it.
+
+        A checkpoint that declares its own defaults (``eligen_defaults.json``: steps, true CFG, guidance, token
+        length, native size, its EliGen LoRA) gets them for every call that leaves them out, as the CLI does, and
+        its LoRA is loaded as the adapter ``"eligen"`` unless ``load_default_lora=False``.
+        """
+        from ..tiny.shipped import model_defaults, resolve_model
 
         path = resolve_model(pretrained_model_name_or_path)
         index = Path(str(path)) / "model_index.json"
@@ -132,7 +142,44 @@ class EliGenMixin:
             if family != cls.family.name:
                 runs = {"flux": "EliGenPipeline", "qwen_image": "EliGenQwenImagePipeline"}[family]
                 raise ValueError(f"{path} is a {family} checkpoint; load it with eligen.{runs}")
-        return super().from_pretrained(path, **kwargs)
+        pipe = super().from_pretrained(path, **kwargs)
+        pipe.eligen_defaults = model_defaults(path)
+        if load_default_lora:
+            for lora in pipe.eligen_defaults.get("lora", []):
+                pipe.load_eligen_lora(lora)
+        return pipe
+
+    def native_size(self) -> tuple[int, int]:
+        """``(height, width)`` the model was trained at: its declared size, else diffusers' default size."""
+        side = self.default_sample_size * self.vae_scale_factor
+        width, height = self.eligen_defaults.get("native_size") or (side, side)
+        return height, width
+
+    def _call_defaults(self, given: dict[str, Any], fallbacks: dict[str, Any]) -> dict[str, Any]:
+        """Arguments a call left as None -> the model's declared defaults, else diffusers' (``fallbacks``)."""
+        declared = {DEFAULT_ARGUMENTS[k]: v for k, v in self.eligen_defaults.items() if k in DEFAULT_ARGUMENTS}
+        return {k: given[k] if given[k] is not None else declared.get(k, fallback) for k, fallback in fallbacks.items()}
+
+    def _declared_negative(self, negative_prompt, negative_prompt_embeds, given_true_cfg: float | None) -> Any:
+        """A call that leaves true CFG to a model declaring it above 1 runs it with an empty negative prompt when
+        none is given (as the CLI does); otherwise diffusers' rule holds: no negative prompt, no true CFG."""
+        declared = self.eligen_defaults.get("true_cfg")
+        if (given_true_cfg is None and declared is not None and declared > 1 and negative_prompt is None
+                and negative_prompt_embeds is None):
+            return ""
+        return negative_prompt
+
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The output size: as given, else the model's native size; warns when far from the native size."""
+        native_height, native_width = self.native_size()
+        height, width = height or native_height, width or native_width
+        ratio = (height * width) / (native_height * native_width)
+        if ratio > FAR_FROM_NATIVE or ratio < 1 / FAR_FROM_NATIVE:
+            logger.warning(f"{width}x{height} is far from the {native_width}x{native_height} this model was trained "
+                           "at: expect a poor image (and, if larger, a long wait); pass a size near "
+                           f"{native_width}x{native_height}")
+        return height, width
+
 
     def register_modules(self, **kwargs):
         """diffusers' ``register_modules``, then eligen's attention processors on the transformer (without a mask

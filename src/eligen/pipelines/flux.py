@@ -50,14 +50,14 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
         entity_prompt_embeds: Sequence[torch.Tensor] | None = None,
         entity_masks: Sequence[Any] | None = None,
         entities_on_negative: bool = False,
-        true_cfg_scale: float = 1.0,
+        true_cfg_scale: float | None = None,
         cfg_mode: str | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 28,
+        num_inference_steps: int | None = None,
         sigmas: Sequence[float] | None = None,
         shift_sigmas: bool = True,
-        guidance_scale: float = 3.5,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -70,7 +70,7 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
         joint_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         image: Any = None,
         inpaint: bool = False,
         strength: float = 1.0,
@@ -117,15 +117,20 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
                 tokens, approximate).
             compile: ``torch.compile`` the transformer's repeated blocks (regional compilation), once.
         """
-        # 0. Validate.
+        # 0. Validate; what the call leaves out comes from the model's declared defaults, else diffusers'.
         self._check_speed_options(attention, entity_tokens, output_type)
+        negative_prompt = self._declared_negative(negative_prompt, negative_prompt_embeds, true_cfg_scale)
+        num_inference_steps, true_cfg_scale, guidance_scale, max_sequence_length = self._call_defaults(
+            dict(num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale,
+                 guidance_scale=guidance_scale, max_sequence_length=max_sequence_length),
+            dict(num_inference_steps=28, true_cfg_scale=1.0, guidance_scale=3.5, max_sequence_length=512),
+        ).values()
         combine = self.family.combine(cfg_mode or self.family.default_cfg)
         source = None
         if image is not None or inpaint:
             source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
             height, width = source.height, source.width
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._size(height, width)
         work = (source.work_height, source.work_width) if source else (height, width)
         self.check_inputs(
             prompt, prompt_2, *work,

@@ -38,11 +38,11 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
         entity_prompt_embeds: Sequence[torch.Tensor] | None = None,
         entity_masks: Sequence[Any] | None = None,
         entities_on_negative: bool = False,
-        true_cfg_scale: float = 4.0,
+        true_cfg_scale: float | None = None,
         cfg_mode: str | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         sigmas: Sequence[float] | None = None,
         shift_sigmas: bool = True,
         guidance_scale: float | None = None,
@@ -58,7 +58,7 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         image: Any = None,
         inpaint: bool = False,
         strength: float = 1.0,
@@ -80,15 +80,20 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
             entity_tokens: accepted for symmetry; Qwen-Image segments are unpadded already, so "trim" changes
                 nothing.
         """
-        # 0. Validate.
+        # 0. Validate; what the call leaves out comes from the model's declared defaults, else diffusers'.
         self._check_speed_options(attention, entity_tokens, output_type)
+        negative_prompt = self._declared_negative(negative_prompt, negative_prompt_embeds, true_cfg_scale)
+        num_inference_steps, true_cfg_scale, guidance_scale, max_sequence_length = self._call_defaults(
+            dict(num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale,
+                 guidance_scale=guidance_scale, max_sequence_length=max_sequence_length),
+            dict(num_inference_steps=50, true_cfg_scale=4.0, guidance_scale=None, max_sequence_length=512),
+        ).values()
         combine = self.family.combine(cfg_mode or self.family.default_cfg)
         source = None
         if image is not None or inpaint:
             source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
             height, width = source.height, source.width
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._size(height, width)
         work = (source.work_height, source.work_width) if source else (height, width)
         self.check_inputs(
             prompt, *work, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,

@@ -105,7 +105,7 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
         if not config.model:
             raise ValueError("give the model to benchmark with --model")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_eligen_pipeline(config.model).to(device)
+        pipe = load_eligen_pipeline(config.model, load_default_lora=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     declared = model_defaults(config.model) if config.model else {}
     lora = config.lora or (declared.get("lora") or [None])[0]

@@ -185,7 +185,7 @@ def build(config: TinyBuildConfig) -> Path:
     ))
     (base_dir / LORA_FILE).write_bytes(result.lora_files["diffusers"].read_bytes())
     defaults = {"max_sequence_length": config.max_sequence_length, "steps": 20, "true_cfg": 3.0, "guidance": 3.5,
-                "lora": LORA_FILE}
+                "lora": LORA_FILE, "native_size": [config.size, config.size]}
     (base_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=1))
     report = {"config": {k: str(v) for k, v in asdict(config).items()}, "minutes": (time.perf_counter() - started) / 60,
               "vae_loss_last": float(np.mean(vae_losses[-20:])), "base_loss_last": float(np.mean(base_losses[-20:])),

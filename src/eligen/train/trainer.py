@@ -179,7 +179,7 @@ class Trainer:
             config.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.accelerator.device
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        self.pipe = load_eligen_pipeline(config.model, dtype=weight_dtype)
+        self.pipe = load_eligen_pipeline(config.model, dtype=weight_dtype, load_default_lora=False)
         self.family = self.pipe.family
         self.rank = config.rank or self.family.lora_rank
         self.pipe.set_progress_bar_config(disable=True)
