@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]"  # dev includes the train extra: the tests train
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

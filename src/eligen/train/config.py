@@ -82,9 +82,12 @@ def jsonable_config(config: TrainConfig) -> dict[str, Any]:
 
 def load_train_config(given: dict[str, Any]) -> TrainConfig:
     """Defaults < the YAML file named by ``config`` < the flags given."""
-    import yaml
-
     from ..config import config_from_mapping
+
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ValueError("reading a training YAML file needs PyYAML: pip install 'eligen[train]'") from exc
 
     stored: dict[str, Any] = {}
     if given.get("config") is not None:

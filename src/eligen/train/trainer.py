@@ -43,6 +43,15 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def require_training_extra() -> None:
+    """Training writes TensorBoard logs, which the inference install leaves out: say how to get them."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("eligen train logs to TensorBoard, which the core install leaves out; install the training "
+                         "extra: pip install 'eligen[train]'")
+
+
 def pad_stack(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T_i, D)`` sequences -> ``(B, max T_i, D)`` padded with zeros after each, and ``(B, max T_i)`` bool valid."""
     length = max(s.shape[0] for s in sequences)
@@ -164,6 +173,7 @@ class Trainer:
         from .data import BucketBatchSampler, EntityDataset
 
         config.require()
+        require_training_extra()
         self.config = config
         release_single_process_accelerator()
         cuda = torch.cuda.is_available()
