@@ -30,7 +30,7 @@ def test_help_version_and_validation_import_no_torch(argv):
 
 def test_libraries_stay_quiet_unless_verbose(tmp_path, tiny_pipeline_dir):
     args = ["generate", "examples/tiny_two_shapes.json", "--model", str(tiny_pipeline_dir), "--steps", "1",
-            "--max-sequence-length", "16", "--no-progress"]
+            "--max-sequence-length", "16", "--no-progress", "--width", "192", "--height", "192"]  # near its 256
     quiet = subprocess.run([sys.executable, "-m", "eligen.cli", *args, "-o", str(tmp_path / "a.png")],
                            capture_output=True, text=True, env=ENV)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr

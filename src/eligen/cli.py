@@ -228,10 +228,10 @@ def run_render(command: str, given: dict) -> int:
     known = {f.name for f in dataclasses.fields(config_class)}
     declared = {k: v for k, v in model_defaults(model).items() if k in known}  # e.g. the tiny model's own steps
     config = config_from_mapping(config_class, declared, stored_params, given)
-    result = generate(config, stored_layout)
-    print(f"image: {result.path}")
-    if result.overlay_path is not None:
-        print(f"overlay: {result.overlay_path}")
+    for result in generate(config, stored_layout):
+        print(f"image: {result.path}")
+        if result.overlay_path is not None:
+            print(f"overlay: {result.overlay_path}")
     return 0
 
 

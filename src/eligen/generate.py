@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import secrets
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,15 @@ from . import __version__
 from .choices import ATTENTION_MODES, CFG_MODES, DTYPE_NAMES, ENTITY_TOKEN_MODES, FUSIONS
 from .config import option, torch_dtype
 from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
+from .files import atomic_path, write_text_atomic
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
 # Fields that describe the output files or the run, not the image: never read back by --from.
-RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device", "attention", "compile")
+RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device", "attention", "compile",
+                   "num_images", "prompt", "negative_prompt")  # the last two are recorded in the layout
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # PNG carries the record inside
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 
 
 @dataclass
@@ -29,7 +32,8 @@ class GenerateConfig:
     """Everything `eligen generate` reads. The CLI flags are built from these fields."""
 
     layout: Path | None = option(None, "layout JSON file (prompt, width, height, entities)", positional=True)
-    output: Path | None = option(None, "output PNG path", short="-o", flag="--output", metavar="OUT.png")
+    output: Path | None = option(None, "output image path: .png (the layout and parameters inside), .jpg or .webp "
+                                 "(with them in a .json beside it)", short="-o", flag="--output", metavar="OUT.png")
     from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
                                    "(other flags override it)", flag="--from", metavar="PNG")
     model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id (the family "
@@ -46,7 +50,12 @@ class GenerateConfig:
                                   "reference) or rescaled (diffusers' Qwen-Image: rescaled to the positive "
                                   "prediction's norm); default: the model family's", choices=CFG_MODES)
     guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
-    seed: int | None = option(None, "random seed (default: the layout's seed, else a random one; always recorded)")
+    seed: int | None = option(None, "random seed (default: the layout's seed, else a random one, printed; always "
+                              "recorded)")
+    num_images: int = option(1, "images to render, with seeds seed, seed + 1, ...; OUT.png becomes OUT_0.png, "
+                             "OUT_1.png, ...")
+    prompt: str | None = option(None, "global prompt (replaces the layout's)")
+    negative_prompt: str | None = option(None, "negative prompt (replaces the layout's)")
     height: int | None = option(None, "output height in pixels (default: the layout's; boxes and polygons scale)")
     width: int | None = option(None, "output width in pixels (default: the layout's; boxes and polygons scale)")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
@@ -73,6 +82,15 @@ class GenerateConfig:
                 setattr(self, name, Path(value))
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {self.num_images}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"--seed must be in 0..2**64 - 1, got {self.seed}")
+        if self.output is not None and self.output.suffix.lower() not in IMAGE_FORMATS:
+            raise ValueError(f"--output {self.output}: the extension names the format; use one of "
+                             f"{', '.join(IMAGE_FORMATS)}")
+        if self.output is not None and self.output.is_dir():
+            raise ValueError(f"--output {self.output} is a folder; give a file name, e.g. {self.output / 'out.png'}")
         if self.true_cfg < 1:
             raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
         if self.guidance < 0:
@@ -168,8 +186,27 @@ def overlay_path_for(path: Path) -> Path:
     return path.with_name(f"{path.stem}_overlay.png")
 
 
+def sidecar_path(path: Path) -> Path:
+    """Where the record of an image whose format cannot carry it goes: ``OUT.jpg`` -> ``OUT.json``."""
+    return path.with_suffix(".json")
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``OUT.png`` for one image, ``OUT_0.png``, ``OUT_1.png``, ... for several."""
+    return [output] if count == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The eligen record stored in a PNG by :func:`save_png`."""
+    """The eligen record of an image: inside a PNG (:func:`save_png`), else in its ``.json`` sidecar."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_FORMATS and IMAGE_FORMATS[path.suffix.lower()] != "PNG":
+        sidecar = sidecar_path(path)
+        if not sidecar.is_file():
+            raise ValueError(f"{path} has no record beside it ({sidecar.name} is missing)")
+        try:
+            return json.loads(sidecar.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{sidecar} is not an eligen record: {exc}") from exc
     try:
         with Image.open(path) as image:
             text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
@@ -180,20 +217,24 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(text)
 
 
+def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
+    """Save in the format the extension names; the record goes inside a PNG, else into a ``.json`` beside it."""
+    image_format = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    if image_format == "PNG":
+        save_png(image, path, metadata)
+        return
+    with atomic_path(path) as tmp:
+        image.convert("RGB").save(tmp, format=image_format, quality=95)
+    write_text_atomic(sidecar_path(path), json.dumps(metadata, indent=1) + "\n")
+
+
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
     """Write ``image`` with ``metadata`` as iTXt, atomically (temp file + rename), creating parent folders."""
     info = PngImagePlugin.PngInfo()
     info.add_itxt(METADATA_KEY, json.dumps(metadata, separators=(",", ":")))
     info.add_text("Software", f"eligen {__version__}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> Layout:
@@ -218,6 +259,11 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
               file=sys.stderr)
         layout = layout.resized(in_w, in_h)
         layout.validate()
+    if config.prompt is not None or config.negative_prompt is not None:
+        layout = dataclasses.replace(layout, prompt=config.prompt if config.prompt is not None else layout.prompt,
+                                     negative_prompt=config.negative_prompt if config.negative_prompt is not None
+                                     else layout.negative_prompt)
+        layout.validate()
     width, height = config.width or layout.width, config.height or layout.height
     if (width, height) != (layout.width, layout.height):
         layout = layout.resized(width, height)
@@ -239,8 +285,9 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
     return pipe
 
 
-def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> GenerateResult:
-    """Render a layout to ``config.output`` (and an overlay), recording layout and parameters in the PNG."""
+def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> list[GenerateResult]:
+    """Render a layout to ``config.output`` (``num_images`` of them, and overlays), recording layout and parameters
+    in each image. Everything about the outputs is checked before the model loads, so no result is lost."""
     import torch
 
     if config.output is None:
@@ -248,9 +295,14 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     if not config.model:
         raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
     layout = resolve_layout(config, stored_layout)
+    paths = output_paths(config.output, config.num_images)
+    for path in paths + ([overlay_path_for(p) for p in paths] if config.overlay else []):
+        if path.is_dir():
+            raise ValueError(f"the output {path} is a folder; give a file name")
     seed = config.seed if config.seed is not None else layout.seed
     if seed is None:
         seed = secrets.randbelow(2**32)
+        print(f"seed: {seed} (random; --seed {seed} renders it again)", file=sys.stderr)
     device = config.device or default_device()
     dtype = config.dtype or default_dtype(device)
     pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
@@ -258,38 +310,43 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
         negative = ""
-    image = pipe(
-        prompt=layout.prompt,
-        negative_prompt=negative,
-        entities=layout.entities,
-        height=layout.height,
-        width=layout.width,
-        num_inference_steps=config.steps,
-        true_cfg_scale=config.true_cfg,
-        cfg_mode=config.cfg_mode,
-        guidance_scale=config.guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        max_sequence_length=config.max_sequence_length,
-        entities_on_negative=config.entities_on_negative,
-        entity_tokens=config.entity_tokens,
-        attention=config.attention,
-        compile=config.compile,
-        output_type="pil",
-        **config.pipeline_kwargs(),
-    ).images[0]
-    params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
-    metadata = {
-        "version": __version__,
-        "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
-        "layout": layout_to_dict(layout, embed_masks=True),
-        "params": params,
-        "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
-                        "compile": config.compile},
-    }
-    save_png(image, config.output, metadata)
-    overlay_path = None
-    if config.overlay:
-        overlay_path = overlay_path_for(config.output)
-        overlay = render_overlay(image, layout.masks(), [e.prompt for e in layout.entities])
-        save_png(overlay, overlay_path, metadata)
-    return GenerateResult(image=image, path=config.output, overlay_path=overlay_path, metadata=metadata)
+    results = []
+    for index, path in enumerate(paths):
+        image_seed = (seed + index) % SEED_LIMIT
+        image = pipe(
+            prompt=layout.prompt,
+            negative_prompt=negative,
+            entities=layout.entities,
+            height=layout.height,
+            width=layout.width,
+            num_inference_steps=config.steps,
+            true_cfg_scale=config.true_cfg,
+            cfg_mode=config.cfg_mode,
+            guidance_scale=config.guidance,
+            generator=torch.Generator("cpu").manual_seed(image_seed),
+            max_sequence_length=config.max_sequence_length,
+            entities_on_negative=config.entities_on_negative,
+            entity_tokens=config.entity_tokens,
+            attention=config.attention,
+            compile=config.compile,
+            output_type="pil",
+            **config.pipeline_kwargs(),
+        ).images[0]
+        params = {**config.recorded(), "seed": image_seed, "dtype": dtype, "height": layout.height,
+                  "width": layout.width}
+        metadata = {
+            "version": __version__,
+            "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
+            "layout": layout_to_dict(layout, embed_masks=True),
+            "params": params,
+            "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
+                            "compile": config.compile},
+        }
+        save_image(image, path, metadata)
+        overlay_path = None
+        if config.overlay:
+            overlay_path = overlay_path_for(path)
+            overlay = render_overlay(image, layout.masks(), [e.prompt for e in layout.entities])
+            save_png(overlay, overlay_path, metadata)
+        results.append(GenerateResult(image=image, path=path, overlay_path=overlay_path, metadata=metadata))
+    return results

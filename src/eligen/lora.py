@@ -23,7 +23,6 @@ Qwen-Image (``transformer_blocks`` only, nothing fused):
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING
 from .config import option
 from .families import FAMILY_NAMES as FAMILIES
 from .families import FAMILY_TITLES, TRANSFORMER_FAMILIES
+from .files import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -756,12 +756,6 @@ def convert_lora_file(config: LoraConvertConfig) -> tuple[str, int]:
     """
     weights, source, family = read_lora_family(load_state_dict(config.input))
     state = write_lora(weights, config.to, family=family)
-    output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
+    with atomic_path(config.output) as tmp:
         save_state_dict(state, tmp, config.to)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return source, len(state)

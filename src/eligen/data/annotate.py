@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import option
 from ..entities import box_to_mask
+from ..files import atomic_path, write_text_atomic
 from ..overlay import image_grid, render_overlay
 from . import vlm
 from .parse import (
@@ -160,21 +159,8 @@ def shard_images(images: list[Path], shard: str) -> list[Path]:
     return images[index::count]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
 def _excerpt(text: str | None) -> str | None:
@@ -306,7 +292,7 @@ def load_annotation_records(folder: Path) -> list[dict[str, Any]]:
 def write_jsonl(folder: Path, records: Iterable[dict[str, Any]]) -> Path:
     """``folder/annotations.jsonl``, one record a line (image paths relative to ``folder``), written atomically."""
     path = Path(folder) / JSONL_NAME
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 
@@ -323,14 +309,8 @@ def contact_sheet(folder: Path, records: list[dict[str, Any]], count: int) -> Pa
     if not tiles:
         return None
     path = Path(folder) / SHEET_NAME
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{SHEET_NAME}.", suffix=".png")
-    os.close(handle)
-    try:
+    with atomic_path(path) as tmp:
         image_grid(tiles).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

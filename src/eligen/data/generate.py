@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..choices import DTYPE_NAMES
 from ..config import option
+from ..files import write_text_atomic
 from ..generate import default_device, default_dtype, load_pipeline, read_metadata, save_png
 
 IMAGES_DIR = "images"
@@ -204,15 +204,7 @@ def write_captions_index(out: Path) -> int:
                         "seed": meta["seed"]})
     records.sort(key=lambda r: r["index"])
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CAPTIONS_FILE}.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, out / CAPTIONS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(out / CAPTIONS_FILE, text)
     return len(records)
 
 

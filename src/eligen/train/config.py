@@ -42,13 +42,17 @@ class TrainConfig:
     checkpoint_every: int = option(500, "write a checkpoint every K steps")
     keep_checkpoints: int = option(3, "keep the last N checkpoints")
     resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds another run's checkpoints (deletes them)")
     validate_every: int = option(0, "render the validation layouts every K steps (0: only at the end)")
     validation_layouts: list[str] = option([], "layout JSON files rendered into the validation grid", repeat=True,
                                            metavar="LAYOUT")
     validation_steps: int = option(20, "denoising steps of the validation renders")
+    validation_guidance: float = option(3.5, "embedded guidance of the validation renders (guidance-distilled "
+                                        "models such as FLUX.1-dev; training itself uses --guidance)")
     log_every: int = option(10, "TensorBoard logging interval in steps")
     seed: int = option(0, "seed of the data order, noise and noise levels")
     num_workers: int = option(0, "data loader worker processes")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         for name in ("config", "dataset", "output_dir"):
@@ -74,6 +78,19 @@ class TrainConfig:
         if missing:
             raise ValueError(f"missing {', '.join(missing)}: set them in the YAML file or with --" +
                              " --".join(m.replace("_", "-") for m in missing))
+
+
+# Options a resumed run may change: they steer the run, not what it learns. Any other change is refused by name.
+RESUMABLE_CHANGES = frozenset({"config", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                               "validate_every", "validation_layouts", "validation_steps", "num_workers", "progress",
+                               "resume", "overwrite", "gradient_checkpointing", "cache_text_embeddings",
+                               "validation_guidance"})
+
+
+def changed_options(stored: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The options of ``config`` that differ from a checkpoint's ``stored`` ones and that a resume cannot apply."""
+    current = jsonable_config(config)
+    return sorted(k for k in current if k not in RESUMABLE_CHANGES and k in stored and stored[k] != current[k])
 
 
 def jsonable_config(config: TrainConfig) -> dict[str, Any]:

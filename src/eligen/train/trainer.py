@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families.base import Branch
+from ..files import atomic_path
 from ..masks import latent_grid_size, pixel_masks_to_covers
 from ..regional.dense import regional_attention_mask
-from .config import TrainConfig, jsonable_config
+from .config import TrainConfig, changed_options, jsonable_config
 from .loss import flow_loss, noisy_latents, per_sample_loss, sample_sigmas
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -98,9 +100,8 @@ def save_lora_files(weights, output_dir: Path, family: str | None = None) -> dic
              "diffsynth": output_dir / "eligen_lora_diffsynth.safetensors",
              "kohya": output_dir / "eligen_lora_kohya.safetensors"}
     for fmt, path in files.items():
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)
     return files
 
 
@@ -108,14 +109,17 @@ class TextCache:
     """Text sequences (and pooled vectors, for families that have them) per prompt, encoded once by the family
     (and kept on disk when a path is given)."""
 
-    def __init__(self, pipe, max_sequence_length: int, path: Path | None = None):
+    def __init__(self, pipe, max_sequence_length: int, path: Path | None = None, model: str = ""):
         self.pipe, self.max_sequence_length, self.path = pipe, max_sequence_length, path
         self.family = pipe.family
+        # what produced the embeddings: a cache made by another model or token length is not reused
+        self.key = {"model": model, "family": self.family.name, "max_sequence_length": max_sequence_length}
         self.sequences: dict[str, torch.Tensor] = {}
         self.pooled: dict[str, torch.Tensor] = {}
         if path is not None and path.exists():
             stored = torch.load(path, weights_only=True)
-            self.sequences, self.pooled = stored["sequences"], stored["pooled"]
+            if stored.get("key") == self.key:
+                self.sequences, self.pooled = stored["sequences"], stored["pooled"]
 
     @torch.no_grad()
     def encode(self, prompts: list[str], pooled: bool) -> None:
@@ -132,9 +136,8 @@ class TextCache:
 
     def save(self) -> None:
         if self.path is not None:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            torch.save({"sequences": self.sequences, "pooled": self.pooled}, tmp)
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                torch.save({"key": self.key, "sequences": self.sequences, "pooled": self.pooled}, tmp)
 
 
 def release_single_process_accelerator() -> None:
@@ -174,6 +177,10 @@ class Trainer:
 
         config.require()
         require_training_extra()
+        from ..entities import load_layout
+
+        for layout in config.validation_layouts:  # a bad validation layout fails now, not after the training
+            load_layout(layout)
         self.config = config
         release_single_process_accelerator()
         cuda = torch.cuda.is_available()
@@ -212,7 +219,8 @@ class Trainer:
                                           rank=self.accelerator.process_index,
                                           world_size=self.accelerator.num_processes)
         self.text = TextCache(self.pipe, config.max_sequence_length,
-                              config.output_dir / "text_cache.pt" if config.cache_text_embeddings else None)
+                              config.output_dir / "text_cache.pt" if config.cache_text_embeddings else None,
+                              model=str(config.model))
         self.schedule = self.family.training_schedule()
         self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
@@ -336,6 +344,38 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
+    def start_or_resume(self) -> None:
+        """Resume from the newest readable checkpoint (an unreadable one is skipped, with a note), refusing changed
+        options by name; a fresh run refuses a folder holding another run's checkpoints unless ``overwrite``."""
+        config, found = self.config, checkpoints(self.config.output_dir)
+        if not config.resume:
+            if found and not config.overwrite:
+                raise ValueError(f"{config.output_dir} holds another run's checkpoints ({found[-1].name}); continue "
+                                 "it with --resume, or start afresh with --overwrite (deletes them)")
+            if self.is_main:
+                for old in found:
+                    shutil.rmtree(old)
+            self.accelerator.wait_for_everyone()
+            return
+        for path in reversed(found):
+            try:
+                stored = json.loads((path / "trainer.json").read_text())["config"]
+            except (OSError, ValueError, KeyError) as exc:
+                print(f"note: skipping {path.name}, its record is unreadable ({exc})", file=sys.stderr)
+                continue
+            changed = changed_options(stored, config)
+            if changed:
+                raise ValueError(f"--resume with options changed since {path.name}: {', '.join(changed)}; rerun "
+                                 "with the checkpoint's values, or start a new run in another output_dir")
+            try:
+                self.load_checkpoint(path)
+                return
+            except Exception as exc:  # a checkpoint cut short (disk full, a kill mid-write): fall back
+                print(f"note: skipping {path.name}, it cannot be loaded ({type(exc).__name__}: {exc})",
+                      file=sys.stderr)
+        if found:
+            raise ValueError(f"none of the checkpoints in {config.output_dir} can be loaded")
+
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
         state = torch.load(path / f"eligen_state_{self.accelerator.process_index}.pt", weights_only=False)
@@ -361,7 +401,8 @@ class Trainer:
             layout = load_layout(path)
             image = self.pipe(prompt=layout.prompt, entities=layout.entities, height=layout.height,
                               width=layout.width, num_inference_steps=self.config.validation_steps,
-                              guidance_scale=3.5, max_sequence_length=self.config.max_sequence_length,
+                              guidance_scale=self.config.validation_guidance,
+                              max_sequence_length=self.config.max_sequence_length,
                               generator=torch.Generator().manual_seed(layout.seed or 0)).images[0]
             tiles.append(render_overlay(image, layout.masks(), [e.prompt for e in layout.entities]))
         self.model.train(was_training)
@@ -374,10 +415,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         config = self.config
-        if config.resume:
-            found = checkpoints(config.output_dir)
-            if found:
-                self.load_checkpoint(found[-1])
+        self.start_or_resume()
         self.accelerator.init_trackers("eligen", config={k: str(v) for k, v in asdict(config).items()})
         result = TrainResult(steps=self.step)
         interrupted = {"flag": False}
@@ -388,7 +426,8 @@ class Trainer:
 
         if self.is_main:
             signal.signal(signal.SIGINT, on_interrupt)
-        progress = tqdm(total=config.max_steps, initial=self.step, disable=not self.is_main, desc="train")
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not (self.is_main and config.progress),
+                        desc="train")
         data = self.batches()
         self.model.train()
         started, samples = time.perf_counter(), 0
@@ -442,14 +481,19 @@ class Trainer:
             return result
         if self.step % config.checkpoint_every:
             self.save_checkpoint()
-        if not config.validate_every or self.step % config.validate_every:
-            self.validate()
-        if self.is_main:
+        if self.is_main:  # the LoRA first: a failing validation render must not cost the training
             self.text.save()
             model = self.accelerator.unwrap_model(self.model)
             alpha = config.alpha if config.alpha is not None else self.rank
             result.lora_files = save_lora_files(lora_weights_from_model(model, alpha), config.output_dir,
                                                 self.family.name)
+        if not config.validate_every or self.step % config.validate_every:
+            try:
+                self.validate()
+            except Exception as exc:
+                self.accelerator.end_training()
+                raise ValueError(f"the validation render failed ({type(exc).__name__}: {exc}); the trained LoRA is "
+                                 f"saved: {result.lora_files.get('diffusers')}") from exc
         self.accelerator.end_training()
         return result
 
