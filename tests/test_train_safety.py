@@ -27,7 +27,8 @@ def config(tmp_path, model, data, **overrides) -> TrainConfig:
 
 def test_a_bad_validation_layout_fails_before_the_first_step(tmp_path, tiny_pipeline_dir, dataset):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"prompt": "x", "width": 32, "height": 32, "entities": [{"prompt": "", "box": [0, 0, 8, 8]}]}))
+    bad.write_text(json.dumps({"prompt": "x", "width": 32, "height": 32,
+                               "entities": [{"prompt": "", "box": [0, 0, 8, 8]}]}))
     with pytest.raises(LayoutError, match="prompt"):
         train(config(tmp_path, tiny_pipeline_dir, dataset, validation_layouts=[str(bad)]))
     assert not checkpoints(tmp_path / "out")
@@ -38,7 +39,7 @@ def test_the_lora_is_written_even_if_validation_fails(tmp_path, tiny_pipeline_di
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(Trainer, "validate", broken)
-    with pytest.raises(ValueError, match="validation render failed.*LoRA is saved"):
+    with pytest.raises(ValueError, match=r"validation render failed.*LoRA is saved"):
         train(config(tmp_path, tiny_pipeline_dir, dataset))
     assert (tmp_path / "out" / "eligen_lora.safetensors").exists()
 
@@ -46,7 +47,7 @@ def test_the_lora_is_written_even_if_validation_fails(tmp_path, tiny_pipeline_di
 def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path, tiny_pipeline_dir, dataset):
     train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=3))
     assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
-    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+    with pytest.raises(ValueError, match=r"--resume.*--overwrite"):
         train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=1))
     result = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=1, overwrite=True))
     assert result.steps == 1 and [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-1"]
