@@ -86,11 +86,11 @@ class GenerateConfig:
             raise ValueError(f"--num-images must be >= 1, got {self.num_images}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"--seed must be in 0..2**64 - 1, got {self.seed}")
+        if self.output is not None and self.output.is_dir():
+            raise ValueError(f"--output {self.output} is a folder; give a file name, e.g. {self.output / 'out.png'}")
         if self.output is not None and self.output.suffix.lower() not in IMAGE_FORMATS:
             raise ValueError(f"--output {self.output}: the extension names the format; use one of "
                              f"{', '.join(IMAGE_FORMATS)}")
-        if self.output is not None and self.output.is_dir():
-            raise ValueError(f"--output {self.output} is a folder; give a file name, e.g. {self.output / 'out.png'}")
         if self.true_cfg < 1:
             raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
         if self.guidance < 0:
