@@ -170,6 +170,9 @@ def run_data_annotate(given: dict) -> int:
     print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}; dataset: {result.jsonl}")
     if result.sheet is not None:
         print(f"contact sheet: {result.sheet}")
+    if result.failed and not result.done and not result.skipped:
+        print("eligen: error: no image was annotated; see the reasons above", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -220,6 +223,8 @@ def run_render(command: str, given: dict) -> int:
             raise ValueError("give either a layout file or --from PNG, not both")
         record = read_metadata(given["from_png"])
         made_by = record.get("command", "generate")
+        if made_by not in COMMAND_CONFIGS:
+            raise ValueError(f"{given['from_png']}: its record names no eligen command ({made_by!r})")
         if made_by != command:
             raise ValueError(f"{given['from_png']} was made by `eligen {made_by}`; reproduce it with "
                              f"`eligen {made_by} --from`")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .choices import DTYPE_NAMES
@@ -81,13 +83,52 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(*names, **kwargs)
 
 
+def _type_error(name: str, value: Any, annotation: Any) -> str | None:
+    """Why ``value`` does not fit the field ``name`` of type ``annotation`` (None when it fits). Numbers are finite,
+    and a boolean is never a number."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _type_error(name, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            return f"option '{name}' must be a list, got {value!r}"
+        return next((e for e in (_type_error(name, v, args[0]) for v in value) if e), None)
+    if annotation is bool:
+        return None if isinstance(value, bool) else f"option '{name}' must be true or false, got {value!r}"
+    if annotation in (int, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (annotation is int and not isinstance(value, int)):
+            kind = "an integer" if annotation is int else "a number"
+            return f"option '{name}' must be {kind}, got {value!r}"
+        if not math.isfinite(value):
+            return f"option '{name}' must be a finite number, got {value!r}"
+        return None
+    if annotation is str and not isinstance(value, str):
+        return f"option '{name}' must be text, got {value!r}"
+    if annotation is Path and not isinstance(value, (str, Path)):
+        return f"option '{name}' must be a path, got {value!r}"
+    return None
+
+
 def config_from_mapping(cls: type, *layers: Mapping[str, Any]):
-    """Build ``cls`` from defaults overlaid by each mapping in turn (later wins); unknown keys are errors."""
+    """Build ``cls`` from defaults overlaid by each mapping in turn (later wins); unknown keys, values of the wrong
+    type and non-finite numbers are errors that name the option."""
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for layer in layers:
+        if not isinstance(layer, Mapping):
+            raise ValueError(f"{cls.__name__} options must be a mapping of names to values, got {layer!r}")
         unknown = sorted(set(layer) - names)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+        for name, value in layer.items():
+            problem = _type_error(name, value, hints[name])
+            if problem:
+                raise ValueError(problem)
         values.update(layer)
     return cls(**values)

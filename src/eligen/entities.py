@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
+from .files import open_image, read_utf8
+
 if TYPE_CHECKING:
     import torch
 
@@ -128,6 +130,8 @@ class Layout:
                               field="negative_prompt")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise LayoutError(f"must be an integer, got {self.seed!r}", field="seed")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise LayoutError(f"must be in 0 <= seed < 2**64, got {self.seed}", field="seed")
         for i, entity in enumerate(self.entities):
             entity.validate(i, self.width, self.height)
 
@@ -168,9 +172,7 @@ def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
             raise _mask_error(f"the inline PNG data URI could not be decoded ({exc})", index) from exc
         return image
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        return open_image(path, "mask file")
     except FileNotFoundError as exc:
         raise _mask_error(f"mask file not found: {path}; paths in a layout file are relative to that file",
                           index) from exc
@@ -429,7 +431,7 @@ def load_layout(path: str | Path, default_size: tuple[int, int] | None = None) -
     """Read a layout JSON file; mask paths inside are relative to the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path, "layout file")
     except OSError as exc:
         raise LayoutError(f"cannot read layout file {path}: {exc.strerror or exc}") from exc
     try:

@@ -27,6 +27,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder (created if missing); when the block succeeds the file gets the
     permissions a new file gets under the user's umask and replaces ``path``; when it fails it is removed."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -42,3 +44,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_utf8(path: str | Path, what: str = "file") -> str:
+    """A text file's contents; a file that is not UTF-8 is refused naming the file, the line and the column."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(f"{what} {path}, line {line}, column {column}: not UTF-8 text (byte "
+                         f"0x{data[exc.start]:02x}); save it as UTF-8") from None
+
+
+MAX_IMAGE_PIXELS = 64 * 2**20  # 64 MP: far above any model's working size, far below what exhausts memory
+
+
+def open_image(path: str | Path, what: str = "image"):
+    """An image file opened and fully decoded (a PIL image). Refused by its declared size before decoding (a
+    decompression bomb costs nothing), and named when truncated or not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"the {what} {path} is {width}x{height} ({width * height / 2**20:.0f} MP), above the "
+                                 f"{MAX_IMAGE_PIXELS // 2**20} MP eligen decodes; downscale it first")
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"the {what} {path} is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"the {what} {path} cannot be read (truncated or not an image: {exc})") from None

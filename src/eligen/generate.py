@@ -16,7 +16,7 @@ from . import __version__
 from .choices import ATTENTION_MODES, CFG_MODES, DTYPE_NAMES, ENTITY_TOKEN_MODES, FUSIONS
 from .config import option, torch_dtype
 from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, open_image, write_text_atomic
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
@@ -153,11 +153,7 @@ class InpaintConfig(GenerateConfig):
     def input_size(self) -> tuple[int, int] | None:
         if self.image is None:
             raise ValueError("give the input image: eligen inpaint INPUT.png LAYOUT.json -o OUT.png")
-        try:
-            with Image.open(self.image) as image:
-                return image.size
-        except OSError as exc:
-            raise ValueError(f"cannot read the input image {self.image}: {exc}") from exc
+        return open_image(self.image, "input image").size  # decoded once here: a bad file fails before the model
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"image": self.image, "inpaint": True, "strength": self.strength, "fusion": self.fusion,
@@ -172,10 +168,29 @@ class GenerateResult:
     metadata: dict[str, Any]
 
 
-def default_device() -> str:
+def resolve_device(name: str | None) -> str:
+    """``--device`` checked before anything loads: a torch device that exists here (default: cuda if any)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        built = "with" if torch.version.cuda else "without"
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}, built {built} CUDA); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (0.."
+                             f"{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: no Apple MPS device here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: eligen runs on cpu, cuda or mps")
+    return name
 
 
 def default_dtype(device: str) -> str:
@@ -204,7 +219,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         if not sidecar.is_file():
             raise ValueError(f"{path} has no record beside it ({sidecar.name} is missing)")
         try:
-            return json.loads(sidecar.read_text(encoding="utf-8"))
+            return checked_record(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{sidecar} is not an eligen record: {exc}") from exc
     try:
@@ -214,7 +229,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path} as a PNG: {exc}") from exc
     if text is None:
         raise ValueError(f"{path} carries no eligen metadata (was it written by `eligen generate`?)")
-    return json.loads(text)
+    try:
+        return checked_record(json.loads(text), path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: its eligen metadata is not JSON ({exc})") from exc
+
+
+def checked_record(record: Any, path: Path) -> dict[str, Any]:
+    """An eligen record with the parts ``--from`` reads: a ``layout`` and ``params`` mapping (their fields are
+    checked where they are read, naming each)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: its eligen metadata is not a record (a JSON object)")
+    for part in ("layout", "params"):
+        if not isinstance(record.get(part), dict):
+            raise ValueError(f"{path}: its eligen metadata has no '{part}' object; it cannot be reproduced")
+    return record
 
 
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
@@ -303,10 +332,17 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     if seed is None:
         seed = secrets.randbelow(2**32)
         print(f"seed: {seed} (random; --seed {seed} renders it again)", file=sys.stderr)
-    device = config.device or default_device()
+    device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
+    grid = pipe.vae_scale_factor * 2
+    if config.input_size() is None and (layout.width % grid or layout.height % grid):
+        width, height = max(grid, layout.width // grid * grid), max(grid, layout.height // grid * grid)
+        print(f"note: {layout.width}x{layout.height} is off the model's {grid}-pixel patch grid; rendering and "
+              f"recording {width}x{height}", file=sys.stderr)
+        layout = layout.resized(width, height)
+        layout.validate()
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
         negative = ""

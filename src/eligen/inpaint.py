@@ -24,6 +24,7 @@ from einops import rearrange, repeat
 from PIL import Image
 
 from .choices import FUSIONS
+from .files import open_image
 
 
 def plain_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,9 +116,7 @@ def to_rgb_array(image) -> tuple[np.ndarray, str | None]:
     in [0, 1]. Transparent images are refused: what should show through is not ours to guess.
     """
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            opened.load()
-            image = opened.copy()
+        image = open_image(image, "input image")
     note = None
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):

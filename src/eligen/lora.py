@@ -253,9 +253,6 @@ def _split(fused: str, kind: str, index: int, down: torch.Tensor, up: torch.Tens
     if targets is None:
         allowed = ", ".join(GROUPS[kind])
         raise LoraFormatError(f"unknown layer '{fused}' in {kind}.{index} (key {key}); expected one of: {allowed}")
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise LoraFormatError(f"mis-shaped LoRA pair at {kind}.{index}.{fused}: lora_A {tuple(down.shape)}, "
-                              f"lora_B {tuple(up.shape)} (need A [r, in], B [out, r])")
     prefix = f"{BLOCK_PREFIX[kind]}.{index}."
     if len(targets) == 1:
         return {prefix + targets[0]: LoraLayer(down, up, alpha)}
@@ -274,8 +271,29 @@ def _pairs(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -> None:
             raise LoraFormatError(f"{what} layer {'.'.join(map(str, layer))} has no lora_{'/'.join(sorted(missing))}")
 
 
-def _alpha(parts: dict[str, torch.Tensor]) -> float | None:
-    return float(parts["alpha"].float().item()) if "alpha" in parts else None
+def _checked(where: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """``(down, up, alpha)`` of one layer, refused unless A is ``[r, in]`` and B ``[out, r]`` with ``r >= 1``, the
+    weights are finite and alpha is one finite number."""
+    import math
+
+    down, up = parts["down"], parts["up"]
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise LoraFormatError(f"mis-shaped LoRA pair at {where}: lora_A {tuple(down.shape)}, lora_B "
+                              f"{tuple(up.shape)} (need A [r, in], B [out, r])")
+    if down.shape[0] == 0:
+        raise LoraFormatError(f"the LoRA layer {where} has rank 0 (lora_A {tuple(down.shape)}): it adapts nothing")
+    for name, tensor in (("lora_A", down), ("lora_B", up)):
+        if tensor.device.type != "meta" and not tensor.float().isfinite().all():
+            raise LoraFormatError(f"the LoRA layer {where} has non-finite values (NaN or inf) in {name}")
+    alpha = None
+    if "alpha" in parts:
+        if parts["alpha"].numel() != 1:
+            raise LoraFormatError(f"the LoRA layer {where} has an alpha of shape {tuple(parts['alpha'].shape)}; "
+                                  "alpha is one number per layer")
+        alpha = float(parts["alpha"].float().item())
+        if not math.isfinite(alpha) or alpha == 0:
+            raise LoraFormatError(f"the LoRA layer {where} has alpha {alpha}: it must be a finite, non-zero number")
+    return down, up, alpha
 
 
 def _split_reference(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -> LoraWeights:
@@ -283,7 +301,8 @@ def _split_reference(grouped: dict[tuple, dict[str, torch.Tensor]], what: str) -
     _pairs(grouped, what)
     out: LoraWeights = {}
     for (kind, index, layer), parts in sorted(grouped.items()):
-        out.update(_split(layer, kind, index, parts["down"], parts["up"], _alpha(parts), f"{kind}.{index}.{layer}"))
+        where = f"{kind}.{index}.{layer}"
+        out.update(_split(layer, kind, index, *_checked(where, parts), where))
     return out
 
 
@@ -292,11 +311,7 @@ def _layers(grouped: dict[str, dict[str, torch.Tensor]], what: str) -> LoraWeigh
     _pairs({(m,): p for m, p in grouped.items()}, what)
     out: LoraWeights = {}
     for module, parts in sorted(grouped.items()):
-        down, up = parts["down"], parts["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise LoraFormatError(f"mis-shaped LoRA pair at {module}: lora_A {tuple(down.shape)}, lora_B "
-                                  f"{tuple(up.shape)}")
-        out[module] = LoraLayer(down, up, _alpha(parts))
+        out[module] = LoraLayer(*_checked(module, parts))
     return out
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import option
 from ..entities import box_to_mask
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, open_image, write_text_atomic
 from ..overlay import image_grid, render_overlay
 from . import vlm
 from .parse import (
@@ -210,8 +210,7 @@ def _instructions(convention: str, max_entities: int) -> str:
 def _annotate_one(backend: VLMBackend, path: Path, convention: str, max_entities: int, retries: int) -> _Outcome:
     """Ask ``backend`` about one image, up to ``1 + retries`` times, until its answer parses."""
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        image = open_image(path).convert("RGB")
     except (OSError, ValueError) as exc:
         return _Outcome(path, 0, reason=f"cannot read the image: {exc}")
     width, height = image.size

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..choices import DTYPE_NAMES
 from ..config import option
-from ..files import write_text_atomic
-from ..generate import default_device, default_dtype, load_pipeline, read_metadata, save_png
+from ..files import read_utf8, write_text_atomic
+from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
 
 IMAGES_DIR = "images"
 CAPTIONS_FILE = "captions.jsonl"
@@ -120,12 +120,11 @@ def load_captions(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     jsonl = path.suffix.lower() == ".jsonl"
     items: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            prompt, seed = _parse_jsonl_line(line, path, number) if jsonl else (line.strip(), None)
-            items.append({"index": len(items), "prompt": prompt, "seed": seed})
+    for number, line in enumerate(read_utf8(path, "captions file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        prompt, seed = _parse_jsonl_line(line, path, number) if jsonl else (line.strip(), None)
+        items.append({"index": len(items), "prompt": prompt, "seed": seed})
     return items
 
 
@@ -212,7 +211,7 @@ def _load(config: DataGenerateConfig) -> tuple[Any, str]:
     """The pipeline named by the config, and the dtype it runs in."""
     if config.model is None:
         raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
-    device = config.device or default_device()
+    device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     return load_pipeline(config.model, device, dtype, [], []), dtype
 

@@ -15,6 +15,7 @@ import http.client
 import io
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Protocol, runtime_checkable
@@ -22,6 +23,10 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 BODY_EXCERPT_CHARS = 300
+
+
+MAX_RESPONSE_BYTES = 4 * 2**20  # a chat answer with boxes is a few KiB
+CHUNK_BYTES = 16 * 2**10
 
 
 class VLMError(RuntimeError):
@@ -98,7 +103,7 @@ class OpenAIBackend:
         request = self._request(json.dumps(payload).encode("utf-8"))
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                status, body = response.status, response.read()
+                status, body = response.status, self._read_body(response, time.monotonic() + self.timeout)
         except urllib.error.HTTPError as exc:
             try:
                 detail = exc.read().decode("utf-8", "replace") if exc.fp is not None else ""
@@ -116,6 +121,21 @@ class OpenAIBackend:
         if status != 200:
             raise VLMError(f"{self.url} answered HTTP {status}: {_excerpt(body.decode('utf-8', 'replace'))}")
         return body
+
+    def _read_body(self, response, deadline: float) -> bytes:
+        """The body, read in chunks against one deadline for the whole answer (a server that trickles bytes cannot
+        keep us past ``timeout``) and capped at :data:`MAX_RESPONSE_BYTES` before any parsing."""
+        chunks, size = [], 0
+        while True:
+            chunk = response.read1(CHUNK_BYTES)  # what has arrived, not CHUNK_BYTES
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise VLMError(f"{self.url} sent more than {MAX_RESPONSE_BYTES // 2**20} MiB; refused unread")
+            if time.monotonic() > deadline:
+                raise VLMError(f"{self.url} did not finish answering within {self.timeout:g} s")
+            chunks.append(chunk)
 
     def _content(self, body: bytes) -> str:
         """``choices[0].message.content`` of a chat response, or :class:`VLMError`."""

@@ -32,4 +32,14 @@ def load_eligen_pipeline(model: str, **kwargs: Any):
 
     if are_progress_bars_disabled():
         diffusers_logging.disable_progress_bar()
-    return pipeline_class(model_family(model)).from_pretrained(model, **kwargs)
+    cls = pipeline_class(model_family(model))
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except OSError as exc:  # a hub id that is not cached while offline, a broken download, a missing file
+        import os
+
+        hint = ""
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            hint = f"; downloads are off (HF_HUB_OFFLINE): fetch it first (huggingface-cli download {model})"
+        raise ValueError(f"cannot load the model {model}: it is not a complete local pipeline folder or cached "
+                         f"download{hint}") from exc

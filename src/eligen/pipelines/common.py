@@ -169,10 +169,15 @@ class EliGenMixin:
             return ""
         return negative_prompt
 
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """The output size: as given, else the model's native size; warns when far from the native size."""
+    def _size(self, height: int | None, width: int | None, inpainting: bool = False) -> tuple[int, int]:
+        """The output size: as given, else the model's native size. Warns when it is far from the native size, and
+        when it is off the patch grid (diffusers renders the grid size below it; inpainting restores the size)."""
         native_height, native_width = self.native_size()
         height, width = height or native_height, width or native_width
+        grid = self.vae_scale_factor * 2
+        if not inpainting and (height % grid or width % grid):
+            logger.warning(f"{width}x{height} is not a multiple of the model's {grid}-pixel patch grid: the image will "
+                           f"be {width // grid * grid}x{height // grid * grid}")
         ratio = (height * width) / (native_height * native_width)
         if ratio > FAR_FROM_NATIVE or ratio < 1 / FAR_FROM_NATIVE:
             logger.warning(f"{width}x{height} is far from the {native_width}x{native_height} this model was trained "
@@ -489,6 +494,24 @@ class EliGenMixin:
             raise ValueError(f"entity_tokens must be one of {ENTITY_TOKEN_MODES}, got {entity_tokens!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+    @staticmethod
+    def _check_finite(**values: Any) -> None:
+        """Refuse NaN / inf in scales and in tensors a caller passes in, naming the argument (they would only show
+        as a black or noise image at the end)."""
+        import math
+
+        for name, value in values.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                bad = not value.float().isfinite().all()
+            elif isinstance(value, (list, tuple)):
+                bad = any(not v.float().isfinite().all() for v in value if isinstance(v, torch.Tensor))
+            else:
+                bad = not math.isfinite(value)
+            if bad:
+                raise ValueError(f"{name} holds NaN or inf; pass finite values")
 
     def _velocity(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                   guidance: torch.Tensor | None) -> torch.Tensor:

@@ -126,11 +126,15 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
             dict(num_inference_steps=28, true_cfg_scale=1.0, guidance_scale=3.5, max_sequence_length=512),
         ).values()
         combine = self.family.combine(cfg_mode or self.family.default_cfg)
+        self._check_finite(true_cfg_scale=true_cfg_scale, guidance_scale=guidance_scale, latents=latents,
+                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                           entity_prompt_embeds=entity_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         source = None
         if image is not None or inpaint:
             source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
             height, width = source.height, source.width
-        height, width = self._size(height, width)
+        height, width = self._size(height, width, inpainting=source is not None)
         work = (source.work_height, source.work_width) if source else (height, width)
         self.check_inputs(
             prompt, prompt_2, *work,

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..choices import TIMESTEP_SAMPLING
 from ..config import option
+from ..files import read_utf8
 
 
 @dataclass
@@ -110,7 +111,7 @@ def load_train_config(given: dict[str, Any]) -> TrainConfig:
     if given.get("config") is not None:
         path = Path(given["config"])
         try:
-            stored = yaml.safe_load(path.read_text()) or {}
+            stored = yaml.safe_load(read_utf8(path, "training config")) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read the training config {path}: {exc}") from exc
         if not isinstance(stored, dict):

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ..entities import LayoutError, binarize_mask, box_to_mask, load_mask_image
+from ..files import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +212,10 @@ def load_records(path: str | Path) -> list[Record]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path, "training data file")
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"training data file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ValueError(f"cannot read training data file {path}: {exc}") from exc
     base = path.parent
     if path.suffix.lower() == ".jsonl":

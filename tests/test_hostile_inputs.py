@@ -1,0 +1,272 @@
+"""Hostile input, in one table: every case is a command line (or a call) and the clear message it must get, with
+a non-zero exit and nothing loaded that need not be. Adding a case is one line. Plus property tests: any layout or
+record gives a result or a message, never another exception."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import save_file
+
+from eligen.cli import main
+from eligen.data.vlm import OpenAIBackend, VLMError
+from eligen.entities import LayoutError, layout_from_dict
+from eligen.generate import checked_record, save_png
+
+LAYOUT = "examples/tiny_two_shapes.json"
+FAST = ["--steps", "1", "--no-progress"]
+
+
+def write(tmp: Path, name: str, data: bytes | str) -> str:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return str(path)
+
+
+def layout_with(tmp: Path, **changes) -> str:
+    layout = json.loads(Path(LAYOUT).read_text())
+    layout.update(changes)
+    return write(tmp, "layout.json", json.dumps(layout))
+
+
+def png_with_record(tmp: Path, record) -> str:
+    path = tmp / "made.png"
+    save_png(Image.new("RGB", (64, 64)), path, record)
+    return str(path)
+
+
+def huge_png(tmp: Path) -> str:
+    """A valid PNG header declaring 9000 x 9000 pixels (a decompression bomb), with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
+    return write(tmp, "bomb.png", b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                 + chunk(b"IEND", b""))
+
+
+def truncated_png(tmp: Path) -> str:
+    path = tmp / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    data = path.read_bytes()
+    return write(tmp, "cut.png", data[: len(data) // 2])
+
+
+def sd_folder(tmp: Path) -> str:
+    return str(Path(write(tmp, "sd/model_index.json", '{"_class_name": "StableDiffusionPipeline"}')).parent)
+
+
+def lora_file(tmp: Path, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None = None) -> str:
+    state = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": down,
+             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": up}
+    if alpha is not None:
+        state["transformer.transformer_blocks.0.attn.to_q.alpha"] = alpha
+    path = tmp / "lora.safetensors"
+    save_file(state, str(path))
+    return str(path)
+
+
+def record() -> dict:
+    from eligen.generate import read_metadata
+
+    return read_metadata(REFERENCE_PNG)
+
+
+REFERENCE_PNG = None  # filled by the fixture below: a real record to damage
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_png(tmp_path_factory):
+    global REFERENCE_PNG
+    out = tmp_path_factory.mktemp("ref") / "ref.png"
+    assert main(["generate", LAYOUT, "-o", str(out), *FAST]) == 0
+    REFERENCE_PNG = out
+
+
+def damaged(**changes) -> dict:
+    rec = record()
+    for path, value in changes.items():
+        part, key = path.split("__")
+        if value is KeyError:
+            rec[part].pop(key)
+        else:
+            rec[part][key] = value
+    return rec
+
+
+CASES = [
+    # (case, argv from tmp, message)
+    ("model not a pipeline", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--model", str(t)],
+     "no model_index.json"),
+    ("model of an unknown family", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--model", sd_folder(t)],
+     "StableDiffusionPipeline"),
+    ("model not cached", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--model", "nobody/nothing-here"],
+     "cannot load the model nobody/nothing-here"),
+    ("unknown device", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--device", "tpu9"], "not a torch device"),
+    ("no CUDA here", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--device", "cuda"], "no CUDA device here"),
+    ("NaN true CFG", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--true-cfg", "nan"], "finite number"),
+    ("inf guidance", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--guidance", "inf"], "finite number"),
+    ("seed below 0", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--seed", "-1"], "--seed must be in"),
+    ("seed above 2**64", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--seed", str(2**64)],
+     "--seed must be in"),
+    ("boolean width", lambda t: ["generate", layout_with(t, width=True), "-o", f"{t}/o.png"], "positive integer"),
+    ("boolean seed", lambda t: ["generate", layout_with(t, seed=False), "-o", f"{t}/o.png"], "must be an integer"),
+    ("layout seed out of range", lambda t: ["generate", layout_with(t, seed=2**70), "-o", f"{t}/o.png"],
+     "0 <= seed < 2**64"),
+    ("non-UTF-8 layout", lambda t: ["generate", write(t, "l.json", b'{"prompt":\n "caf\xe9"}'), "-o", f"{t}/o.png"],
+     "line 2, column 6: not UTF-8"),
+    ("non-UTF-8 captions", lambda t: ["data", "generate", write(t, "c.txt", b"a cat\n\xff dog\n"), "--out",
+                                      f"{t}/data"], "line 2, column 1: not UTF-8"),
+    ("output is a folder", lambda t: ["generate", LAYOUT, "-o", str(t)], "is a folder"),
+    ("unknown output format", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.tiff"], "extension names the format"),
+    ("--from a PNG without a record", lambda t: ["generate", "--from", write(t, "x.png", _plain_png()), "-o",
+                                                 f"{t}/o.png"], "carries no eligen metadata"),
+    ("--from a record without params", lambda t: ["generate", "--from", png_with_record(t, {"layout": {}}),
+                                                  "-o", f"{t}/o.png"], "no 'params' object"),
+    ("--from a record that is a list", lambda t: ["generate", "--from", png_with_record(t, [1, 2]), "-o",
+                                                  f"{t}/o.png"], "not a record"),
+    ("--from steps of the wrong type", lambda t: ["generate", "--from", png_with_record(t, damaged(params__steps="20")),
+                                                  "-o", f"{t}/o.png"], "option 'steps' must be an integer"),
+    ("--from a boolean true CFG", lambda t: ["generate", "--from", png_with_record(t, damaged(params__true_cfg=True)),
+                                             "-o", f"{t}/o.png"], "option 'true_cfg' must be a number"),
+    ("--from a layout without a prompt", lambda t: ["generate", "--from",
+                                                    png_with_record(t, damaged(layout__prompt=KeyError)), "-o",
+                                                    f"{t}/o.png"], "field 'prompt': is required"),
+    ("--from an unknown command", lambda t: ["generate", "--from", png_with_record(t, {**record(), "command": "x"}),
+                                             "-o", f"{t}/o.png"], "names no eligen command"),
+    ("inpaint a decompression bomb", lambda t: ["inpaint", huge_png(t), LAYOUT, "-o", f"{t}/o.png"],
+     "above the 64 MP eligen decodes"),
+    ("inpaint a truncated image", lambda t: ["inpaint", truncated_png(t), LAYOUT, "-o", f"{t}/o.png"],
+     "truncated or not an image"),
+    ("LoRA of rank 0", lambda t: ["lora", "info", lora_file(t, torch.zeros(0, 8), torch.zeros(8, 0))], "rank 0"),
+    ("LoRA with a vector alpha", lambda t: ["lora", "info", lora_file(t, torch.ones(2, 8), torch.ones(8, 2),
+                                                                      torch.ones(2))], "alpha is one number"),
+    ("LoRA with NaN weights", lambda t: ["lora", "info", lora_file(t, torch.full((2, 8), float("nan")),
+                                                                   torch.ones(8, 2))], "non-finite values"),
+    ("LoRA convert to a folder", lambda t: ["lora", "convert", lora_file(t, torch.ones(2, 8), torch.ones(8, 2)),
+                                            str(t), "--to", "kohya"], "is a folder"),
+]
+
+
+def _plain_png() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=c) for c, a, m in CASES])
+def test_hostile_command_lines(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main([*argv(tmp_path), *([] if argv(tmp_path)[0] == "lora" else FAST[-1:])])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_a_size_off_the_patch_grid_is_told_and_recorded_as_rendered(tmp_path, capsys):
+    from eligen.generate import read_metadata
+
+    assert main(["generate", LAYOUT, "-o", str(tmp_path / "o.png"), "--width", "70", "--height", "70", *FAST]) == 0
+    assert "70x70 is off the model's 4-pixel patch grid; rendering and recording 68x68" in capsys.readouterr().err
+    meta = read_metadata(tmp_path / "o.png")
+    assert Image.open(tmp_path / "o.png").size == (68, 68) == (meta["params"]["width"], meta["params"]["height"])
+    assert (meta["layout"]["width"], meta["layout"]["height"]) == (68, 68)
+
+
+# -- the VLM client: real deadlines, capped answers --------------------------------------------------------------
+
+
+class Trickle(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        mode = self.server.mode
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        size = 6 * 2**20 if mode == "huge" else 10_000
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        try:
+            if mode == "huge":
+                self.wfile.write(b" " * size)
+                return
+            for _ in range(40):  # one byte every 50 ms: each read is quick, the whole answer is not
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def trickle_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_trickling_answer_is_cut_off_at_the_deadline(trickle_server):
+    trickle_server.mode = "trickle"
+    backend = OpenAIBackend(f"http://127.0.0.1:{trickle_server.server_address[1]}/v1", "m", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(VLMError, match=r"did not finish answering within 0\.5 s"):
+        backend.ask("hello")
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_huge_answer_is_refused_before_parsing(trickle_server):
+    trickle_server.mode = "huge"
+    backend = OpenAIBackend(f"http://127.0.0.1:{trickle_server.server_address[1]}/v1", "m", timeout=10)
+    with pytest.raises(VLMError, match="more than 4 MiB"):
+        backend.ask("hello")
+
+
+# -- property tests: any input, a result or a message ------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+LAYOUTISH = st.fixed_dictionaries({}, optional={"prompt": JSON, "width": JSON, "height": JSON, "seed": JSON,
+                                                "negative_prompt": JSON,
+                                                "entities": st.lists(st.fixed_dictionaries(
+                                                    {}, optional={"prompt": JSON, "box": JSON, "polygon": JSON,
+                                                                  "mask": JSON}), max_size=3) | JSON})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(JSON, LAYOUTISH))
+def test_any_layout_gives_a_layout_or_a_layout_error(data):
+    try:
+        layout_from_dict(data)
+    except LayoutError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(JSON, st.fixed_dictionaries({"layout": JSON, "params": JSON})))
+def test_any_record_gives_a_record_or_a_value_error(data):
+    try:
+        checked_record(data, Path("x.png"))
+    except ValueError:
+        pass
