@@ -30,8 +30,12 @@ install-dev: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks examples
 
-test: lint
-	$(OFFLINE) $(BIN)/python -m pytest
+# The reference package's three FLUX modules (from its PyPI wheel, no dependencies): the equivalence test runs on it.
+.diffsynth-min/diffsynth/models/flux_dit.py: | $(BIN)/python
+	PYTHON=$(BIN)/python bash benchmarks/diffsynth_min.sh .diffsynth-min
+
+test: lint .diffsynth-min/diffsynth/models/flux_dit.py
+	$(OFFLINE) PYTHONPATH=.diffsynth-min ELIGEN_REQUIRE_DIFFSYNTH=1 $(BIN)/python -m pytest
 
 # The main job on the shipped tiny model (eligen-tiny, trained on the shapes world by `eligen tiny build`).
 demo: $(VENV)/.installed
