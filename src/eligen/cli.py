@@ -16,7 +16,7 @@ from .data.annotate import AnnotateConfig
 from .data.generate import DataGenerateConfig
 from .data.plan import PlanConfig
 from .entities import LayoutError
-from .generate import GenerateConfig, InpaintConfig, generate, read_metadata
+from .generate import GenerateConfig, InpaintConfig, checked_record, generate, read_metadata
 from .lora import (
     LoraConvertConfig,
     LoraFormatError,
@@ -221,7 +221,7 @@ def run_render(command: str, given: dict) -> int:
     if "from_png" in given:
         if given.get("layout") is not None:
             raise ValueError("give either a layout file or --from PNG, not both")
-        record = read_metadata(given["from_png"])
+        record = checked_record(read_metadata(given["from_png"]), given["from_png"])
         made_by = record.get("command", "generate")
         if made_by not in COMMAND_CONFIGS:
             raise ValueError(f"{given['from_png']}: its record names no eligen command ({made_by!r})")

@@ -306,16 +306,32 @@ def _numbers(values: Sequence[Any], count: int | None, index: int, name: str) ->
     return numbers
 
 
-def _check_box(box: Sequence[float], index: int, width: int, height: int) -> None:
-    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence):
-        raise LayoutError(f"a box is [x0, y0, x1, y1] in output pixels, got {box!r}", entity=index, field="box")
-    x0, y0, x1, y1 = _numbers(box, 4, index, "box")
+BOX_PROBLEMS = ("malformed", "degenerate", "outside")
+
+
+def box_problem(box: Any, width: int | None = None, height: int | None = None) -> tuple[str, str] | None:
+    """The one box rule, for layouts and training data alike: ``(kind, message)`` of what is wrong with ``box``
+    (kind in :data:`BOX_PROBLEMS`), or None. A box is four finite numbers ``x0, y0, x1, y1`` (pixel corners; a
+    boolean is not a number) with ``x1 > x0`` and ``y1 > y0``, and, when the image size is given, not entirely
+    outside the image."""
+    if isinstance(box, (str, bytes, dict)) or not isinstance(box, Sequence) or len(box) != 4:
+        return "malformed", f"a box is [x0, y0, x1, y1] in pixels, got {box!r}"
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
+        return "malformed", f"box coordinates must be numbers, got {box!r}"
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return "malformed", f"box coordinates must be finite, got {box!r}"
     if x1 <= x0 or y1 <= y0:
-        raise LayoutError(f"degenerate box {list(box)}: need x1 > x0 and y1 > y0 (pixel corners x0, y0, x1, y1)",
-                          entity=index, field="box")
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise LayoutError(f"box {list(box)} lies entirely outside the {width}x{height} image", entity=index,
-                          field="box")
+        return "degenerate", f"degenerate box {list(box)}: need x1 > x0 and y1 > y0 (pixel corners x0, y0, x1, y1)"
+    if width is not None and height is not None and (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height):
+        return "outside", f"box {list(box)} lies entirely outside the {width}x{height} image"
+    return None
+
+
+def _check_box(box: Sequence[float], index: int, width: int, height: int) -> None:
+    problem = box_problem(box, width, height)
+    if problem is not None:
+        raise LayoutError(problem[1], entity=index, field="box")
 
 
 def _check_polygon(polygon: Sequence[Sequence[float]], index: int, width: int, height: int) -> None:

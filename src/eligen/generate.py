@@ -219,7 +219,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         if not sidecar.is_file():
             raise ValueError(f"{path} has no record beside it ({sidecar.name} is missing)")
         try:
-            return checked_record(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
+            return _as_record(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{sidecar} is not an eligen record: {exc}") from exc
     try:
@@ -230,16 +230,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if text is None:
         raise ValueError(f"{path} carries no eligen metadata (was it written by `eligen generate`?)")
     try:
-        return checked_record(json.loads(text), path)
+        return _as_record(json.loads(text), path)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: its eligen metadata is not JSON ({exc})") from exc
 
 
-def checked_record(record: Any, path: Path) -> dict[str, Any]:
-    """An eligen record with the parts ``--from`` reads: a ``layout`` and ``params`` mapping (their fields are
-    checked where they are read, naming each)."""
+def _as_record(record: Any, path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: its eligen metadata is not a record (a JSON object)")
+    return record
+
+
+def checked_record(record: Any, path: Path) -> dict[str, Any]:
+    """A generation record with the parts ``--from`` reads: a ``layout`` and a ``params`` mapping (their fields
+    are checked where they are read, naming each)."""
+    record = _as_record(record, path)
     for part in ("layout", "params"):
         if not isinstance(record.get(part), dict):
             raise ValueError(f"{path}: its eligen metadata has no '{part}' object; it cannot be reproduced")

@@ -41,6 +41,7 @@ from .parse import (
     ParseError,
     parse_annotation,
 )
+from .shards import parse_shard
 from .vlm import VLMBackend, VLMError
 
 logger = logging.getLogger(__name__)
@@ -108,18 +109,6 @@ class AnnotateConfig:
 def _check_at_least(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    """``"i/n"`` as ``(i, n)`` with ``0 <= i < n``; ValueError otherwise."""
-    parts = str(shard).split("/")
-    try:
-        index, count = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"shard must look like I/N (e.g. 0/4), got {shard!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard {shard!r} needs 0 <= I < N")
-    return index, count
 
 
 @dataclass

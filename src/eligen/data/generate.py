@@ -9,7 +9,6 @@ the end of every run from the metadata of all finished images (shards and reruns
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..choices import DTYPE_NAMES
 from ..config import option
 from ..files import read_utf8, write_text_atomic
 from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
+from .shards import parse_shard, shard_from_env
 
 IMAGES_DIR = "images"
 CAPTIONS_FILE = "captions.jsonl"
@@ -86,29 +86,6 @@ class DataGenerateResult:
     done: int  # items of this shard rendered by this run
     skipped: int  # items of this shard already finished (their PNG existed)
     out: Path
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if match is None:
-        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}")
-    index, count = int(match.group(1)), int(match.group(2))
-    if count < 1:
-        raise ValueError(f"--shard {text!r}: the number of shards must be >= 1")
-    if index >= count:
-        raise ValueError(f"--shard {text!r}: the shard index must be below the number of shards ({count})")
-    return index, count
-
-
-def shard_from_env() -> tuple[int, int]:
-    """``(RANK, WORLD_SIZE)`` as set by accelerate/torchrun when WORLD_SIZE > 1, else ``(0, 1)``."""
-    world = os.environ.get("WORLD_SIZE", "").strip() or "1"
-    if not world.isdigit():
-        raise ValueError(f"WORLD_SIZE={world!r} is not a number")
-    if int(world) <= 1:
-        return 0, 1
-    return parse_shard(f"{os.environ.get('RANK', '').strip() or '0'}/{world}")
 
 
 def load_captions(path: str | Path) -> list[dict[str, Any]]:

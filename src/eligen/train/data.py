@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..entities import LayoutError, binarize_mask, box_to_mask, load_mask_image
+from ..entities import LayoutError, binarize_mask, box_problem, box_to_mask, load_mask_image
 from ..files import read_utf8
 
 logger = logging.getLogger(__name__)
@@ -105,15 +105,12 @@ def _resolve(value: str, base: Path) -> Path:
 
 
 def _parse_box(value: Any) -> list[float]:
-    """``[x0, y0, x1, y1]`` as four finite floats, else a malformed-box error."""
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Sequence) or len(value) != 4:
-        raise _RecordError(MALFORMED_BOX, f"a box is [x0, y0, x1, y1] in pixels, got {value!r}")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-        raise _RecordError(MALFORMED_BOX, f"box coordinates must be numbers, got {value!r}")
-    box = [float(v) for v in value]
-    if not all(math.isfinite(v) for v in box):
-        raise _RecordError(MALFORMED_BOX, f"box coordinates must be finite, got {value!r}")
-    return box
+    """``[x0, y0, x1, y1]`` as four finite floats, else a malformed-box error (the layout rule, :func:`box_problem`;
+    degenerate and outside boxes are counted when the image size is known)."""
+    problem = box_problem(value)
+    if problem is not None and problem[0] == "malformed":
+        raise _RecordError(MALFORMED_BOX, problem[1])
+    return [float(v) for v in value]
 
 
 def _parse_mask_path(value: Any, base: Path) -> Path:
@@ -337,11 +334,10 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _check_box(box: Sequence[float], width: int, height: int) -> None:
-    x0, y0, x1, y1 = box
-    if x1 <= x0 or y1 <= y0:
-        raise _RecordError(DEGENERATE_BOX, f"box {list(box)} needs x1 > x0 and y1 > y0")
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise _RecordError(BOX_OUTSIDE, f"box {list(box)} lies entirely outside the {width}x{height} image")
+    problem = box_problem(box, width, height)
+    if problem is not None:
+        raise _RecordError({"malformed": MALFORMED_BOX, "degenerate": DEGENERATE_BOX,
+                            "outside": BOX_OUTSIDE}[problem[0]], problem[1])
 
 
 def _check_mask(path: Path, width: int, height: int) -> None:
