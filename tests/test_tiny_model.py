@@ -105,3 +105,19 @@ def test_build_options_are_read(tmp_path, change, changed_base):
 def test_build_config_is_validated(change, message):
     with pytest.raises(ValueError, match=message):
         TinyBuildConfig(**change)
+
+
+def test_the_base_stage_uses_the_trainers_loss(tmp_path, monkeypatch):
+    """The tiny build's base stage regresses the velocity with the trainer's loss, not a copy of it."""
+    import eligen.tiny.build as build_module
+
+    calls = []
+    original = build_module.per_sample_loss
+
+    def counting(prediction, x0, noise):
+        calls.append(prediction.shape[0])
+        return original(prediction, x0, noise)
+
+    monkeypatch.setattr(build_module, "per_sample_loss", counting)
+    tiny_build(tmp_path, "loss", lora_steps=1)
+    assert len(calls) == TINY_BUILD["base_steps"]

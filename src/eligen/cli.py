@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build", help="train the tiny shapes-world model from scratch (VAE, base, EliGen LoRA)",
         description="Train the tiny default model from scratch on the shapes world: a small VAE, a text-to-image "
         "base on global captions, then an EliGen LoRA with `eligen train` on entity boxes. Deterministic given "
-        "--seed; about 35 minutes on 2 CPU cores with the defaults.")
+        "--seed; about 99 minutes on 2 CPU cores with the defaults (measured for the shipped model).")
     add_dataclass_arguments(tiny_build, TinyBuildConfig)
     tiny_build.set_defaults(handler=run_tiny_build)
 

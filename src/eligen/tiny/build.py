@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from eligen.families.base import Branch
 from eligen.families.flux import FLUX, vae_latents
 
+from ..train.loss import flow_loss, noisy_latents, per_sample_loss
 from .build_config import TinyBuildConfig
 from .shipped import DEFAULTS_FILE
 from .tokenizers import DEFAULT_WORDS, build_clip_tokenizer, build_t5_tokenizer
@@ -130,10 +131,10 @@ def train_base(pipe: FluxPipeline, config: TinyBuildConfig) -> list[float]:
                                                              max_sequence_length=config.max_sequence_length)
         noise = torch.randn(x0.shape, generator=generator)
         sigma = torch.sigmoid(torch.randn(b, generator=generator))
-        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        x_t = noisy_latents(x0, noise, sigma)
         prediction = FLUX.forward(pipe.transformer, x_t, sigma, Branch(prompt_embeds, pooled, positions=text_ids),
                                   ids, guidance=None)
-        loss = torch.nn.functional.mse_loss(prediction, noise - x0)
+        loss = flow_loss(per_sample_loss(prediction, x0, noise), torch.ones(b))  # the trainer's loss, unweighted
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
