@@ -171,14 +171,15 @@ def test_killed_run_resumes_without_regenerating(reference_run, tmp_path, tiny_p
     assert again.calls == 0
 
 
-def test_existing_image_is_never_overwritten(reference_run, tmp_path, tiny_pipeline_dir, pipe):
+def test_a_finished_image_is_kept_while_its_caption_and_seed_match(reference_run, tmp_path, tiny_pipeline_dir, pipe):
     captions, _, _ = reference_run
     out = tmp_path / "out"
     generate_images(make_config(captions, out, tiny_pipeline_dir, shard="0/5"), pipe)
     before = image_path(out, 0).stat().st_mtime_ns, image_path(out, 0).read_bytes()
-    generate_images(make_config(captions, out, tiny_pipeline_dir, seed=7), pipe)
+    generate_images(make_config(captions, out, tiny_pipeline_dir), pipe)
     assert (image_path(out, 0).stat().st_mtime_ns, image_path(out, 0).read_bytes()) == before
-    assert read_metadata(image_path(out, 0))["seed"] == 0 and read_metadata(image_path(out, 1))["seed"] == 8
+    generate_images(make_config(captions, out, tiny_pipeline_dir, seed=7), pipe)  # another seed: another image
+    assert read_metadata(image_path(out, 0))["seed"] == 7 and read_metadata(image_path(out, 1))["seed"] == 8
 
 
 def test_batch_size_two_gives_the_same_images(reference_run, tmp_path, tiny_pipeline_dir, pipe):
@@ -244,4 +245,30 @@ def test_missing_captions_out_or_model_raise(tmp_path, captions_txt):
     with pytest.raises(ValueError, match="--out"):
         generate_images(DataGenerateConfig(captions=captions_txt))
     with pytest.raises(ValueError, match="--model"):
-        generate_images(DataGenerateConfig(captions=captions_txt, out=tmp_path / "out", **SMALL))
+        generate_images(DataGenerateConfig(captions=captions_txt, out=tmp_path / "out", model="", **SMALL))
+    assert DataGenerateConfig(captions=captions_txt).model == "eligen-tiny"  # every --model defaults to it
+
+
+def test_editing_the_captions_rerenders_only_the_changed_lines(tmp_path, tiny_pipeline_dir, pipe):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red cat\na blue dog\na green tree\n", encoding="utf-8")
+    out = tmp_path / "out"
+    generate_images(make_config(captions, out, tiny_pipeline_dir), pipe=pipe)
+    before = png_bytes(out)
+    captions.write_text("a red cat\na white boat\na green tree\n", encoding="utf-8")  # line 2 edited
+    counting = CountingPipe(pipe)
+    result = generate_images(make_config(captions, out, tiny_pipeline_dir), pipe=counting)
+    assert (result.done, result.skipped) == (1, 2) and counting.calls == 1
+    after = png_bytes(out)
+    assert after["000000.png"] == before["000000.png"] and after["000002.png"] == before["000002.png"]
+    assert read_metadata(out / "images" / "000001.png")["prompt"] == "a white boat"
+
+
+def test_the_size_defaults_to_the_models_native_size(tmp_path, pipe):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red cat\n", encoding="utf-8")
+    config = DataGenerateConfig(captions=captions, model="unused", out=tmp_path / "out", steps=1,
+                                max_sequence_length=16, progress=False)
+    generate_images(config, pipe=pipe)
+    meta = read_metadata(tmp_path / "out" / "images" / "000000.png")
+    assert (meta["width"], meta["height"]) == (256, 256) == pipe.native_size()[::-1]

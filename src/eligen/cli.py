@@ -158,7 +158,10 @@ def run_train(given: dict) -> int:
 def run_data_generate(given: dict) -> int:
     from .data.generate import generate_images
 
-    result = generate_images(config_from_mapping(DataGenerateConfig, given))
+    model = given.get("model") or DataGenerateConfig.__dataclass_fields__["model"].default
+    known = {f.name for f in dataclasses.fields(DataGenerateConfig)}
+    declared = {k: v for k, v in model_defaults(model).items() if k in known}  # e.g. the tiny model's own steps
+    result = generate_images(config_from_mapping(DataGenerateConfig, declared, given))
     print(f"images: {result.done} new, {result.skipped} already there, in {result.out}")
     return 0
 

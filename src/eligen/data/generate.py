@@ -8,6 +8,7 @@ the end of every run from the metadata of all finished images (shards and reruns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -34,15 +35,16 @@ class DataGenerateConfig:
 
     captions: Path | None = option(None, "captions: a .txt file (one caption per non-empty line) or a .jsonl file "
                                    "of {\"prompt\": ..., \"seed\": optional int}", positional=True, required=True)
-    model: str | None = option(None, "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id")
+    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id (default: "
+                               "the shipped tiny model, with its own defaults)")
     out: Path | None = option(None, "output folder (images in OUT/images/000000.png, ..., and OUT/captions.jsonl)",
                               short="-o", metavar="DIR")
     steps: int = option(28, "number of denoising steps")
     guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
     true_cfg: float = option(1.0, "true CFG scale; 1 disables the negative pass")
     negative_prompt: str = option("", "negative prompt (used when --true-cfg > 1)")
-    height: int = option(1024, "image height in pixels")
-    width: int = option(1024, "image width in pixels")
+    height: int | None = option(None, "image height in pixels (default: the model's native size)")
+    width: int | None = option(None, "image width in pixels (default: the model's native size)")
     seed: int = option(0, "base seed: item i uses SEED + i unless its JSONL record gives a seed")
     shard: str | None = option(None, "I/N: render the items whose index is I mod N (default: from RANK and "
                                "WORLD_SIZE when WORLD_SIZE > 1, else 0/1)", metavar="I/N")
@@ -61,7 +63,7 @@ class DataGenerateConfig:
             self.out = Path(self.out)
         for name in ("steps", "height", "width", "batch_size"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.true_cfg < 1:
             raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
@@ -186,11 +188,24 @@ def write_captions_index(out: Path) -> int:
 
 def _load(config: DataGenerateConfig) -> tuple[Any, str]:
     """The pipeline named by the config, and the dtype it runs in."""
-    if config.model is None:
+    if not config.model:
         raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     return load_pipeline(config.model, device, dtype, [], []), dtype
+
+
+def _finished(out: Path, item: dict[str, Any]) -> bool:
+    """An item is done when its image exists and records this caption and seed: an edited captions file re-renders
+    the lines that changed instead of keeping another caption's image under their number."""
+    path = image_path(out, item["index"])
+    if not path.exists():
+        return False
+    try:
+        meta = read_metadata(path)
+    except ValueError:  # an unreadable image is redone
+        return False
+    return meta.get("prompt") == item["prompt"] and meta.get("seed") == item["seed"]
 
 
 def _pipe_dtype(pipe) -> str:
@@ -206,17 +221,23 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
     items = load_captions(config.captions)
     shard, shards = config.shard_spec()
     mine = [item for item in items if item["index"] % shards == shard]
-    todo = [item for item in mine if not image_path(config.out, item["index"]).exists()]
+    for item in mine:
+        item["seed"] = item["seed"] if item["seed"] is not None else config.seed + item["index"]
+    todo = [item for item in mine if not _finished(config.out, item)]
     if todo:
         pipe, dtype = (pipe, _pipe_dtype(pipe)) if pipe is not None else _load(config)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+        if config.height is None or config.width is None:
+            native_height, native_width = pipe.native_size()
+            config = dataclasses.replace(config, height=config.height or native_height,
+                                         width=config.width or native_width)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="img",
                    disable=not config.progress)
         with bar:
             for start in range(0, len(todo), config.batch_size):
                 batch = todo[start:start + config.batch_size]
-                seeds = [item["seed"] if item["seed"] is not None else config.seed + item["index"] for item in batch]
+                seeds = [item["seed"] for item in batch]
                 images = _render_batch(pipe, config, [item["prompt"] for item in batch], seeds)
                 for item, seed, image in zip(batch, seeds, images, strict=True):
                     save_png(image, image_path(config.out, item["index"]), item_metadata(config, item, seed, dtype))
