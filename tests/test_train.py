@@ -204,7 +204,7 @@ def test_cli_train_with_yaml_and_flags(tmp_path, tiny_pipeline_dir, dataset, cap
     assert main(["train", str(cfg), "--rank", "0"]) == 2
     assert "rank" in capsys.readouterr().err
     assert main(["train", "--max-steps", "2"]) == 2
-    assert "missing model" in capsys.readouterr().err
+    assert "missing dataset, output_dir" in capsys.readouterr().err
 
 
 def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset):

@@ -8,6 +8,7 @@ from pathlib import Path
 from eligen.config import option
 
 from ..entities import Layout, save_layout
+from ..tiny.shipped import model_defaults
 from .parse import PLAN_INSTRUCTIONS, ParseError, parse_plan
 from .vlm import VLM_KINDS, VLMError, make_backend
 
@@ -23,8 +24,9 @@ class PlanConfig:
     model: str | None = option(None, "model name on the server, or a local path / hub id for transformers")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (read, never stored)")
-    width: int = option(1024, "layout width in pixels")
-    height: int = option(1024, "layout height in pixels")
+    width: int | None = option(None, "layout width in pixels (default: the native size of the default model, "
+                               "eligen-tiny; pass 1024 for FLUX.1 or Qwen-Image)")
+    height: int | None = option(None, "layout height in pixels (default: as --width)")
     max_entities: int = option(6, "at most this many entities")
     retries: int = option(2, "extra attempts after a malformed answer or a failed request")
     timeout: float = option(60.0, "seconds to wait for one answer")
@@ -35,6 +37,9 @@ class PlanConfig:
             self.output = Path(self.output)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("give the description to plan, e.g. eligen plan \"a cat and a dog on a sofa\" -o l.json")
+        native = model_defaults("eligen-tiny").get("native_size", [1024, 1024])
+        self.width = self.width if self.width is not None else native[0]
+        self.height = self.height if self.height is not None else native[1]
         if self.width < 16 or self.height < 16 or self.max_entities < 1 or self.retries < 0 or self.timeout <= 0:
             raise ValueError("width/height >= 16, max_entities >= 1, retries >= 0 and timeout > 0")
         if self.vlm not in VLM_KINDS:

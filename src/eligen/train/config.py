@@ -16,7 +16,8 @@ class TrainConfig:
     """Everything `eligen train` reads; a YAML file sets any field and every field is also a flag."""
 
     config: Path | None = option(None, "YAML file with any of these fields (flags override it)", positional=True)
-    model: str | None = option(None, "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id to train on")
+    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id to train "
+                               "on (default: the shipped tiny model)")
     dataset: Path | None = option(None, "training data: our JSONL or the reference metadata.json")
     output_dir: Path | None = option(None, "where checkpoints, logs, validation grids and the LoRA go")
     resolution: int = option(512, "training side length (aspect-ratio buckets keep about this many pixels)")
