@@ -69,3 +69,13 @@ def test_a_size_far_from_the_native_one_is_named(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="eligen"):
         tiny(prompt="a red circle", height=96, width=64, num_inference_steps=1, output_type="latent")
     assert "far from" not in caplog.text
+
+
+def test_given_sigmas_set_the_number_of_steps_as_in_diffusers(tiny_pipe):
+    from eligen import reference_sigmas
+
+    steps = []
+    tiny_pipe(prompt="a red circle", height=32, width=32, max_sequence_length=16, output_type="latent",
+              sigmas=reference_sigmas(3), shift_sigmas=False,
+              callback_on_step_end=lambda p, i, t, s: steps.append(i) or s)
+    assert steps == [0, 1, 2]

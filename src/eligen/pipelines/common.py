@@ -481,7 +481,10 @@ class EliGenMixin:
         mu = resolution_shift(image_seq_len, config.get("base_image_seq_len", 256),
                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                               config.get("max_shift", 1.15))
-        scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+        if sigmas is None:  # as diffusers' retrieve_timesteps: given sigmas set the number of steps
+            scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         scheduler.set_begin_index(0)
         return scheduler, scheduler.timesteps, len(scheduler.timesteps)
 
