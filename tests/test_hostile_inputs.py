@@ -270,3 +270,12 @@ def test_any_record_gives_a_record_or_a_value_error(data):
         checked_record(data, Path("x.png"))
     except ValueError:
         pass
+
+
+def test_a_size_that_cannot_fit_is_refused_before_any_work(tiny_pipe, monkeypatch):
+    from eligen import Entity
+
+    monkeypatch.setattr(tiny_pipe, "encode_prompt", lambda *a, **k: pytest.fail("started working"))
+    with pytest.raises(ValueError, match=r"needs at least .* GiB on cpu but .* GiB are free"):
+        tiny_pipe(prompt="a red circle", entities=[Entity("a dog", box=(0, 0, 64, 64))], height=16384,
+                  width=16384, num_inference_steps=1)

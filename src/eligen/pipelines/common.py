@@ -498,6 +498,21 @@ class EliGenMixin:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
+    def _check_memory(self, batch: int, work_size: tuple[int, int], dense_mask: bool, device: torch.device) -> None:
+        """Refuse up front a call whose tensors cannot fit the device: the activations (about 16 floats per image
+        token and model width) and, for the dense form, the ``n_img x n_img`` bools of the mask, against the memory
+        free now. A lower bound (text tokens are not counted), so it only stops what cannot run."""
+        lat_h, lat_w = latent_grid_size(*work_size, self.vae_scale_factor)
+        n_img = (lat_h // 2) * (lat_w // 2)
+        config = self.transformer.config
+        width = getattr(config, "num_attention_heads", 1) * getattr(config, "attention_head_dim", 64)
+        need = 16 * 4 * batch * n_img * width + (n_img * n_img if dense_mask else 0)
+        free = free_memory(device)
+        if free is not None and need > free:
+            raise ValueError(f"{work_size[1]}x{work_size[0]} needs at least {need / 2**30:.1f} GiB on {device} but "
+                             f"{free / 2**30:.1f} GiB are free; use a smaller size or fewer images"
+                             + (", or attention='segmented' (no mask tensor)" if dense_mask else ""))
+
     @staticmethod
     def _check_finite(**values: Any) -> None:
         """Refuse NaN / inf in scales and in tensors a caller passes in, naming the argument (they would only show
@@ -592,6 +607,20 @@ class EliGenMixin:
             keep = soft_union(ents.pixel_union(source.height, source.width)[None], mask_dilate * f,
                               mask_blur * f).numpy()
         return self._finish_inpaint(image, source, keep, output_type)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (CUDA: the driver's count; CPU: the kernel's MemAvailable); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 def resolution_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,

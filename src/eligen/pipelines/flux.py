@@ -151,6 +151,8 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
         batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
         batch = batch_size * num_images_per_prompt
         device = self._execution_device
+        given_entities = bool(entities) or bool(entity_masks)
+        self._check_memory(batch, work, given_entities and self.attention_mode(attention, device) == "dense", device)
         lora_scale = self._joint_attention_kwargs.get("scale", None)
         has_neg_prompt = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None

@@ -112,6 +112,8 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
         batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
         batch = batch_size * num_images_per_prompt
         device = self._execution_device
+        given_entities = bool(entities) or bool(entity_masks)
+        self._check_memory(batch, work, given_entities and self.attention_mode(attention, device) == "dense", device)
         has_neg_prompt = negative_prompt is not None or negative_prompt_embeds is not None
         if true_cfg_scale > 1 and not has_neg_prompt:
             logger.warning(f"true_cfg_scale is {true_cfg_scale} but no negative prompt is given: CFG is off")
