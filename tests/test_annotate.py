@@ -417,3 +417,15 @@ def test_backend_connection_refused():
         OpenAIBackend(f"http://127.0.0.1:{port}/v1", "m", timeout=2.0).ask("hi")
     with pytest.raises(ValueError):
         OpenAIBackend("", "m")
+
+
+def test_cli_exits_non_zero_when_nothing_was_annotated(tmp_path, server, capsys):
+    from eligen.cli import main
+
+    folder, _ = make_folder(tmp_path / "ds", ["bad", "bad"])
+    argv = ["data", "annotate", str(folder), "--model", "fake-vl", "--base-url", server.base_url, "--no-progress",
+            "--concurrency", "1", "--retries", "0", "--timeout", "5"]
+    assert main(argv) == 1
+    assert "no image was annotated" in capsys.readouterr().err
+    good, _ = make_folder(tmp_path / "ok", ["json", "bad"])
+    assert main([*argv[:2], str(good), *argv[3:]]) == 0  # one success is a run that did something

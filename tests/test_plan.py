@@ -51,3 +51,10 @@ def test_plan_bad_arguments(tmp_path, capsys):
     assert "description" in capsys.readouterr().err
     with pytest.raises(ValueError, match="-o"):
         plan_layout(PlanConfig("a cat", base_url="http://127.0.0.1:9/v1"))
+
+
+def test_cli_plan_exits_non_zero_when_no_plan_came(server, tmp_path, capsys):  # noqa: F811
+    server.fake.text_answers = ["nope"]
+    assert main(["plan", "a cat", "-o", str(tmp_path / "l.json"), "--base-url", server.base_url, "--model", "m",
+                 "--retries", "0"]) == 2
+    assert "no usable plan" in capsys.readouterr().err and not (tmp_path / "l.json").exists()
