@@ -531,6 +531,44 @@ class EliGenMixin:
             if bad:
                 raise ValueError(f"{name} holds NaN or inf; pass finite values")
 
+    def _source_and_size(self, image: Any, inpaint: bool, height: int | None, width: int | None, strength: float,
+                         fusion: str, mask_dilate: int, mask_blur: float):
+        """The inpainting input (or None), the output size and the working size (the patch grid) of a call."""
+        source = None
+        if image is not None or inpaint:
+            source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
+            height, width = source.height, source.width
+        height, width = self._size(height, width, inpainting=source is not None)
+        work = (source.work_height, source.work_width) if source else (height, width)
+        return source, height, width, work
+
+    def _guidance(self, guidance_scale: float | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The embedded guidance ``(B,)`` for guidance-distilled transformers (FLUX.1-dev), else None."""
+        if not self.transformer.config.guidance_embeds:
+            return None
+        if guidance_scale is None:
+            raise ValueError("this transformer is guidance-distilled: pass guidance_scale")
+        return torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
+
+    def _step_callback(self, callback: Callable | None, tensor_inputs: Sequence[str], branches: dict[str, Branch],
+                       ents: EntityBatch | None, prompt_embeds: torch.Tensor) -> Callable:
+        """diffusers' ``callback_on_step_end`` as the loop's ``on_step_end``: a callback that returns new
+        ``prompt_embeds`` rebuilds the positive branch's text sequence (and sees them on the next step)."""
+        state = {"prompt_embeds": prompt_embeds}
+
+        def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            if callback is None:
+                return latents
+            state["latents"] = latents
+            outputs = callback(self, i, t, {k: state[k] for k in tensor_inputs})
+            if "prompt_embeds" in outputs:
+                state["prompt_embeds"] = outputs.pop("prompt_embeds")
+                embeds = state["prompt_embeds"]
+                branches["cond"].context = ents.context(embeds) if ents is not None else embeds
+            return outputs.pop("latents", latents)
+
+        return on_step_end
+
     def _velocity(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                   guidance: torch.Tensor | None) -> torch.Tensor:
         """One transformer forward of one branch (its regional mask, if any, reaches every attention layer)."""

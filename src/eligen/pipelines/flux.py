@@ -130,12 +130,8 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
                            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                            entity_prompt_embeds=entity_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
                            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        source = None
-        if image is not None or inpaint:
-            source = self._inpaint_source(image, inpaint, height, width, strength, fusion, mask_dilate, mask_blur)
-            height, width = source.height, source.width
-        height, width = self._size(height, width, inpainting=source is not None)
-        work = (source.work_height, source.work_width) if source else (height, width)
+        source, height, width, work = self._source_and_size(image, inpaint, height, width, strength, fusion,
+                                                            mask_dilate, mask_blur)
         self.check_inputs(
             prompt, prompt_2, *work,
             negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
@@ -190,20 +186,10 @@ class EliGenPipeline(EliGenMixin, FluxPipeline):
         latents, _ = self.prepare_latents(
             batch, self.transformer.config.in_channels // 4, *work, prompt_embeds.dtype, device, generator, latents
         )
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+        guidance = self._guidance(guidance_scale, latents.shape[0], device)
 
-        def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-            nonlocal prompt_embeds
-            if callback_on_step_end is None:
-                return latents
-            state = {"latents": latents, "prompt_embeds": prompt_embeds}
-            outputs = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
-            if "prompt_embeds" in outputs:  # the callback changed the prompt: rebuild the text sequence
-                prompt_embeds = outputs.pop("prompt_embeds")
-                branches["cond"].context = ents.context(prompt_embeds) if ents is not None else prompt_embeds
-            return outputs.pop("latents", latents)
+        on_step_end = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, branches, ents,
+                                          prompt_embeds)
 
         # 3. The shared loop: schedule, inpainting fusion, Euler steps on the true-CFG velocity.
         latents = self._run(latents, branches, ents, source, work, num_inference_steps, sigmas, shift_sigmas,
