@@ -279,3 +279,13 @@ def test_a_size_that_cannot_fit_is_refused_before_any_work(tiny_pipe, monkeypatc
     with pytest.raises(ValueError, match=r"needs at least .* GiB on cpu but .* GiB are free"):
         tiny_pipe(prompt="a red circle", entities=[Entity("a dog", box=(0, 0, 64, 64))], height=16384,
                   width=16384, num_inference_steps=1)
+
+
+@pytest.mark.parametrize(("argument", "value"), [
+    ("true_cfg_scale", float("nan")), ("guidance_scale", float("inf")),
+    ("latents", torch.full((1, 64, 16), float("nan"))), ("prompt_embeds", torch.full((1, 16, 32), float("inf"))),
+])
+def test_the_api_refuses_non_finite_numbers_by_name(tiny_pipe, argument, value):
+    kwargs = {"prompt": "a red circle"} if argument != "prompt_embeds" else {"pooled_prompt_embeds": torch.zeros(1, 32)}
+    with pytest.raises(ValueError, match=rf"{argument} holds NaN or inf"):
+        tiny_pipe(**kwargs, **{argument: value}, height=32, width=32, num_inference_steps=1, output_type="latent")
