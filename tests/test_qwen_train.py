@@ -3,8 +3,6 @@ lengths, and a resumed run that ends bit for bit where an uninterrupted one does
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,22 +11,14 @@ from eligen.families.qwen_image import QWEN_IMAGE
 from eligen.lora import lora_info, read_lora
 from eligen.tiny.toy_data import write_box_dataset
 from eligen.train.loss import qwen_reference_schedule
-from eligen.train.trainer import TrainConfig, Trainer, train
+from eligen.train.trainer import Trainer, train
+from training import lora_tensors
+from training import small_config as config
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_box_dataset(tmp_path_factory.mktemp("toy-qwen"), 8, 32, 32, seed=2)
-
-
-def config(tmp_path, model, data, **overrides) -> TrainConfig:
-    base = dict(model=str(model), dataset=data, output_dir=tmp_path / "out", resolution=32, rank=4, max_steps=3,
-                batch_size=2, checkpoint_every=100, max_sequence_length=16, log_every=1, learning_rate=1e-3)
-    return TrainConfig(**{**base, **overrides})
-
-
-def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "eligen_lora.safetensors"))
 
 
 def test_resumed_qwen_run_ends_identical(tmp_path, tiny_qwen_dir, dataset):

@@ -17,22 +17,14 @@ from safetensors.torch import load_file
 
 from eligen.cli import main
 from eligen.tiny.toy_data import write_box_dataset
-from eligen.train.trainer import TrainConfig, Trainer, checkpoints, train
+from eligen.train.trainer import Trainer, checkpoints, train
+from training import lora_tensors
+from training import small_config as config
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_box_dataset(tmp_path_factory.mktemp("toy"), 8, 32, 32, seed=1)
-
-
-def config(tmp_path, model, data, **overrides) -> TrainConfig:
-    base = dict(model=str(model), dataset=data, output_dir=tmp_path / "out", resolution=32, rank=4, max_steps=3,
-                batch_size=2, checkpoint_every=100, max_sequence_length=16, log_every=1, learning_rate=1e-3)
-    return TrainConfig(**{**base, **overrides})
-
-
-def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "eligen_lora.safetensors"))
 
 
 def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, tiny_pipeline_dir, dataset):

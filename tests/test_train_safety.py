@@ -12,17 +12,16 @@ from eligen.cli import main
 from eligen.entities import LayoutError
 from eligen.tiny.toy_data import write_box_dataset
 from eligen.train.trainer import TextCache, TrainConfig, Trainer, checkpoints, train
+from training import small_config
+
+
+def config(tmp_path, model, data, **overrides) -> TrainConfig:
+    return small_config(tmp_path, model, data, **{"max_steps": 2, "checkpoint_every": 1, **overrides})
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_box_dataset(tmp_path_factory.mktemp("toy-safety"), 6, 32, 32, seed=3)
-
-
-def config(tmp_path, model, data, **overrides) -> TrainConfig:
-    base = dict(model=str(model), dataset=data, output_dir=tmp_path / "out", resolution=32, rank=4, max_steps=2,
-                batch_size=2, checkpoint_every=1, max_sequence_length=16, log_every=1, learning_rate=1e-3)
-    return TrainConfig(**{**base, **overrides})
 
 
 def test_a_bad_validation_layout_fails_before_the_first_step(tmp_path, tiny_pipeline_dir, dataset):
