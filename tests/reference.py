@@ -52,3 +52,13 @@ def reference_mask_segments(covers: list[list[bool]], entity_lengths: list[int],
         return True if text == "global" else covers[text][z]
 
     return torch.tensor([[sees(a, b) for b in owner] for a in owner], dtype=torch.bool)[None, None]
+
+
+def read_deltas(weights) -> dict[str, torch.Tensor]:
+    """Effective deltas of ``eligen.lora`` layers, computed from their tensors as (alpha / r) B @ A."""
+    out = {}
+    for name, layer in weights.items():
+        rank = layer.down.shape[0]
+        scale = (layer.alpha if layer.alpha is not None else rank) / rank
+        out[name] = scale * layer.up.double() @ layer.down.double()
+    return out

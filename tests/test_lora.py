@@ -25,6 +25,7 @@ from eligen import EliGenPipeline
 from eligen.cli import main
 from eligen.generate import read_metadata
 from eligen.lora import LoraFormatError, check_fits, read_lora, resolve_lora_path, write_lora
+from reference import read_deltas
 
 FORWARD_TOL = 1e-5
 DELTA_TOL = 1e-6
@@ -211,16 +212,6 @@ def mod_deltas(mods: list[Mod]) -> dict[str, torch.Tensor]:
         rank = mod.down.shape[0]
         scale = (mod.alpha if mod.alpha is not None else rank) / rank
         out[mod.module] = scale * mod.up.double() @ mod.down.double()
-    return out
-
-
-def read_deltas(weights) -> dict[str, torch.Tensor]:
-    """Effective deltas of ``eligen.lora`` layers, computed here from their tensors."""
-    out = {}
-    for name, layer in weights.items():
-        rank = layer.down.shape[0]
-        scale = (layer.alpha if layer.alpha is not None else rank) / rank
-        out[name] = scale * layer.up.double() @ layer.down.double()
     return out
 
 

@@ -25,6 +25,7 @@ from eligen.lora import (
     write_diffusers,
     write_lora,
 )
+from reference import read_deltas
 
 FORWARD_TOL = 1e-5
 RANK = 4
@@ -126,16 +127,6 @@ def hand_deltas(layers, alpha: float | None = None) -> dict[str, torch.Tensor]:
     for module, (down, up) in layers.items():
         scale = (alpha if alpha is not None else down.shape[0]) / down.shape[0]
         out[module] = scale * up.double() @ down.double()
-    return out
-
-
-def read_deltas(weights) -> dict[str, torch.Tensor]:
-    """Effective deltas of ``eligen.lora`` layers, computed here from their tensors."""
-    out = {}
-    for name, layer in weights.items():
-        rank = layer.down.shape[0]
-        scale = (layer.alpha if layer.alpha is not None else rank) / rank
-        out[name] = scale * layer.up.double() @ layer.down.double()
     return out
 
 

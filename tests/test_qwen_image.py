@@ -32,20 +32,15 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tiny_qwen_dir):
-    return tiny_qwen_dir
-
-
-@pytest.fixture(scope="module")
-def pipe(qwen_dir):
-    p = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
+def pipe(tiny_qwen_dir):
+    p = EliGenQwenImagePipeline.from_pretrained(tiny_qwen_dir)
     p.set_progress_bar_config(disable=True)
     return p
 
 
 @pytest.fixture(scope="module")
-def stock(qwen_dir):
-    p = QwenImagePipeline.from_pretrained(qwen_dir)
+def stock(tiny_qwen_dir):
+    p = QwenImagePipeline.from_pretrained(tiny_qwen_dir)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -192,13 +187,13 @@ def test_entities_on_negative_uses_the_negative_prompt_in_every_slot(pipe):
         torch.testing.assert_close(other.images, on, atol=1e-5, rtol=1e-5)
 
 
-def test_flux_checkpoint_is_refused_by_the_qwen_pipeline(tiny_pipeline_dir, qwen_dir):
+def test_flux_checkpoint_is_refused_by_the_qwen_pipeline(tiny_pipeline_dir, tiny_qwen_dir):
     from eligen import EliGenPipeline
 
     with pytest.raises(ValueError, match="EliGenPipeline"):
         EliGenQwenImagePipeline.from_pretrained(tiny_pipeline_dir)
     with pytest.raises(ValueError, match="EliGenQwenImagePipeline"):
-        EliGenPipeline.from_pretrained(qwen_dir)
+        EliGenPipeline.from_pretrained(tiny_qwen_dir)
 
 
 # -- inpainting -------------------------------------------------------------------------------------------------
@@ -254,11 +249,11 @@ def reference_lora(transformer, rank: int = 4, seed: int = 7) -> dict[str, torch
     return state
 
 
-def test_reference_format_lora_equals_a_hand_merge(qwen_dir, tmp_path):
+def test_reference_format_lora_equals_a_hand_merge(pipe, tiny_qwen_dir, tmp_path):
     from safetensors.torch import save_file
 
-    lora_pipe = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
-    merged = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
+    lora_pipe = EliGenQwenImagePipeline.from_pretrained(tiny_qwen_dir)
+    merged = EliGenQwenImagePipeline.from_pretrained(tiny_qwen_dir)
     for p in (lora_pipe, merged):
         p.set_progress_bar_config(disable=True)
     state = reference_lora(lora_pipe.transformer)
@@ -274,13 +269,7 @@ def test_reference_format_lora_equals_a_hand_merge(qwen_dir, tmp_path):
     ours = lora_pipe(**call, entities=ENTITIES, generator=gen(8)).images
     expected = merged(**call, entities=ENTITIES, generator=gen(8)).images
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
-    assert (ours - pipe_without_lora(qwen_dir)(**call, entities=ENTITIES, generator=gen(8)).images).abs().max() > 1e-3
-
-
-def pipe_without_lora(qwen_dir):
-    p = EliGenQwenImagePipeline.from_pretrained(qwen_dir)
-    p.set_progress_bar_config(disable=True)
-    return p
+    assert (ours - pipe(**call, entities=ENTITIES, generator=gen(8)).images).abs().max() > 1e-3  # no LoRA
 
 
 def test_a_flux_lora_is_refused_naming_the_families(pipe, random_lora_file):
@@ -293,7 +282,7 @@ def test_a_flux_lora_is_refused_naming_the_families(pipe, random_lora_file):
 # -- the CLI ------------------------------------------------------------------------------------------------------
 
 
-def test_cli_generate_inpaint_and_data_generate_on_qwen(qwen_dir, tmp_path, capsys):
+def test_cli_generate_inpaint_and_data_generate_on_qwen(tiny_qwen_dir, tmp_path, capsys):
     import json
 
     from PIL import Image
@@ -305,10 +294,10 @@ def test_cli_generate_inpaint_and_data_generate_on_qwen(qwen_dir, tmp_path, caps
     layout.write_text(json.dumps({"prompt": PROMPT, "negative_prompt": NEGATIVE, "width": W, "height": H, "seed": 3,
                                   "entities": [{"prompt": "a dog", "box": [2, 2, 14, 10]},
                                                {"prompt": "a cat", "box": [20, 12, 46, 30]}]}))
-    fast = ["--model", str(qwen_dir), "--steps", "2", "--max-sequence-length", "32", "--true-cfg", "4"]
+    fast = ["--model", str(tiny_qwen_dir), "--steps", "2", "--max-sequence-length", "32", "--true-cfg", "4"]
     assert main(["generate", str(layout), "-o", str(tmp_path / "out.png"), *fast, "--overlay"]) == 0
     meta = read_metadata(tmp_path / "out.png")
-    assert meta["params"]["model"] == str(qwen_dir) and len(meta["layout"]["entities"]) == 2
+    assert meta["params"]["model"] == str(tiny_qwen_dir) and len(meta["layout"]["entities"]) == 2
     assert (tmp_path / "out_overlay.png").exists()
     assert main(["generate", "--from", str(tmp_path / "out.png"), "-o", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(Image.open(tmp_path / "again.png")))
@@ -323,6 +312,6 @@ def test_cli_generate_inpaint_and_data_generate_on_qwen(qwen_dir, tmp_path, caps
     assert np.array_equal(before[:, :2], after[:, :2])  # the left edge lies outside both boxes: untouched
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle\na blue square on a gray background\n")
-    assert main(["data", "generate", str(captions), "--model", str(qwen_dir), "--out", str(tmp_path / "data"),
+    assert main(["data", "generate", str(captions), "--model", str(tiny_qwen_dir), "--out", str(tmp_path / "data"),
                  "--steps", "2", "--width", "32", "--height", "32", "--batch-size", "2"]) == 0
     assert len(list((tmp_path / "data" / "images").glob("*.png"))) == 2
