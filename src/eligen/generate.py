@@ -342,7 +342,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
     grid = pipe.vae_scale_factor * 2
-    if config.input_size() is None and (layout.width % grid or layout.height % grid):
+    if not isinstance(config, InpaintConfig) and (layout.width % grid or layout.height % grid):  # inpaint restores
         width, height = max(grid, layout.width // grid * grid), max(grid, layout.height // grid * grid)
         print(f"note: {layout.width}x{layout.height} is off the model's {grid}-pixel patch grid; rendering and "
               f"recording {width}x{height}", file=sys.stderr)
