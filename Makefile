@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test lint install install-dev browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ lint: $(VENV)/.installed-dev
 .diffsynth-min/diffsynth/models/flux_dit.py: | $(BIN)/python
 	PYTHON=$(BIN)/python bash benchmarks/diffsynth_min.sh .diffsynth-min
 
-test: lint .diffsynth-min/diffsynth/models/flux_dit.py
-	$(OFFLINE) PYTHONPATH=.diffsynth-min ELIGEN_REQUIRE_DIFFSYNTH=1 $(BIN)/python -m pytest
+# The web app's browser tests drive Debian's Chromium and ChromeDriver (root installs them; otherwise through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+/usr/bin/chromedriver:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver
+
+browser: /usr/bin/chromedriver
+
+test: lint browser .diffsynth-min/diffsynth/models/flux_dit.py
+	$(OFFLINE) PYTHONPATH=.diffsynth-min ELIGEN_REQUIRE_DIFFSYNTH=1 ELIGEN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 # The main job on the shipped tiny model (eligen-tiny, trained on the shapes world by `eligen tiny build`).
 demo: $(VENV)/.installed

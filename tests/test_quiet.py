@@ -15,6 +15,7 @@ for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PR
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["generate", "--help"], ["train", "--help"],
+                                  ["ui", "--help"],
                                   ["generate", "examples/tiny_two_shapes.json", "-o", "x.png", "--steps", "0"]])
 def test_help_version_and_validation_import_no_torch(argv):
     code = ("import sys\nfrom eligen.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"

@@ -1,0 +1,187 @@
+"""The page's layouts and the library's: every layout the page sends is checked by the CLI's own code, and masks
+arrive only as PNG data URIs drawn in the page, never as paths (nothing a client sends names a server file)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..entities import (
+    DATA_URI_PREFIX,
+    LAYOUT_KEYS,
+    Layout,
+    LayoutError,
+    entity_from_dict,
+    layout_from_dict,
+    mask_to_png_data_uri,
+)
+from ..entities import resize_nearest as resize_mask
+from ..generate import METADATA_KEY, checked_record
+from .config import MAX_ENTITIES
+
+PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon"})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What a page may set for one generation; the model, LoRA files, device and outputs belong to the server.
+PAGE_PARAMS = frozenset({"steps", "true_cfg", "guidance", "seed", "lora_scale", "cfg_mode", "entities_on_negative",
+                         "fusion", "strength", "mask_dilate", "mask_blur", "paste_back"})
+INPAINT_PARAMS = frozenset({"fusion", "strength", "mask_dilate", "mask_blur", "paste_back"})
+
+
+def problem(error: Exception) -> dict[str, Any]:
+    """An error as the page shows it: the message, and the entity and field it names (None when it names none)."""
+    return {"message": str(error), "entity": getattr(error, "entity", None), "field": getattr(error, "field", None)}
+
+
+def _image_size(data_uri: str, index: int) -> tuple[int, int]:
+    """The declared ``(width, height)`` of a PNG data URI, read from its header (nothing decoded yet)."""
+    try:
+        raw = base64.b64decode(data_uri[len(DATA_URI_PREFIX):], validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.size
+    except (binascii.Error, OSError, ValueError) as exc:
+        raise LayoutError(f"the mask is not a readable PNG data URI ({exc})", entity=index, field="mask") from None
+
+
+def check_page_layout(data: Any, max_pixels: int) -> dict[str, Any]:
+    """The page's layout JSON with everything that could reach the file system or exhaust memory refused:
+    known keys only, masks as PNG data URIs no larger than the image, ``width x height <= max_pixels``."""
+    if not isinstance(data, Mapping):
+        raise LayoutError(f"a layout is a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - LAYOUT_KEYS)
+    if unknown:
+        raise LayoutError(f"unknown key(s) {unknown}; allowed: {sorted(LAYOUT_KEYS)}", field=unknown[0])
+    width, height = data.get("width"), data.get("height")
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise LayoutError(f"must be a positive integer number of pixels, got {value!r}", field=name)
+    if width * height > max_pixels:
+        raise LayoutError(f"{width}x{height} is above this app's {max_pixels} pixels (--max-pixels)", field="width")
+    entities = data.get("entities", [])
+    if not isinstance(entities, list):
+        raise LayoutError("must be a list of entity objects", field="entities")
+    if len(entities) > MAX_ENTITIES:
+        raise LayoutError(f"{len(entities)} entities; the app takes up to {MAX_ENTITIES}", field="entities")
+    for i, entity in enumerate(entities):
+        if not isinstance(entity, Mapping):
+            raise LayoutError(f"each entity is a JSON object, got {type(entity).__name__}", entity=i)
+        unknown = sorted(set(entity) - PAGE_ENTITY_KEYS)
+        if unknown:
+            raise LayoutError(f"unknown key(s) {unknown}; an entity has 'prompt' and one of 'mask', 'box', "
+                              "'polygon'", entity=i, field=unknown[0])
+        mask = entity.get("mask")
+        if mask is None:
+            continue
+        if not isinstance(mask, str) or not mask.startswith(DATA_URI_PREFIX):
+            raise LayoutError("the web app takes masks drawn in the page (PNG data URIs), never file paths; load "
+                              "a layout whose masks are embedded, as `eligen generate` records them",
+                              entity=i, field="mask")
+        mask_w, mask_h = _image_size(mask, i)
+        if mask_w * mask_h > max(max_pixels, width * height):
+            raise LayoutError(f"the mask is {mask_w}x{mask_h}, larger than the app takes", entity=i, field="mask")
+    return dict(data)
+
+
+def page_layout(data: Any, max_pixels: int, default_size: tuple[int, int] | None = None) -> Layout:
+    """The page's layout JSON as a validated :class:`Layout` (the CLI's validation, after the page's own checks)."""
+    if default_size is not None and isinstance(data, Mapping):
+        data = {"width": default_size[0], "height": default_size[1], **data}
+    return layout_from_dict(check_page_layout(data, max_pixels))
+
+
+def layout_problems(data: Any, max_pixels: int, latent_masks) -> list[dict[str, Any]]:
+    """Every problem the page's layout would meet, each naming its entity and field: the layout's own checks
+    (per entity, so all are listed) and, per entity, a mask that covers no token of the model's grid.
+    ``latent_masks(masks, height, width)`` is the pipeline's own (``pipe.entity_latent_masks``)."""
+    try:
+        checked = check_page_layout(data, max_pixels)
+    except LayoutError as exc:
+        return [problem(exc)]  # the shape of the request itself: nothing further can be checked
+    width, height, problems = checked["width"], checked["height"], []
+    try:
+        Layout(checked.get("prompt"), width, height, negative_prompt=checked.get("negative_prompt"),
+               seed=checked.get("seed")).validate()
+    except LayoutError as exc:
+        problems.append(problem(exc))
+    for i, raw in enumerate(checked.get("entities", [])):
+        try:
+            entity = entity_from_dict(raw, i, None)
+            entity.validate(i, width, height)
+            latent_masks([entity.rasterize(width, height, i)], height, width)
+        except LayoutError as exc:
+            problems.append(problem(LayoutError(exc.reason, entity=i, field=exc.field)))
+    return problems
+
+
+def token_grid(masks: list[np.ndarray | None], height: int, width: int, vae_scale_factor: int) -> dict[str, Any]:
+    """What the model sees of each mask: its cover of the ``rows x cols`` token grid (row-major 0/1, all 0 for a
+    mask that could not be read), by the pipelines' own rule (docs/design.md section 2)."""
+    from ..masks import PACK, latent_grid_size, mask_tokens
+
+    lat_h, lat_w = latent_grid_size(height, width, vae_scale_factor)
+    rows, cols = lat_h // PACK, lat_w // PACK
+    covers = [[0] * (rows * cols) if m is None else mask_tokens(m, height, width, vae_scale_factor).int().tolist()
+              for m in masks]
+    return {"rows": rows, "cols": cols, "token_pixels": vae_scale_factor * PACK, "covers": covers}
+
+
+def preview(data: Any, max_pixels: int, pipe) -> dict[str, Any]:
+    """The page's live preview: every problem (:func:`layout_problems`) and each mask on ``pipe``'s token grid
+    (``grid`` is None when the layout's size itself is wrong)."""
+    problems = layout_problems(data, max_pixels, pipe.entity_latent_masks)
+    try:
+        checked = check_page_layout(data, max_pixels)
+    except LayoutError:
+        return {"errors": problems, "grid": None}
+    width, height, masks = checked["width"], checked["height"], []
+    for i, raw in enumerate(checked.get("entities", [])):
+        try:
+            masks.append(entity_from_dict(raw, i, None).rasterize(width, height, i))
+        except LayoutError:
+            masks.append(None)
+    return {"errors": problems, "grid": token_grid(masks, height, width, pipe.vae_scale_factor)}
+
+
+def layout_for_page(layout: Layout) -> dict[str, Any]:
+    """A layout as the page edits it: every entity a mask at the layout's size, as a PNG data URI."""
+    out: dict[str, Any] = {"prompt": layout.prompt, "width": layout.width, "height": layout.height,
+                           "negative_prompt": layout.negative_prompt, "seed": layout.seed, "entities": []}
+    for entity, mask in zip(layout.entities, layout.masks(), strict=True):
+        if mask.shape != (layout.height, layout.width):
+            mask = resize_mask(mask, layout.height, layout.width)
+        out["entities"].append({"prompt": entity.prompt, "mask": mask_to_png_data_uri(np.asarray(mask, bool))})
+    return out
+
+
+def read_upload_record(raw: bytes, max_pixels: int) -> dict[str, Any]:
+    """A layout JSON file or an eligen PNG, uploaded to continue editing: ``{"layout", "params", "command"}``."""
+    if raw.startswith(PNG_SIGNATURE):
+        try:
+            with Image.open(io.BytesIO(raw)) as image:
+                if image.width * image.height > max_pixels:
+                    raise ValueError(f"the PNG is {image.width}x{image.height}, above this app's {max_pixels} "
+                                     "pixels (--max-pixels)")
+                text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
+        except OSError as exc:
+            raise ValueError(f"the PNG cannot be read ({exc})") from None
+        if text is None:
+            raise ValueError("this PNG carries no eligen record (was it made by eligen?); load a PNG downloaded "
+                             "from this app or written by `eligen generate`")
+        try:
+            record = checked_record(json.loads(text), "the PNG")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the PNG's eligen record is not JSON ({exc})") from None
+        params = {k: v for k, v in record["params"].items() if k in PAGE_PARAMS}
+        return {"layout": layout_for_page(page_layout(record["layout"], max_pixels)), "params": params,
+                "command": record.get("command", "generate")}
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a layout JSON file or an eligen PNG ({exc})") from None
+    return {"layout": layout_for_page(page_layout(data, max_pixels)), "params": {}, "command": "generate"}
