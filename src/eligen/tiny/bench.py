@@ -1,14 +1,15 @@
-"""ShapesBench: entity control measured exactly on the shapes world (docs/design.md section 8).
+"""ShapesBench: entity control measured exactly on the shapes world (docs/design.md sections 8 and 13).
 
 Held-out layouts (1-4 entities; box, ellipse and irregular masks) are generated three ways: (a) the base model
 with the global prompt only, (b) train-free regional attention (entities, no LoRA), (c) the EliGen LoRA. Each
 entity is segmented by its colour and scored against its conditioning mask: IoU, colour accuracy and recall
-(IoU > 0.5), overall and per mask kind.
+(IoU > 0.5), overall and per mask kind. The layouts come from the world itself (no files) and each is scored as
+soon as it is drawn; the JSON record and the contact sheet are written by the benchmark harness's report helpers
+(:mod:`eligen.evals.report`), atomically, like those of `eligen bench layoutsam` and `eligen bench cocomig`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 
 from eligen.config import option
 
-from ..overlay import image_grid, render_overlay
+from ..evals.report import save_sheet, write_json
+from ..overlay import render_overlay
 from .metrics import entity_scores, summarise
 from .shipped import model_defaults
 from .world import COLOURS, has_gap, is_rectangle, sample_layout
@@ -117,7 +119,7 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     layouts = [sample_layout(config.seed + i, config.size) for i in range(config.n)]
     scores: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     sheet: list = []
-    for index, layout in enumerate(tqdm(layouts, desc="ShapesBench", disable=not config.progress)):
+    for index, layout in enumerate(tqdm(layouts, desc="shapes: generate and score", disable=not config.progress)):
         row = []
         for variant in variants:
             if lora is not None:
@@ -138,7 +140,6 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     settings = {"lora": lora, "true_cfg": true_cfg, "max_sequence_length": max_sequence_length}
     record = {"config": {k: str(v) for k, v in asdict(config).items()}, "resolved": settings, "summary": summary,
               "scores": scores}
-    (config.output_dir / "shapesbench.json").write_text(json.dumps(record, indent=1))
-    if sheet:
-        image_grid(sheet, columns=len(variants)).save(config.output_dir / "contact_sheet.png")
+    write_json(config.output_dir / "shapesbench.json", record)
+    save_sheet(sheet, config.output_dir / "contact_sheet.png", columns=len(variants))
     return summary

@@ -1,0 +1,169 @@
+"""The generation stage of the benchmarks: every layout rendered once, sharded and resumable.
+
+Layout ``i`` is written atomically to ``OUT/images/{i:06d}.png`` with its record in the PNG (the layout's key,
+the boxes the generator was given in pixels, the size, the seed and every setting), so the PNGs are the state: a
+PNG whose record matches this run is finished and never redone, a killed run restarts where it stopped, and
+``--shard i/n`` (or RANK/WORLD_SIZE) processes render disjoint layouts into one folder. Boxes are scaled from the
+benchmark's normalised boxes to the size the model renders (its native size unless ``--width/--height``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..choices import DTYPE_NAMES
+from ..config import option
+from ..data.shards import parse_shard, shard_from_env
+from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
+from .boxes import pixel_box
+from .layouts import BenchLayout
+
+IMAGES_DIR = "images"
+SETTINGS = ("model", "lora", "lora_scale", "steps", "guidance", "true_cfg", "negative_prompt", "max_sequence_length")
+
+
+@dataclass
+class BenchRunConfig:
+    """What every benchmark run reads: the data, the model, how to render, which shard, where to write."""
+
+    data: Path | None = option(None, "the benchmark's files (see the command's description)", required=True,
+                               metavar="PATH")
+    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id")
+    lora: list[str] = option([], "LoRA file, folder or hub id (repeat to stack), e.g. the EliGen LoRA", repeat=True,
+                             metavar="PATH")
+    lora_scale: list[float] = option([], "weight of the matching --lora (default 1.0 each)", repeat=True,
+                                     metavar="S")
+    out: Path | None = option(None, "output folder: images/, scores/, the JSON report, table.md, contact_sheet.png",
+                              short="-o", metavar="DIR", required=True)
+    limit: int | None = option(None, "only the first N layouts (a quick subset)", metavar="N")
+    stage: str = option("all", "run one stage only (all: generate, score, report)",
+                        choices=("all", "generate", "score", "report"))
+    steps: int = option(28, "number of denoising steps")
+    guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
+    true_cfg: float = option(1.0, "true CFG scale; 1 disables the negative pass")
+    negative_prompt: str = option("", "negative prompt (used when --true-cfg > 1)")
+    height: int | None = option(None, "image height (default: the model's native size); boxes are scaled to it")
+    width: int | None = option(None, "image width (default: the model's native size); boxes are scaled to it")
+    seed: int = option(42, "seed of every layout (the benchmarks' protocol: one fixed seed)")
+    max_sequence_length: int = option(512, "T5 tokens per prompt segment")
+    shard: str | None = option(None, "I/N: handle the layouts whose index is I mod N (default: from RANK and "
+                               "WORLD_SIZE when WORLD_SIZE > 1, else 0/1)", metavar="I/N")
+    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
+                               choices=DTYPE_NAMES)
+    sheet: int = option(12, "layouts on the contact sheet (0: none)")
+    progress: bool = option(True, "show a progress bar per stage")
+
+    def __post_init__(self) -> None:
+        if self.data is None or self.out is None:
+            raise ValueError("give the benchmark's files with --data PATH and an output folder with --out DIR")
+        self.data, self.out = Path(self.data), Path(self.out)
+        for name in ("steps", "height", "width", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value}")
+        if self.sheet < 0:
+            raise ValueError(f"--sheet must be >= 0, got {self.sheet}")
+        if self.true_cfg < 1:
+            raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+    def shard_spec(self) -> tuple[int, int]:
+        return parse_shard(self.shard) if self.shard is not None else shard_from_env()
+
+    def settings(self) -> dict[str, Any]:
+        """The settings an image records; a PNG recording others is redone."""
+        return {name: getattr(self, name) for name in SETTINGS}
+
+
+def image_path(out: Path, index: int) -> Path:
+    return out / IMAGES_DIR / f"{index:06d}.png"
+
+
+def my_layouts(layouts: list[BenchLayout], config: BenchRunConfig) -> list[BenchLayout]:
+    """This shard's layouts: index ``i`` mod ``n``."""
+    shard, shards = config.shard_spec()
+    return [layout for layout in layouts if layout.index % shards == shard]
+
+
+def finished(path: Path, layout: BenchLayout, config: BenchRunConfig, benchmark: str) -> bool:
+    """The PNG exists and records this layout, seed, size and settings."""
+    if not path.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except ValueError:  # unreadable: redone
+        return False
+    same = (meta.get("benchmark") == benchmark and meta.get("key") == layout.key and meta.get("seed") == config.seed
+            and all(meta.get(k) == v for k, v in config.settings().items()))
+    sized = all(getattr(config, k) is None or meta.get(k) == getattr(config, k) for k in ("width", "height"))
+    return same and sized
+
+
+def render_size(pipe, config: BenchRunConfig) -> tuple[int, int]:
+    """``(width, height)``: the flags, else the model's native size, rounded down to the model's patch grid."""
+    native_height, native_width = pipe.native_size()
+    width, height = config.width or native_width, config.height or native_height
+    grid = pipe.vae_scale_factor * 2
+    if width % grid or height % grid:
+        fitted = max(grid, width // grid * grid), max(grid, height // grid * grid)
+        print(f"note: {width}x{height} is off the model's {grid}-pixel patch grid; rendering {fitted[0]}x"
+              f"{fitted[1]}", file=sys.stderr)
+        width, height = fitted
+    return width, height
+
+
+def render_layout(pipe, layout: BenchLayout, config: BenchRunConfig, width: int, height: int):
+    """One image of ``layout`` at ``width`` x ``height``, and the pixel boxes its entities were given."""
+    import torch
+
+    from ..entities import Entity
+
+    boxes = [pixel_box(e.box, width, height) for e in layout.entities]
+    entities = [Entity(e.prompt, box=box) for e, box in zip(layout.entities, boxes, strict=True)]
+    image = pipe(prompt=layout.prompt, entities=entities, height=height, width=width,
+                 num_inference_steps=config.steps, guidance_scale=config.guidance, true_cfg_scale=config.true_cfg,
+                 negative_prompt=config.negative_prompt if config.true_cfg > 1 else None,
+                 max_sequence_length=config.max_sequence_length,
+                 generator=torch.Generator("cpu").manual_seed(config.seed), output_type="pil").images[0]
+    return image, boxes
+
+
+def generate_stage(layouts: list[BenchLayout], config: BenchRunConfig, benchmark: str, pipe=None) -> tuple[int, int]:
+    """Render this shard's unfinished layouts; ``(rendered, already there)``."""
+    mine = my_layouts(layouts, config)
+    todo = [layout for layout in mine if not finished(image_path(config.out, layout.index), layout, config, benchmark)]
+    if not todo:
+        return 0, len(mine)
+    if pipe is None:
+        if not config.model:
+            raise ValueError("give the model to benchmark with --model (a FLUX.1 or Qwen-Image directory or hub id)")
+        device = resolve_device(config.device)
+        dtype = config.dtype or default_dtype(device)
+        pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
+    else:
+        dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    width, height = render_size(pipe, config)
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{benchmark}: generate", unit="img",
+              disable=not config.progress) as bar:
+        for layout in todo:
+            image, boxes = render_layout(pipe, layout, config, width, height)
+            record = {"version": __version__, "command": f"bench-{benchmark}", "benchmark": benchmark,
+                      "index": layout.index, "key": layout.key, "prompt": layout.prompt, "seed": config.seed,
+                      "width": width, "height": height, "dtype": dtype, **config.settings(),
+                      "entities": [{"prompt": e.prompt, "box": list(b)} for e, b in zip(layout.entities, boxes,
+                                                                                       strict=True)]}
+            save_png(image, image_path(config.out, layout.index), record)
+            bar.update(1)
+    return len(todo), len(mine) - len(todo)

@@ -1,0 +1,233 @@
+"""The benchmark harness end to end on the tiny random FLUX pipeline: fixture files in each benchmark's format,
+`eligen bench layoutsam` judged by the fake OpenAI-compatible server, `eligen bench cocomig` by a tiny random
+Grounding DINO built from config and loaded from disk; sharding, resuming, the resolution rule, the reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import types
+from http.server import BaseHTTPRequestHandler
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from eligen.cli import main
+from eligen.evals import cocomig
+from eligen.evals.generation import image_path
+from eligen.evals.harness import CocoMigConfig, LayoutSamConfig, run_benchmark
+from eligen.generate import read_metadata, save_png
+from test_annotate import QuietServer
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "blue", "black", "apple", "cat", "dog", "bus"]
+SIZE = ["--height", "32", "--width", "48"]  # non-square: boxes must follow each axis
+FAST = ["--steps", "2", "--max-sequence-length", "16", "--no-progress", "--sheet", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+
+
+def write_layoutsam(folder, count=3):
+    """A parquet file in LayoutSAM-eval's columns (list fields stored as text, as in the dataset)."""
+    rows = [{"file_name": f"{i}.jpg", "global_caption": f"a picture number {i}", "width": 640, "height": 480,
+             "bbox_list": str([[0, 0, 320, 240], [320, 120, 640, 480]][: 1 + i % 2]),
+             "region_captions": str(["a cat", "a dog"][: 1 + i % 2]),
+             "detail_region_captions": ["a fluffy black cat", "a small brown dog"][: 1 + i % 2],
+             "image": b"not read"} for i in range(count)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "test-00000-of-00001.parquet")
+    return folder
+
+
+def write_mig(folder):
+    """MIG-Bench's mig_bench_anno.yaml and mig_bench.txt (levels 2 and 3)."""
+    anno = {"a photo of a red apple and a blue bus": {"a red apple": [[0.0, 0.0, 0.5, 0.5]],
+                                                      "a blue bus": [[0.5, 0.25, 1.0, 1.0]], "coco_id": "11"},
+            "a photo of a black cat and a black cat and a red bus": {
+                "a black cat": [[0.0, 0.0, 0.3, 0.4], [0.3, 0.0, 0.6, 0.4]], "a red bus": [[0.0, 0.5, 1.0, 1.0]],
+                "coco_id": "12"}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mig_bench_anno.yaml").write_text(yaml.safe_dump(anno))
+    (folder / "mig_bench.txt").write_text("\n".join(reversed(list(anno))) + "\n")
+    return folder
+
+
+class JudgeHandler(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge: "Yes" to presence, then the configured answers to each attribute question."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = next(p for p in body["messages"][0]["content"] if p["type"] == "text")["text"]
+        kind = next((k for k in ("color", "texture", "shape") if f"the {k} of" in text), "spatial")
+        with self.server.lock:
+            self.server.asked.append(kind)
+        answer = self.server.answers[kind]
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def judge_server():
+    httpd = QuietServer(("127.0.0.1", 0), JudgeHandler)
+    httpd.lock, httpd.asked = threading.Lock(), []
+    httpd.answers = {"spatial": "Yes.", "color": "yes, it is", "texture": "No.", "shape": "**Yes**"}
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    httpd.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_grounding_dino(tmp_path_factory):
+    """A random Grounding DINO (tiny Swin backbone, tiny BERT, a tokenizer from a small vocab) saved like a user's
+    local copy."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("grounding-dino")
+    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+                          patch_size=4, out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, num_queries=10,
+                                 encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                 encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=3,
+                                 encoder_n_points=2, decoder_n_points=2, max_text_len=32)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
+        size={"shortest_edge": 64, "longest_edge": 64}), tokenizer=BertTokenizer(str(folder / "vocab.txt")))
+    processor.save_pretrained(folder)
+    return folder
+
+
+def layoutsam_args(data, out, server, model, *extra):
+    return ["bench", "layoutsam", "--data", str(data), "-o", str(out), "--model", str(model), "--vlm-model", "fake",
+            "--base-url", server.base_url, *SIZE, *FAST, *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------- LayoutSAM
+
+
+def test_layoutsam_whole_path(tmp_path, judge_server, tiny_pipeline_dir, capsys):
+    data, out = write_layoutsam(tmp_path / "LayoutSAM-eval" / "data"), tmp_path / "run"
+    assert main(layoutsam_args(tmp_path / "LayoutSAM-eval", out, judge_server, tiny_pipeline_dir)) == 0
+    printed = capsys.readouterr().out
+    assert "| this run (3/3 layouts) | 100.00 | 100.00 | 0.00 | 100.00 | 4 |" in printed
+    assert "| 94.05 | 83.84 | 87.31 | 87.01 |" in printed
+    record = json.loads((out / "layoutsam.json").read_text())
+    assert record["scored_layouts"] == 3 and len(record["entities"]) == 4
+    assert judge_server.asked.count("spatial") == 4 and len(judge_server.asked) == 16
+    first = read_metadata(image_path(out, 1))
+    assert (first["width"], first["height"]) == (48, 32)
+    assert first["entities"][1]["box"] == [24.0, 8.0, 48.0, 32.0]  # (320,120,640,480) of 640x480 -> 48x32
+    assert [e["box"] for e in record["entities"] if e["layout"] == 1] == [[0, 0, 24, 16], [24, 8, 48, 32]]
+    assert Image.open(out / "contact_sheet.png").width > 0 and (out / "table.md").read_text().startswith("| Layout")
+    # a rerun after a kill: only what is missing is redone
+    image_path(out, 2).unlink()
+    (out / "scores" / "000000.json").unlink()
+    judge_server.answers["spatial"] = "No"
+    config = LayoutSamConfig(data=data, out=out, model=str(tiny_pipeline_dir), vlm_model="fake",
+                             base_url=judge_server.base_url, height=32, width=48, steps=2, max_sequence_length=16,
+                             progress=False, sheet=0)
+    result = run_benchmark("layoutsam", config)
+    assert (result.generated, result.reported) == (1, 3)
+    # layout 0 is scored again; layout 2 too, unless it came back byte for byte (same seed, same machine)
+    rescored = 2 if result.scored == 2 else 1
+    assert result.scored in (1, 2) and result.summary["spatial"] == pytest.approx(100 * (4 - rescored) / 4)
+    image_path(out, 1).write_bytes(image_path(out, 0).read_bytes())  # another image under layout 1's name
+    with pytest.raises(ValueError, match="rendered for another layout"):
+        run_benchmark("layoutsam", dataclasses.replace(config, stage="score"))
+
+
+def test_layoutsam_shards_and_resolution_rule(tmp_path, judge_server, tiny_pipeline_dir, capsys):
+    data, out = write_layoutsam(tmp_path / "data", count=4), tmp_path / "run"
+    for shard in ("1/2", "0/2"):
+        assert main(layoutsam_args(data, out, judge_server, tiny_pipeline_dir, "--shard", shard,
+                                   "--limit", "3")) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert "(3/3 layouts)" in capsys.readouterr().out
+    # the same image at twice the size: scored with its boxes rescaled, not with the 48x32 ones
+    path = image_path(out, 1)
+    meta = read_metadata(path)
+    save_png(Image.open(path).resize((96, 64)), path, meta)
+    assert main(layoutsam_args(data, out, judge_server, tiny_pipeline_dir, "--stage", "score", "--limit", "3")) == 0
+    scores = json.loads((out / "scores" / "000001.json").read_text())["entities"]
+    assert [s["box"] for s in scores] == [[0, 0, 48, 32], [48, 16, 96, 64]]
+    # another aspect ratio: refused, naming the file
+    save_png(Image.open(path).resize((64, 64)), path, meta)
+    assert main(layoutsam_args(data, out, judge_server, tiny_pipeline_dir, "--stage", "score", "--limit", "3")) == 2
+    assert "000001.png" in capsys.readouterr().err
+
+
+def test_bad_data_is_one_clear_line(tmp_path, judge_server, tiny_pipeline_dir, capsys):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"global_caption": "x", "bbox_list": "[[0, 0, 1, 1]]"}) + "\n")
+    assert main(layoutsam_args(tmp_path / "rows.jsonl", tmp_path / "o", judge_server, tiny_pipeline_dir)) == 2
+    assert "row 0: missing field(s) region_captions" in capsys.readouterr().err
+    assert main(["bench", "cocomig", "--data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")]) == 2
+    assert "mig_bench_anno.yaml" in capsys.readouterr().err
+    assert main(["bench", "cocomig", "--data", str(tmp_path), "-o", str(tmp_path / "o"), "--box-threshold", "2"]) == 2
+    assert "--box-threshold must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_an_unreachable_judge_keeps_the_images(tmp_path, tiny_pipeline_dir, capsys):
+    data, out = write_layoutsam(tmp_path / "data", count=1), tmp_path / "run"
+    gone = types.SimpleNamespace(base_url="http://127.0.0.1:9/v1")  # nothing listens on the discard port
+    assert main(layoutsam_args(data, out, gone, tiny_pipeline_dir, "--timeout", "2")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("eligen: error: ") and "the judge failed" in last and "rerun to go on" in last
+    assert image_path(out, 0).is_file() and not (out / "scores").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------- COCO-MIG
+
+
+def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, capsys):
+    data, out = write_mig(tmp_path / "MIG"), tmp_path / "run"
+    args = ["bench", "cocomig", "--data", str(data), "-o", str(out), "--model", str(tiny_pipeline_dir),
+            "--detector", str(tiny_grounding_dino), "--box-threshold", "0", "--text-threshold", "0", *SIZE, *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| EliGen, published (ContextGen, ICLR 2026) | 64.12 | 26.00 | 59.23 |" in printed
+    record = json.loads((out / "cocomig.json").read_text())
+    rows = record["entities"]
+    assert [r["level"] for r in rows] == [3, 3, 3, 2, 2]  # mig_bench.txt's order
+    assert read_metadata(image_path(out, 0))["prompt"].startswith("a photo of a black cat")
+    for row in rows:
+        assert 0 <= row["iou"] <= 1 and row["detections"] >= 1
+        assert row["success"] == (row["iou"] >= 0.5 and row["colour_ok"])
+    # the summary from the rows, recomputed here
+    level3 = [r for r in rows if r["level"] == 3]
+    assert record["summary"]["L3"]["isr"] == pytest.approx(100 * sum(r["success"] for r in level3) / 3)
+    assert record["summary"]["all"]["miou"] == pytest.approx(100 * sum(r["miou"] for r in rows) / 5)
+    assert record["summary"]["all"]["sr"] == pytest.approx(
+        100 * sum(all(r["success"] for r in rows if r["layout"] == i) for i in (0, 1)) / 2)
+    assert set(record["summary"]) == {"all", *(f"L{n}" for n in cocomig.LEVELS)}
+    assert Image.open(out / "contact_sheet.png").height > 0 and "I-SR" in (out / "table.md").read_text()
+    # everything is done: a rerun renders nothing and never loads the detector
+    config = CocoMigConfig(data=data, out=out, model=str(tiny_pipeline_dir), detector="/nonexistent",
+                           height=32, width=48, steps=2, max_sequence_length=16, progress=False, sheet=0)
+    result = run_benchmark("cocomig", config)
+    assert (result.generated, result.scored, result.reported) == (0, 0, 2)
