@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The issue-7 speed check in one command, for a GPU machine without internet (see benchmarks/README.md):
+# The speed checks (issues 7 and 18) in one command, for a GPU machine without internet (see benchmarks/README.md):
 #   here:  bash benchmarks/diffsynth_min.sh      # the reference's three modules -> .diffsynth-min/
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 #   there: bash benchmarks/gpu_check.sh          # carrying .whl and .diffsynth-min; logs + JSON go to $OUT
 # SIZE=tiny ENTITIES=0,2 OPARGS="--device cpu --heads 2 --side 8 --segment 16 --iters 1" checks it on a CPU;
-# VARIANTS overrides the regional_attention.py variants, WHEELS the wheel folder (default .whl).
+# VARIANTS overrides the regional_attention.py variants, WHEELS the wheel folder (default .whl), E2EARGS the
+# arguments of generate_e2e.py (whole images; its size follows SIZE: tiny stays tiny, anything else is flux-dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${OUT:-benchmarks/results}
@@ -19,3 +20,8 @@ python3 benchmarks/attention_op.py ${OPARGS:-} --json "$dest/attention_op.json" 
 python3 benchmarks/regional_attention.py --size "${SIZE:-flux-dev}" --entities "${ENTITIES:-0,4}" \
     --variants "${VARIANTS:-dense,reference,diffsynth,segmented,trim,compile-plain,compile-flex,compile-segmented}" \
     --json "$dest/regional_attention.json" 2>&1 | tee "$dest/regional_attention.log"
+e2e_size=$([ "${SIZE:-flux-dev}" = tiny ] && echo tiny || echo flux-dev)
+# defaults sized by estimate (not yet run on a GPU): about 9 minutes at flux-dev on an H200, two images a row
+python3 benchmarks/generate_e2e.py --size "$e2e_size" ${E2EARGS:---entities 4 --warmup 0 --iters 1 --variants \
+plain,exact,reference,fbc-0.05,fp8,entity-steps-15,mask-every-2,compile-plain,compile,model-offload} \
+    --json "$dest/generate_e2e.json" 2>&1 | tee "$dest/generate_e2e.log"

@@ -42,15 +42,44 @@ def test_regional_attention_benchmark(tmp_path):
     assert float(line.rsplit(":", 1)[1]) < 1e-5
 
 
-def test_gpu_check_script_runs_both_benchmarks(tmp_path):
-    """The one-command GPU check, at CPU sizes: both benchmarks run and leave their logs and JSON in $OUT."""
+def test_gpu_check_script_runs_the_benchmarks(tmp_path):
+    """The one-command GPU check, at CPU sizes: the three benchmarks run and leave their logs and JSON in $OUT."""
     env = {**os.environ, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no-wheels"), "SIZE": "tiny",
            "ENTITIES": "0,2", "VARIANTS": "dense,segmented", "OPARGS": "--device cpu --heads 1 --side 4 --segment 8 "
-           "--iters 1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this interpreter
+           "--iters 1", "E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --warmup 0 --iters 1 --variants "
+           "plain,exact", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this interpreter
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"attention_op.json", "attention_op.log",
-                                                    "regional_attention.json", "regional_attention.log"}
+                                                    "regional_attention.json", "regional_attention.log",
+                                                    "generate_e2e.json", "generate_e2e.log"}
+    e2e = json.loads((tmp_path / "generate_e2e.json").read_text())
+    assert e2e["size"] == "tiny" and {(r["variant"], r["entities"]) for r in e2e["rows"]} == {("plain", 0),
+                                                                                             ("exact", 2)}
     rows = json.loads((tmp_path / "regional_attention.json").read_text())
     assert {(row["variant"], row["entities"]) for row in rows} == {("plain", 0), ("dense", 2), ("segmented", 2)}
+
+
+def test_generate_e2e_tiny(tmp_path):
+    """Whole images on the CPU: plain FluxPipeline, the exact mode and one row per accelerator, errors against the
+    exact image (the exact ones: offloading equal, and the first-block cache skipping nothing)."""
+    out = tmp_path / "e2e.json"
+    stdout = run_script("generate_e2e.py", "--size", "tiny", "--steps", "3", "--warmup", "0", "--iters", "1",
+                        "--entities", "0,2", "--accel-entities", "2", "--json", str(out), "--variants",
+                        "plain,exact,reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload,"
+                        "sequential-offload")
+    report = json.loads(out.read_text())
+    assert report["size"] == "tiny" and report["steps"] == 3
+    rows = {(row["variant"], row["entities"]): row for row in report["rows"]}
+    assert set(rows) == {("plain", 0), ("exact", 0), ("exact", 2), ("fbc-0", 2), ("fbc-100", 2), ("fp8", 2),
+                         ("entity-steps-1", 2), ("mask-every-2", 2), ("model-offload", 2)}
+    assert all(row["seconds"] > 0 for row in rows.values()) and rows["plain", 0]["ratio_to_plain"] == 1.0
+    # 3 steps x 2 CFG branches: an infinite threshold runs the whole network once per branch, a zero one always
+    assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
+    for exact in ("fbc-0", "model-offload"):
+        assert rows[exact, 2]["psnr_vs_exact"] == float("inf") and not rows[exact, 2]["approximate"]
+    for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
+        assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
+    assert "sequential-offload: CUDA only" in stdout and "| exact | 2 |" in stdout
+    assert "reference: needs FLUX.1's widths" in stdout or "reference: diffsynth is not importable" in stdout

@@ -151,6 +151,19 @@ CASES = [
      "above the 64 MP eligen decodes"),
     ("inpaint a truncated image", lambda t: ["inpaint", truncated_png(t), LAYOUT, "-o", f"{t}/o.png"],
      "truncated or not an image"),
+    ("entity image without --ip-adapter", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "box": [4, 6, 30, 32], "image": write(t, "ref.png", _plain_png())}]), "-o",
+        f"{t}/o.png"], "entity 0, field 'image': a reference image needs an IP-Adapter"),
+    ("truncated entity image", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "box": [4, 6, 30, 32], "image": truncated_png(t)}]), "-o", f"{t}/o.png"],
+     "field 'image'"),
+    ("negative image scale", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "box": [4, 6, 30, 32], "image_scale": -1}]), "-o", f"{t}/o.png"],
+     "field 'image_scale'"),
+    ("--ip-image a decompression bomb", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--ip-image", huge_png(t),
+                                                   "--ip-adapter", str(t)], "above the 64 MP eligen decodes"),
+    ("--ip-adapter file that is not there", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--ip-adapter",
+                                                       f"{t}/ip.safetensors"], "--ip-adapter"),
     ("LoRA of rank 0", lambda t: ["lora", "info", lora_file(t, torch.zeros(0, 8), torch.zeros(8, 0))], "rank 0"),
     ("LoRA with a vector alpha", lambda t: ["lora", "info", lora_file(t, torch.ones(2, 8), torch.ones(8, 2),
                                                                       torch.ones(2))], "alpha is one number"),

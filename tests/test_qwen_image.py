@@ -315,3 +315,12 @@ def test_cli_generate_inpaint_and_data_generate_on_qwen(tiny_qwen_dir, tmp_path,
     assert main(["data", "generate", str(captions), "--model", str(tiny_qwen_dir), "--out", str(tmp_path / "data"),
                  "--steps", "2", "--width", "32", "--height", "32", "--batch-size", "2"]) == 0
     assert len(list((tmp_path / "data" / "images").glob("*.png"))) == 2
+
+
+def test_an_entity_reference_image_is_refused_by_name(tiny_qwen_dir):
+    from eligen.entities import LayoutError
+
+    pipe = EliGenQwenImagePipeline.from_pretrained(tiny_qwen_dir)
+    entity = Entity("a cat", box=[0, 0, 16, 16], image=np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(LayoutError, match=r"entity 0, field 'image'.*no IP-Adapter"):
+        pipe("a cat", entities=[entity], height=32, width=32, num_inference_steps=1)

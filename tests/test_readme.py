@@ -37,6 +37,10 @@ CHANGES = [
      "num_inference_steps=40, height=1024, width=1024": "num_inference_steps=2, height=64, width=64"},
     {'image="room.png"': "image=ROOM", "box=(100, 500, 420, 900)": "box=(6, 30, 26, 56)",
      "true_cfg_scale=3.0).images[0]": "true_cfg_scale=3.0, num_inference_steps=2).images[0]"},
+    {'"XLabs-AI/flux-ip-adapter"': "TINY_IP", '"openai/clip-vit-large-patch14"': "TINY_IP_ENCODER",
+     'image="tabby.jpg"': "image=TABBY", 'ip_adapter_image="watercolor.png"': "ip_adapter_image=STYLE",
+     "box=(80, 300, 480, 900)": "box=(5, 18, 30, 56)", "box=(560, 260, 980, 920)": "box=(35, 16, 61, 58)",
+     "height=1024, width=1024, num_inference_steps=50": "height=64, width=64, num_inference_steps=2"},
 ]
 
 
@@ -46,9 +50,10 @@ def test_the_table_covers_every_snippet():
 
 @pytest.fixture(scope="module")
 def names(tiny_qwen_dir, tmp_path_factory):
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
     from eligen.families.qwen_image import QWEN_IMAGE
+    from eligen.tiny.random_ip_adapter import save_tiny_ip_adapter
     from eligen.tiny.shipped import TINY_MODEL_DIR
 
     folder = tmp_path_factory.mktemp("readme")
@@ -60,8 +65,14 @@ def names(tiny_qwen_dir, tmp_path_factory):
     save_file(state, str(folder / "qwen_lora.safetensors"))
     room = folder / "room.png"
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(room)
+    Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / "style.png")
+    Image.fromarray((np.random.default_rng(2).random((48, 40, 3)) * 255).astype(np.uint8)).save(folder / "tabby.jpg")
+    config = FluxTransformer2DModel.load_config(TINY_MODEL_DIR, subfolder="transformer")
+    ip = save_tiny_ip_adapter(folder / "ip", type("Config", (), config))
     return {"TINY_LORA": str(TINY_MODEL_DIR / "eligen_lora.safetensors"), "TINY_QWEN": str(tiny_qwen_dir),
-            "QWEN_LORA": str(folder / "qwen_lora.safetensors"), "ROOM": str(room)}
+            "QWEN_LORA": str(folder / "qwen_lora.safetensors"), "ROOM": str(room), "TINY_IP": str(folder / "ip"),
+            "TINY_IP_ENCODER": ip["image_encoder_pretrained_model_name_or_path"], "STYLE": str(folder / "style.png"),
+            "TABBY": str(folder / "tabby.jpg")}
 
 
 def test_every_python_snippet_runs_on_the_tiny_models(names, monkeypatch):
@@ -77,3 +88,4 @@ def test_every_python_snippet_runs_on_the_tiny_models(names, monkeypatch):
         if index == 2:
             namespace["pipe"] = namespace["flux_pipe"]  # the inpainting snippet continues the FLUX example
     assert isinstance(namespace["image"], Image.Image) and isinstance(namespace["out"], Image.Image)
+    assert isinstance(namespace["styled"], Image.Image)

@@ -16,6 +16,7 @@ from .data.annotate import AnnotateConfig
 from .data.generate import DataGenerateConfig
 from .data.plan import PlanConfig
 from .entities import LayoutError
+from .evals.harness import CocoMigConfig, LayoutSamConfig
 from .generate import GenerateConfig, InpaintConfig, checked_record, generate, read_metadata
 from .lora import (
     LoraConvertConfig,
@@ -30,6 +31,7 @@ from .tiny.bench import BenchConfig
 from .tiny.build_config import TinyBuildConfig
 from .tiny.shipped import model_defaults
 from .train.config import TrainConfig
+from .ui.config import UIConfig
 
 DESCRIPTION = "eligen: entity-level controlled image generation (EliGen) with diffusers FLUX.1 and Qwen-Image."
 GENERATE_EPILOG = """examples:
@@ -129,6 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(shapes, BenchConfig)
     shapes.set_defaults(handler=run_bench_shapes)
+    layoutsam = bench_commands.add_parser(
+        "layoutsam", help="LayoutSAM-Eval: a VLM judges each box's crop (spatial, colour, texture, shape)",
+        description="LayoutSAM-Eval on any FLUX.1 or Qwen-Image model (with any --lora): layouts from the "
+        "LayoutSAM-eval parquet files (--data: a file or the dataset folder), rendered at the model's size with the "
+        "boxes scaled (sharded with --shard I/N, resumable), each box cropped and judged by a VLM (an OpenAI-"
+        "compatible server or a local Qwen2-VL / Qwen2.5-VL). Prints the table beside the published EliGen numbers, "
+        "writes per-entity JSON and a contact sheet.")
+    add_dataclass_arguments(layoutsam, LayoutSamConfig)
+    layoutsam.set_defaults(handler=partial(run_bench_harness, "layoutsam", LayoutSamConfig))
+    cocomig = bench_commands.add_parser(
+        "cocomig", help="COCO-MIG: Grounding DINO finds each instance; IoU, colour, I-SR / SR / mIoU per level",
+        description="COCO-MIG on any FLUX.1 or Qwen-Image model (with any --lora): layouts from MIG-Bench's "
+        "mig_bench_anno.yaml (--data: the file or its folder, with mig_bench.txt for the order), rendered at the "
+        "model's size with the boxes scaled (sharded, resumable), each instance detected with Grounding DINO "
+        "(transformers) and colour-checked. Prints I-SR, SR and mIoU per level L2-L6 beside the published EliGen "
+        "numbers, writes per-entity JSON and a contact sheet.")
+    add_dataclass_arguments(cocomig, CocoMigConfig)
+    cocomig.set_defaults(handler=partial(run_bench_harness, "cocomig", CocoMigConfig))
+
+    ui = commands.add_parser(
+        "ui", help="a local web app: draw entities, generate and inpaint in the browser",
+        description="Start a local web app on the model: draw each entity's mask (brush, eraser, rectangle, "
+        "polygon), see what the model's token grid makes of it, generate or inpaint with progress, download the "
+        "PNG (its layout and parameters inside) and the layout JSON, load either to continue. Listens on "
+        "127.0.0.1 unless --host says otherwise; one generation runs at a time (a queue).")
+    add_dataclass_arguments(ui, UIConfig)
+    ui.set_defaults(handler=run_ui)
 
     lora = commands.add_parser("lora", help="inspect and convert EliGen LoRA files",
                                description="Inspect and convert EliGen LoRA files (DiffSynth, kohya, diffusers keys).")
@@ -195,12 +224,34 @@ def run_tiny_build(given: dict) -> int:
     return 0
 
 
+def run_bench_harness(name: str, config_class: type, given: dict) -> int:
+    from .evals.harness import run_benchmark
+
+    model = given.get("model") or config_class.__dataclass_fields__["model"].default
+    known = {f.name for f in dataclasses.fields(config_class)}
+    declared = {k: v for k, v in model_defaults(model).items() if k in known}  # e.g. the tiny model's own steps
+    result = run_benchmark(name, config_from_mapping(config_class, declared, given))
+    if result.table:
+        print(result.table)
+        print(f"report: {result.report} ({result.reported} of {result.layouts} layouts scored)")
+    else:
+        print(f"{name}: {result.generated} images rendered, {result.scored} scored")
+    return 0
+
+
 def run_bench_shapes(given: dict) -> int:
     from .tiny.bench import format_table, run_shapes_bench
 
     config = config_from_mapping(BenchConfig, given)
     print(format_table(run_shapes_bench(config)))
     print(f"report: {config.output_dir / 'shapesbench.json'}")
+    return 0
+
+
+def run_ui(given: dict) -> int:
+    from .ui.server import serve
+
+    serve(config_from_mapping(UIConfig, given))
     return 0
 
 

@@ -14,6 +14,7 @@ PIL; the tensor maths lives in :mod:`eligen.masks`.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -39,8 +40,9 @@ def _is_tensor(value: Any) -> bool:
 MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 DATA_URI_PREFIX = "data:image/png;base64,"
 
-LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities"})
-ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon"})
+LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image"})
+ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
+IMAGE_DATA_URI = "data:image/"  # a reference image inline: data:image/<png|jpeg|webp>;base64,...
 SPATIAL_FIELDS = ("mask", "box", "polygon")
 
 
@@ -55,18 +57,26 @@ class LayoutError(ValueError):
             where.append(f"field '{field}'")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.reason = message
         self.entity = entity
         self.field = field
 
 
 @dataclass
 class Entity:
-    """A local prompt and where it goes: exactly one of ``mask``, ``box`` or ``polygon``."""
+    """A local prompt and where it goes: exactly one of ``mask``, ``box`` or ``polygon``.
+
+    ``image`` (optional): a reference image for this entity alone (a path, data URI, PIL image, numpy array or
+    tensor); with an IP-Adapter loaded its image-prompt branch reaches only the image tokens the entity covers, at
+    ``image_scale`` (docs/design.md section 14).
+    """
 
     prompt: str
     mask: Any = None
     box: Sequence[float] | None = None
     polygon: Sequence[Sequence[float]] | None = None
+    image: Any = None
+    image_scale: float = 1.0
 
     @property
     def spatial_field(self) -> str:
@@ -89,6 +99,12 @@ class Entity:
             _check_polygon(self.polygon, index, width, height)
         else:
             binarize_mask(self.mask, index=index)
+        scale = self.image_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise LayoutError(f"must be a finite number >= 0 (0 switches the image off), got {scale!r}",
+                              entity=index, field="image_scale")
+        if self.image is not None:
+            load_reference_image(self.image, index)
 
     def rasterize(self, width: int, height: int, index: int = 0) -> np.ndarray:
         """The entity's binary mask, ``(H, W)`` bool.
@@ -116,6 +132,7 @@ class Layout:
     entities: list[Entity] = field(default_factory=list)
     negative_prompt: str | None = None
     seed: int | None = None
+    ip_adapter_image: Any = None  # the global reference image (path, data URI or image), for an IP-Adapter
 
     def validate(self) -> None:
         """Check the layout and every entity; raises :class:`LayoutError` naming the first problem."""
@@ -134,6 +151,8 @@ class Layout:
             raise LayoutError(f"must be in 0 <= seed < 2**64, got {self.seed}", field="seed")
         for i, entity in enumerate(self.entities):
             entity.validate(i, self.width, self.height)
+        if self.ip_adapter_image is not None:
+            load_reference_image(self.ip_adapter_image, field="ip_adapter_image")
 
     def resized(self, width: int, height: int) -> Layout:
         """The same layout at another output size: boxes and polygons scale with it, masks are size-free."""
@@ -143,9 +162,10 @@ class Layout:
             box = None if entity.box is None else [entity.box[0] * sx, entity.box[1] * sy,
                                                    entity.box[2] * sx, entity.box[3] * sy]
             polygon = None if entity.polygon is None else [[x * sx, y * sy] for x, y in entity.polygon]
-            return Entity(entity.prompt, mask=entity.mask, box=box, polygon=polygon)
+            return dataclasses.replace(entity, box=box, polygon=polygon)
 
-        return Layout(self.prompt, width, height, [scale(e) for e in self.entities], self.negative_prompt, self.seed)
+        return Layout(self.prompt, width, height, [scale(e) for e in self.entities], self.negative_prompt, self.seed,
+                      self.ip_adapter_image)
 
     def masks(self) -> list[np.ndarray]:
         """Every entity rasterised: ``(H, W)`` bool each (boxes and polygons at the output size)."""
@@ -178,6 +198,54 @@ def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
                           index) from exc
     except Exception as exc:
         raise _mask_error(f"mask file {path} could not be read as an image ({exc})", index) from exc
+
+
+def load_reference_image(image: Any, index: int | None = None, field: str = "image") -> Any:
+    """A reference image for an IP-Adapter: a path or ``data:image/...;base64`` URI is opened and decoded (RGB), a
+    PIL image, numpy array ``(H, W, 3)`` or tensor ``(3, H, W)`` is returned as given. Raises :class:`LayoutError`
+    naming ``field`` (and the entity) when it cannot be read."""
+    if isinstance(image, (str, Path)):
+        text = str(image)
+        try:
+            if text.startswith(IMAGE_DATA_URI):
+                header, _, payload = text.partition(",")
+                if not header.endswith(";base64"):
+                    raise ValueError("an inline image is data:image/<format>;base64,<data>")
+                decoded = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+                decoded.load()
+                return decoded.convert("RGB")
+            return open_image(text, "reference image").convert("RGB")
+        except FileNotFoundError as exc:
+            raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
+                              entity=index, field=field) from exc
+        except Exception as exc:
+            shown = text if not text.startswith(IMAGE_DATA_URI) else "the inline data URI"
+            raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
+    if isinstance(image, Image.Image) or _is_tensor(image):
+        return image
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    raise LayoutError(f"a reference image is a path, data URI, PIL image, (H, W, 3) array or (3, H, W) tensor, got "
+                      f"{type(image).__name__}", entity=index, field=field)
+
+
+def image_to_data_uri(image: Any) -> str:
+    """A reference image as a self-contained ``data:image/...;base64`` URI: a file keeps its own bytes (its
+    format and size), an in-memory image becomes a PNG. :func:`load_reference_image` reads it back exactly."""
+    if isinstance(image, str) and image.startswith(IMAGE_DATA_URI):
+        return image
+    if isinstance(image, (str, Path)):
+        data = Path(image).read_bytes()
+        with Image.open(io.BytesIO(data)) as opened:
+            fmt = (opened.format or "png").lower()
+        return f"{IMAGE_DATA_URI}{fmt};base64," + base64.b64encode(data).decode("ascii")
+    if _is_tensor(image):
+        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"{IMAGE_DATA_URI}png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _binarize_integer(values: np.ndarray, index: int | None) -> np.ndarray:
@@ -407,7 +475,23 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
             path = Path(mask)
             mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
         load_mask_image(mask, index)  # unreadable files fail now, not mid-generation
-    return Entity(prompt=data.get("prompt"), mask=mask, box=data.get("box"), polygon=data.get("polygon"))
+    image = _layout_image(data.get("image"), base_dir, index, "image")
+    return Entity(prompt=data.get("prompt"), mask=mask, box=data.get("box"), polygon=data.get("polygon"),
+                  image=image, image_scale=data.get("image_scale", 1.0))
+
+
+def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: str) -> str | None:
+    """A reference image field of a layout file: a path (relative to the file) or a data URI, read right away."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise LayoutError("a reference image in a layout file is a path (relative to the file) or a data URI",
+                          entity=index, field=field)
+    if not value.startswith(IMAGE_DATA_URI):
+        path = Path(value)
+        value = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+    load_reference_image(value, index, field)
+    return value
 
 
 def layout_from_dict(
@@ -438,6 +522,7 @@ def layout_from_dict(
         entities=[entity_from_dict(e, i, base) for i, e in enumerate(entities)],
         negative_prompt=data.get("negative_prompt"),
         seed=data.get("seed"),
+        ip_adapter_image=_layout_image(data.get("ip_adapter_image"), base, None, "ip_adapter_image"),
     )
     layout.validate()
     return layout
@@ -468,7 +553,15 @@ def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:
         out["mask"] = mask_to_png_data_uri(binarize_mask(entity.mask))
     else:
         out["mask"] = str(entity.mask)
+    if entity.image is not None:
+        out["image"] = _image_field(entity.image, embed_masks)
+    if entity.image_scale != 1.0:
+        out["image_scale"] = float(entity.image_scale)
     return out
+
+
+def _image_field(image: Any, embed: bool) -> str:
+    return str(image) if not embed and isinstance(image, (str, Path)) else image_to_data_uri(image)
 
 
 def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
@@ -479,6 +572,8 @@ def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
     if layout.seed is not None:
         out["seed"] = layout.seed
     out["entities"] = [entity_to_dict(e, embed_masks) for e in layout.entities]
+    if layout.ip_adapter_image is not None:
+        out["ip_adapter_image"] = _image_field(layout.ip_adapter_image, embed_masks)
     return out
 
 

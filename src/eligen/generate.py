@@ -15,14 +15,14 @@ from PIL import Image, PngImagePlugin
 from . import __version__
 from .choices import ATTENTION_MODES, CFG_MODES, DTYPE_NAMES, ENTITY_TOKEN_MODES, FUSIONS
 from .config import option, torch_dtype
-from .entities import Layout, layout_from_dict, layout_to_dict, load_layout
+from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
 from .files import atomic_path, open_image, write_text_atomic
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
 # Fields that describe the output files or the run, not the image: never read back by --from.
 RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device", "attention", "compile",
-                   "num_images", "prompt", "negative_prompt")  # the last two are recorded in the layout
+                   "num_images", "prompt", "negative_prompt", "ip_image")  # the last three are in the layout
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # PNG carries the record inside
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 
@@ -74,6 +74,13 @@ class GenerateConfig:
     compile: bool = option(False, "torch.compile the transformer's repeated blocks (a slow first image, faster "
                            "ones after; for a GPU)")
     progress: bool = option(True, "show a progress bar")
+    ip_adapter: str | None = option(None, "FLUX IP-Adapter (XLabs or diffusers format): a .safetensors file, a folder "
+                                    "holding one (its image_encoder/ subfolder is the CLIP encoder, else "
+                                    "openai/clip-vit-large-patch14) or a hub id; reference images set the style",
+                                    metavar="PATH_OR_ID")
+    ip_image: Path | None = option(None, "global reference image for --ip-adapter (replaces the layout's "
+                                   "ip_adapter_image; entities may carry their own 'image')", metavar="PATH")
+    ip_scale: float = option(1.0, "IP-Adapter scale in every double-stream block")
 
     def __post_init__(self) -> None:
         for name in ("layout", "output", "from_png"):
@@ -101,6 +108,8 @@ class GenerateConfig:
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
         if not 1 <= self.max_sequence_length <= 512:
             raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
+        if self.ip_image is not None and not isinstance(self.ip_image, Path):
+            self.ip_image = Path(self.ip_image)
         if len(self.lora_scale) > len(self.lora):
             raise ValueError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} --lora files; give "
                              "one scale per LoRA, in the same order")
@@ -302,28 +311,104 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
     if (width, height) != (layout.width, layout.height):
         layout = layout.resized(width, height)
         layout.validate()
+    if config.ip_image is not None:  # recorded inside the layout, so --from needs no file
+        layout = dataclasses.replace(layout, ip_adapter_image=str(config.ip_image))
+        layout.validate()
+    if config.ip_adapter is None:
+        for i, entity in enumerate(layout.entities):
+            if entity.image is not None:
+                raise LayoutError("a reference image needs an IP-Adapter: pass --ip-adapter PATH_OR_ID", entity=i,
+                                  field="image")
+        if layout.ip_adapter_image is not None:
+            raise ValueError("the layout's ip_adapter_image (or --ip-image) needs an IP-Adapter: pass --ip-adapter "
+                             "PATH_OR_ID")
     return layout
 
 
-def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float]):
-    """The EliGen pipeline of the model's family on ``device`` in ``dtype``, with the LoRAs stacked at ``scales``."""
+def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float],
+                  ip_adapter: str | None = None, ip_scale: float = 1.0):
+    """The EliGen pipeline of the model's family on ``device`` in ``dtype``, with the LoRAs stacked at ``scales``
+    and, if given, an IP-Adapter at ``ip_scale``."""
     from .pipelines import load_eligen_pipeline
 
     pipe = load_eligen_pipeline(model, dtype=torch_dtype(dtype), load_default_lora=False)  # the LoRAs are ours
     pipe.to(device)
-    names = [f"lora_{i}" for i in range(len(loras))]
-    for name, lora in zip(names, loras, strict=True):
-        pipe.load_eligen_lora(lora, adapter_name=name)
-    if names:
-        pipe.set_adapters(names, [*scales, *[1.0] * (len(names) - len(scales))])
+    for i, lora in enumerate(loras):
+        pipe.load_eligen_lora(lora, adapter_name=f"lora_{i}")
+    set_lora_scales(pipe, len(loras), scales)
+    if ip_adapter is not None:
+        if not hasattr(pipe, "load_eligen_ip_adapter"):
+            raise ValueError(f"--ip-adapter: {model} is not a FLUX.1 model, and diffusers has no IP-Adapter for its "
+                             "family (Qwen-Image)")
+        pipe.load_eligen_ip_adapter(ip_adapter, scale=ip_scale)
     return pipe
+
+
+def set_lora_scales(pipe, count: int, scales: list[float]) -> None:
+    """The stacked LoRAs of :func:`load_pipeline` (``lora_0 .. lora_{count-1}``) at ``scales`` (1.0 where none)."""
+    if count:
+        pipe.set_adapters([f"lora_{i}" for i in range(count)], [*scales, *[1.0] * (count - len(scales))])
+
+
+def fit_patch_grid(pipe, config: GenerateConfig, layout: Layout) -> Layout:
+    """A text-to-image layout off the model's patch grid, rounded down to it (said, and recorded as rendered);
+    inpainting keeps the input's size (the pipeline restores it)."""
+    grid = pipe.vae_scale_factor * 2
+    if isinstance(config, InpaintConfig) or not (layout.width % grid or layout.height % grid):
+        return layout
+    width, height = max(grid, layout.width // grid * grid), max(grid, layout.height // grid * grid)
+    print(f"note: {layout.width}x{layout.height} is off the model's {grid}-pixel patch grid; rendering and "
+          f"recording {width}x{height}", file=sys.stderr)
+    layout = layout.resized(width, height)
+    layout.validate()
+    return layout
+
+
+def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str, dtype: str,
+           callback_on_step_end=None) -> tuple[Image.Image, dict[str, Any]]:
+    """One image of ``layout`` with ``config``'s parameters and ``seed``, and the record stored with it (the CLI and
+    the web app both render through here). ``callback_on_step_end`` is diffusers' step callback."""
+    import torch
+
+    negative = layout.negative_prompt
+    if negative is None and config.true_cfg > 1:
+        negative = ""
+    image = pipe(
+        prompt=layout.prompt,
+        negative_prompt=negative,
+        entities=layout.entities,
+        height=layout.height,
+        width=layout.width,
+        num_inference_steps=config.steps,
+        true_cfg_scale=config.true_cfg,
+        cfg_mode=config.cfg_mode,
+        guidance_scale=config.guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=config.max_sequence_length,
+        entities_on_negative=config.entities_on_negative,
+        entity_tokens=config.entity_tokens,
+        attention=config.attention,
+        compile=config.compile,
+        output_type="pil",
+        callback_on_step_end=callback_on_step_end,
+        **({} if layout.ip_adapter_image is None else {"ip_adapter_image": layout.ip_adapter_image}),
+        **config.pipeline_kwargs(),
+    ).images[0]
+    params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
+    metadata = {
+        "version": __version__,
+        "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
+        "layout": layout_to_dict(layout, embed_masks=True),
+        "params": params,
+        "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
+                        "compile": config.compile},
+    }
+    return image, metadata
 
 
 def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> list[GenerateResult]:
     """Render a layout to ``config.output`` (``num_images`` of them, and overlays), recording layout and parameters
     in each image. Everything about the outputs is checked before the model loads, so no result is lost."""
-    import torch
-
     if config.output is None:
         raise ValueError("give an output path with -o OUT.png")
     if not config.model:
@@ -339,50 +424,13 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         print(f"seed: {seed} (random; --seed {seed} renders it again)", file=sys.stderr)
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
-    pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
+    pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale, config.ip_adapter,
+                         config.ip_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
-    grid = pipe.vae_scale_factor * 2
-    if not isinstance(config, InpaintConfig) and (layout.width % grid or layout.height % grid):  # inpaint restores
-        width, height = max(grid, layout.width // grid * grid), max(grid, layout.height // grid * grid)
-        print(f"note: {layout.width}x{layout.height} is off the model's {grid}-pixel patch grid; rendering and "
-              f"recording {width}x{height}", file=sys.stderr)
-        layout = layout.resized(width, height)
-        layout.validate()
-    negative = layout.negative_prompt
-    if negative is None and config.true_cfg > 1:
-        negative = ""
+    layout = fit_patch_grid(pipe, config, layout)
     results = []
     for index, path in enumerate(paths):
-        image_seed = (seed + index) % SEED_LIMIT
-        image = pipe(
-            prompt=layout.prompt,
-            negative_prompt=negative,
-            entities=layout.entities,
-            height=layout.height,
-            width=layout.width,
-            num_inference_steps=config.steps,
-            true_cfg_scale=config.true_cfg,
-            cfg_mode=config.cfg_mode,
-            guidance_scale=config.guidance,
-            generator=torch.Generator("cpu").manual_seed(image_seed),
-            max_sequence_length=config.max_sequence_length,
-            entities_on_negative=config.entities_on_negative,
-            entity_tokens=config.entity_tokens,
-            attention=config.attention,
-            compile=config.compile,
-            output_type="pil",
-            **config.pipeline_kwargs(),
-        ).images[0]
-        params = {**config.recorded(), "seed": image_seed, "dtype": dtype, "height": layout.height,
-                  "width": layout.width}
-        metadata = {
-            "version": __version__,
-            "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
-            "layout": layout_to_dict(layout, embed_masks=True),
-            "params": params,
-            "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
-                            "compile": config.compile},
-        }
+        image, metadata = render(pipe, config, layout, (seed + index) % SEED_LIMIT, device, dtype)
         save_image(image, path, metadata)
         overlay_path = None
         if config.overlay:

@@ -40,17 +40,21 @@ def denoise(
     on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress_bar=None,
     interrupted: Callable[[], bool] = lambda: False,
+    branch_at: Callable[[int, str], str] | None = None,
 ) -> torch.Tensor:
     """Run ``timesteps`` from ``latents`` ``(B, n_img, C)``; ``cfg_scale`` None means no negative branch.
 
     ``on_step_end(i, t, latents) -> latents`` runs after every step (diffusers' ``callback_on_step_end``).
+    ``branch_at(i, "cond" | "uncond") -> name`` picks the branch a step runs (default: that one itself), e.g.
+    one without entities after the first steps (``entity_steps``, approximate).
     """
+    branch_at = branch_at or (lambda i, name: name)
     warmup = max(len(timesteps) - len(timesteps) * scheduler.order, 0)
     for i, t in enumerate(timesteps):
         if interrupted():
             continue
-        v = velocity(latents, t, "cond")
-        v_neg = velocity(latents, t, "uncond") if cfg_scale is not None else None
+        v = velocity(latents, t, branch_at(i, "cond"))
+        v_neg = velocity(latents, t, branch_at(i, "uncond")) if cfg_scale is not None else None
         if fusion is not None:
             sigma = scheduler.sigmas[fusion.t_start + i].to(device=latents.device, dtype=latents.dtype)
             background = background_velocity(latents, fusion.z_init, sigma)

@@ -6,6 +6,7 @@ the chosen form, inpainting input and output, the schedule, LoRA loading, and th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -593,8 +594,15 @@ class EliGenMixin:
         mask_dilate: int,
         mask_blur: float,
         on_step_end: Callable | None,
+        entity_steps: int | None = None,
     ) -> torch.Tensor:
-        """Schedule, inpainting set-up and the shared loop from prepared latents ``(B, n_img, C)``."""
+        """Schedule, inpainting set-up and the shared loop from prepared latents ``(B, n_img, C)``.
+
+        ``entity_steps=k`` (approximate, opt-in): entities in the first ``k`` steps only (see
+        :meth:`_entity_step_plan`); None runs them in every step (exact)."""
+        if entity_steps is not None and (isinstance(entity_steps, bool) or not isinstance(entity_steps, int)
+                                         or entity_steps < 0):
+            raise ValueError(f"entity_steps is a number of steps >= 0 (None: every step), got {entity_steps!r}")
         device = latents.device
         work_height, work_width = work_size
         if ents is not None and ents.cover.shape[-1] != latents.shape[1]:
@@ -618,6 +626,7 @@ class EliGenMixin:
             latents = sigma_start * latents + (1 - sigma_start) * z_init
             plan = Fusion(z_init, union, fusion, t_start)
         self._num_timesteps = len(timesteps)
+        branch_at = self._entity_step_plan(branches, ents, entity_steps, len(timesteps))
 
         def velocity(z: torch.Tensor, t: torch.Tensor, name: str) -> torch.Tensor:
             self._current_timestep = t
@@ -627,9 +636,34 @@ class EliGenMixin:
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             latents = denoise(velocity, latents, scheduler, timesteps, true_cfg_scale if "uncond" in branches else None,
-                              combine, plan, on_step_end, progress_bar, lambda: self.interrupt)
+                              combine, plan, on_step_end, progress_bar, lambda: self.interrupt, branch_at)
         self._current_timestep = None
         return latents
+
+    def _entity_step_plan(self, branches: dict[str, Branch], ents: EntityBatch | None, entity_steps: int | None,
+                          steps: int) -> Callable[[int, str], str] | None:
+        """``entity_steps=k``: each branch that carries entities runs them in the first ``k`` steps only, then
+        without its entity segments and mask, i.e. the plain forward of its global prompt (the regional-prompting
+        trade: late steps refine details, the layout is set early). Approximate; None when every step is exact.
+        The entity-free branches are new names (``"cond-global"``), so a step cache keeps their state apart."""
+        if entity_steps is None or ents is None or entity_steps >= steps:
+            return None
+        device, dtype = branches["cond"].context.device, self._text_dtype()
+        for name in [n for n, b in branches.items() if b.attention_mask is not None]:
+            branch = branches[name]
+            total = branch.context.shape[1]
+            # [e_1 | ... | e_N | global]: cond's segments are the entities'; uncond's (entities_on_negative) are
+            # N copies of the negative prompt, as long as its global one
+            entity_length = sum(ents.lengths) if name == "cond" else total - total // (len(ents.embeds) + 1)
+            mask = branch.text_mask
+            late = dataclasses.replace(  # keeps the branch's other conditioning (a global IP-Adapter image)
+                branch, context=branch.context[:, entity_length:], text_mask=None if mask is None else
+                mask[:, entity_length:], attention_mask=None,
+                positions=self.family.positions([], total - entity_length, device, dtype))
+            if hasattr(late, "entity_ip"):
+                late.entity_ip = None  # an entity's image goes with its entity
+            branches[f"{name}-global"] = late
+        return lambda i, name: name if i < entity_steps or f"{name}-global" not in branches else f"{name}-global"
 
     def _output(self, latents: torch.Tensor, ents: EntityBatch | None, source: InpaintSource | None,
                 work_size: tuple[int, int], output_type: str, paste_back: bool, mask_dilate: int, mask_blur: float):

@@ -16,7 +16,7 @@ import torch
 from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 
-from ..entities import Entity
+from ..entities import Entity, LayoutError
 from ..families.base import Branch
 from ..families.qwen_image import QWEN_IMAGE
 from .common import EliGenMixin, logger
@@ -69,6 +69,7 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
         attention: str = "auto",
         entity_tokens: str = "full",
         compile: bool = False,
+        entity_steps: int | None = None,
     ) -> QwenImagePipelineOutput | tuple:
         r"""Generate images with entity control; the arguments are diffusers' QwenImagePipeline's plus:
 
@@ -79,9 +80,14 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
                 or "plain" (the reference's ``neg + s (pos - neg)``). Default: "rescaled".
             entity_tokens: accepted for symmetry; Qwen-Image segments are unpadded already, so "trim" changes
                 nothing.
+            entity_steps: as in :class:`eligen.EliGenPipeline` (approximate, opt-in).
         """
         # 0. Validate; what the call leaves out comes from the model's declared defaults, else diffusers'.
         self._check_speed_options(attention, entity_tokens, output_type)
+        for i, entity in enumerate(entities or []):
+            if getattr(entity, "image", None) is not None:
+                raise LayoutError("Qwen-Image has no IP-Adapter in diffusers, so an entity cannot carry a reference "
+                                  "image here; drop 'image' (FLUX.1 takes it)", entity=i, field="image")
         negative_prompt = self._declared_negative(negative_prompt, negative_prompt_embeds, true_cfg_scale)
         num_inference_steps, true_cfg_scale, guidance_scale, max_sequence_length = self._call_defaults(
             dict(num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale,
@@ -152,7 +158,8 @@ class EliGenQwenImagePipeline(EliGenMixin, QwenImagePipeline):
 
         # 3. The shared loop.
         latents = self._run(latents, branches, ents, source, work, num_inference_steps, sigmas, shift_sigmas,
-                            guidance, true_cfg_scale, combine, strength, fusion, mask_dilate, mask_blur, on_step_end)
+                            guidance, true_cfg_scale, combine, strength, fusion, mask_dilate, mask_blur, on_step_end,
+                            entity_steps)
 
         # 4. Decode.
         image = self._output(latents, ents, source, work, output_type, paste_back, mask_dilate, mask_blur)

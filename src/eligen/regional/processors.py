@@ -53,16 +53,15 @@ class RegionalProcessor:
 
 def install_regional_processors(transformer, replacements: dict[type, type]) -> None:
     """Replace the stock processors of ``transformer`` by the family's regional ones (``replacements``: stock class
-    -> regional class); a backend pinned on a layer is kept. Other processors (IP-Adapter, user-made) stay;
-    idempotent."""
+    -> regional class); a backend pinned on a layer is kept. Other processors (user-made) stay; idempotent."""
     current = transformer.attn_processors
     if not any(type(p) in replacements for p in current.values()):
         return
     processors = {}
     for name, processor in current.items():
         regional = replacements.get(type(processor))
-        if regional is not None:
-            replacement = regional()
+        if regional is not None:  # a processor holding weights (IP-Adapter) is rebuilt around them
+            replacement = regional.from_stock(processor) if hasattr(regional, "from_stock") else regional()
             for pinned in ("_attention_backend", "_parallel_config"):
                 if pinned in vars(processor):
                     setattr(replacement, pinned, vars(processor)[pinned])

@@ -1,0 +1,63 @@
+"""diffusers' CPU offloading works with entities: the outputs equal the non-offloaded ones.
+
+``enable_model_cpu_offload(device="cpu")`` runs on any machine: accelerate's hooks are installed on every
+component, run on every forward (the pipeline's execution device is read from them) and are re-armed by
+``maybe_free_model_hooks`` after each call; only the weight moves are no-ops with the CPU as execution device.
+``enable_sequential_cpu_offload`` needs an accelerator: with the CPU as execution device accelerate itself fails
+(also for stock ``FluxPipeline``), so that test runs where CUDA is (its weights then wait on the meta device).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eligen import EliGenPipeline, EliGenQwenImagePipeline, Entity
+
+H, W, MSL = 32, 32, 16
+ENTITIES = [Entity("a red circle", box=(0, 0, 16, 32)), Entity("a blue square", box=(12, 8, 32, 28))]
+
+
+def run(pipe, **options) -> torch.Tensor:
+    out = pipe(prompt="a red circle", negative_prompt="blurry", entities=ENTITIES, height=H, width=W,
+               num_inference_steps=3, true_cfg_scale=3.0, max_sequence_length=MSL, output_type="pt",
+               generator=torch.Generator().manual_seed(0), **options).images
+    return out.cpu()
+
+
+def load(cls, path, device="cpu"):
+    pipe = cls.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@pytest.mark.parametrize("attention", ["dense", "segmented"])
+def test_model_cpu_offload_equals_no_offload(tiny_pipeline_dir, attention):
+    pipe = load(EliGenPipeline, tiny_pipeline_dir)
+    expected = run(pipe, attention=attention, entities_on_negative=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert len(pipe._all_hooks) == len(models) == 4 and all(hasattr(m, "_hf_hook") for m in models)
+    for _ in range(2):  # the second call runs on the hooks maybe_free_model_hooks re-armed
+        assert torch.equal(run(pipe, attention=attention, entities_on_negative=True), expected)
+
+
+def test_model_cpu_offload_equals_no_offload_qwen_image(tiny_qwen_dir):
+    pipe = load(EliGenQwenImagePipeline, tiny_qwen_dir)
+    expected = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.transformer, "_hf_hook")
+    assert torch.equal(run(pipe), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload needs an accelerator (CUDA)")
+@pytest.mark.parametrize("offload", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_cuda_offload_equals_no_offload(tiny_pipeline_dir, offload):
+    pipe = load(EliGenPipeline, tiny_pipeline_dir, "cuda")
+    expected = run(pipe)
+    pipe = load(EliGenPipeline, tiny_pipeline_dir)
+    getattr(pipe, offload)(device="cuda")
+    assert torch.allclose(run(pipe), expected, atol=1e-6)
+    if offload == "enable_sequential_cpu_offload":
+        assert next(pipe.transformer.parameters()).device.type == "meta"
