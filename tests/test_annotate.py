@@ -122,16 +122,22 @@ class QuietServer(ThreadingHTTPServer):
         pass
 
 
-@pytest.fixture
-def server():
-    httpd = QuietServer(("127.0.0.1", 0), Handler)
-    httpd.fake = FakeVLM()
+def serve(httpd: QuietServer):
+    """Run ``httpd`` on a thread for a test (a generator for a fixture to yield from): ``httpd.base_url`` is its
+    OpenAI-style /v1 address; shut down after."""
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     httpd.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    httpd.fake = FakeVLM()
+    yield from serve(httpd)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from eligen.evals import cocomig
 from eligen.evals.generation import image_path
 from eligen.evals.harness import CocoMigConfig, LayoutSamConfig, run_benchmark
 from eligen.generate import read_metadata, save_png
-from test_annotate import QuietServer
+from test_annotate import QuietServer, serve
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "blue", "black", "apple", "cat", "dog", "bus"]
 SIZE = ["--height", "32", "--width", "48"]  # non-square: boxes must follow each axis
@@ -82,12 +82,7 @@ def judge_server():
     httpd = QuietServer(("127.0.0.1", 0), JudgeHandler)
     httpd.lock, httpd.asked = threading.Lock(), []
     httpd.answers = {"spatial": "Yes.", "color": "yes, it is", "texture": "No.", "shape": "**Yes**"}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    yield from serve(httpd)
 
 
 @pytest.fixture(scope="module")
