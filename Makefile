@@ -30,8 +30,9 @@ install-dev: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks examples
 
-# The reference package's three FLUX modules (from its PyPI wheel, no dependencies): the equivalence test runs on it.
-.diffsynth-min/diffsynth/models/flux_dit.py: | $(BIN)/python
+# The reference package's four modules (FLUX and Qwen-Image DiTs, from its PyPI wheel, no dependencies): the equivalence
+# tests run on them.
+.diffsynth-min/diffsynth/models/qwen_image_dit.py: | $(BIN)/python
 	PYTHON=$(BIN)/python bash benchmarks/diffsynth_min.sh .diffsynth-min
 
 # The web app's browser tests drive Debian's Chromium and ChromeDriver (root installs them; otherwise through sudo).
@@ -42,7 +43,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 browser: /usr/bin/chromedriver
 
-test: lint browser .diffsynth-min/diffsynth/models/flux_dit.py
+test: lint browser .diffsynth-min/diffsynth/models/qwen_image_dit.py
 	$(OFFLINE) PYTHONPATH=.diffsynth-min ELIGEN_REQUIRE_DIFFSYNTH=1 ELIGEN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 # The main job on the shipped tiny model (eligen-tiny, trained on the shapes world by `eligen tiny build`).

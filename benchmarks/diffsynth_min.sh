@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Put the three modules of DiffSynth-Studio's `diffsynth` that diffsynth_reference.py uses into DEST, without
+# Put the four modules of DiffSynth-Studio's `diffsynth` that diffsynth_reference.py uses into DEST, without
 # the package's dependencies (torchvision, modelscope, ...). Then: PYTHONPATH=DEST python benchmarks/... or
 # PYTHONPATH=DEST .venv/bin/pytest tests/test_diffsynth_reference.py
 #
@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 wheel, dest = sys.argv[1], Path(sys.argv[2])
-modules = ["diffsynth/models/flux_dit.py", "diffsynth/models/general_modules.py",
+modules = ["diffsynth/models/flux_dit.py", "diffsynth/models/qwen_image_dit.py", "diffsynth/models/general_modules.py",
            "diffsynth/utils/state_dict_converters/flux_dit.py"]
 with zipfile.ZipFile(wheel) as archive:
     for name in modules:

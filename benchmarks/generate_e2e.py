@@ -1,27 +1,32 @@
 """Whole EliGen images, end to end: 50 Euler steps of true CFG (an entity pass and a plain negative pass), decode.
 
     python benchmarks/generate_e2e.py --size flux-dev       # GPU: FLUX.1-dev shapes, random bf16 weights, 1024x1024
+    python benchmarks/generate_e2e.py --size qwen-image     # GPU: Qwen-Image shapes (60 blocks), 1024x1024
     python benchmarks/generate_e2e.py --size tiny           # CPU: the tiny random pipeline (a smoke check)
+    python benchmarks/generate_e2e.py --size qwen-tiny      # CPU: the tiny random Qwen-Image pipeline
+    python benchmarks/generate_e2e.py --size qwen-1block --steps 2 --variants exact,reference   # CPU: the reference
     python benchmarks/generate_e2e.py --size tiny --shapesbench 50 --variants exact   # + accelerators' mIoU
 
 Rows, all through ``__call__`` with the same embeddings, masks, latents and schedule:
 
-- ``plain``: diffusers' ``FluxPipeline`` on the same components (no entities, true CFG);
-- ``exact``: ``EliGenPipeline`` with N entities (``attention="auto"``), the reference point of every error column;
+- ``plain``: diffusers' ``FluxPipeline`` (``QwenImagePipeline``) on the same components (no entities, true CFG);
+- ``exact``: ``EliGenPipeline`` (``EliGenQwenImagePipeline``) with N entities (``attention="auto"``), the reference
+  point of every error column;
 - ``reference``: the real ``diffsynth`` forward (``diffsynth_reference.py``) in its own true-CFG Euler loop on the
-  same weights, schedule and latents, decoded by the same VAE (only where ``diffsynth`` is importable and at
-  FLUX.1's widths: ``--size flux-dev``);
+  same weights, schedule and latents, decoded by the same VAE (only where ``diffsynth`` is importable and at the
+  released model's widths: ``flux-dev``, ``flux-1block``, ``qwen-image``, ``qwen-1block``; see ``e2e_models.py``);
 - the opt-in accelerators of :mod:`eligen.speedups` at N = ``--accel-entities``: ``fbc-T`` (first-block cache,
   threshold T, per CFG branch), ``fp8`` (fp8 weight-only block linears), ``entity-steps-K`` (entities in the first
   K steps only), ``mask-every-M`` (the regional mask in every M-th block only), ``compile-plain`` / ``compile``
   (regional compilation), ``model-offload`` / ``sequential-offload`` (diffusers' CPU offloading; the second on
-  CUDA only: accelerate cannot run it with the CPU as execution device).
+  CUDA only: diffusers names the CPU ``"cpu:0"``, with which accelerate fails).
 
 Text encoding is left out (the embeddings are random and given to ``__call__``, as a caller with cached prompts
 would); everything after it is in the time: schedule, masks, both CFG passes of every step, VAE decode. Prints
 seconds per image, ratios to plain / exact / reference, peak memory (CUDA), PSNR of each decoded image against
 the exact one; ``--shapesbench N`` adds ShapesBench mIoU of the exact mode and of each accelerator on the shipped
-tiny model (``eligen-tiny``, its LoRA, N held-out layouts). Every row goes to ``--json`` as soon as it is measured.
+tiny model (``eligen-tiny``, a FLUX-family model, its LoRA, N held-out layouts, whatever ``--size``). Every row goes
+to ``--json`` as soon as it is measured. Sizes and what differs per family: ``e2e_models.py``.
 """
 
 from __future__ import annotations
@@ -32,19 +37,15 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import diffsynth_reference
+import e2e_models
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FluxPipeline
-from regional_attention import build_transformer, random_covers
+from e2e_models import SIZES
 from timing import sync, timed
 
 from eligen import EliGenPipeline, speedups
-from eligen.tiny.random_pipeline import build_tiny_flux_components
 
-# name: (transformer size in regional_attention.SIZES, image side, VAE of FLUX.1's shapes?, text tokens per segment)
-SIZES = {"tiny": ("tiny", 64, False, 32), "flux-dev": ("flux-dev", 1024, True, 512)}
-DEFAULT_VARIANTS = ("plain,exact,reference,fbc-0.05,fbc-0.1,fp8,entity-steps-15,mask-every-2,compile-plain,compile,"
+DEFAULT_VARIANTS = ("plain,exact,reference,fbc-0.2,fbc-0.5,fp8,entity-steps-15,mask-every-2,compile-plain,compile,"
                     "model-offload,sequential-offload")
 ACCELERATORS = ("fbc-", "fp8", "entity-steps-", "mask-every-", "compile", "model-offload", "sequential-offload")
 
@@ -71,101 +72,20 @@ def is_approximate(variant: str) -> bool:
     return variant.startswith(("fp8", "entity-steps-", "mask-every-"))
 
 
-def flux_vae(device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
-    """A VAE of FLUX.1's shapes (16 latent channels, scale factor 8), random weights."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.1159, scaling_factor=0.3611)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def build_components(size: str, device: torch.device, dtype: torch.dtype) -> dict:
-    """FluxPipeline components: the size's random transformer (and at FLUX.1 shapes its VAE) beside the tiny
-    text encoders, which never run here (the embeddings are given)."""
-    transformer_size, _, full_vae, _ = SIZES[size]
-    components = build_tiny_flux_components(0)
-    components["transformer"] = build_transformer(transformer_size, device, dtype)
-    if full_vae:
-        components["vae"] = flux_vae(device, dtype)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        components[name] = components[name].to(device=device, dtype=dtype)
-    return components
-
-
-def make_inputs(pipe, size: str, entities: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random text embeddings, entity masks (overlapping rectangles, about a third of the image each) and the
-    initial latents, identical for every row with the same entity count."""
-    _, side, _, tokens = SIZES[size]
-    transformer = pipe.transformer.config
-    g = torch.Generator().manual_seed(1234)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    grid = side // (pipe.vae_scale_factor * 2)
-    covers = random_covers(entities, grid * grid, grid, torch.device("cpu"))[0].view(entities, grid, grid)
-    pixel = side // grid
-    masks = [c.repeat_interleave(pixel, 0).repeat_interleave(pixel, 1).numpy() for c in covers]
-    latent_channels = transformer.in_channels
-    return dict(
-        prompt_embeds=randn(1, tokens, transformer.joint_attention_dim),
-        pooled_prompt_embeds=randn(1, transformer.pooled_projection_dim),
-        negative_prompt_embeds=randn(1, tokens, transformer.joint_attention_dim),
-        negative_pooled_prompt_embeds=randn(1, transformer.pooled_projection_dim),
-        entity_prompt_embeds=[randn(1, tokens, transformer.joint_attention_dim) for _ in range(entities)],
-        entity_masks=masks,
-        latents=randn(1, grid * grid, latent_channels),
-        height=side, width=side,
-    )
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0, 1] (inf when equal)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def reference_image(pipe, dit, inputs: dict, steps: int, true_cfg: float, guidance: float) -> np.ndarray:
-    """The reference's own loop: its EliGen forward for the positive pass, its plain forward for the negative one,
-    ``v = neg + s (pos - neg)``, Euler steps on the pipeline's schedule; decoded by the pipeline's VAE."""
-    height, width = inputs["height"], inputs["width"]
-    latents = inputs["latents"].clone()
-    scheduler, timesteps, _ = pipe._timesteps(steps, None, True, latents.shape[1], latents.device)
-    sigmas = scheduler.sigmas.to(latents.device)
-    n = len(inputs["entity_prompt_embeds"])
-    entity_prompts = torch.stack(inputs["entity_prompt_embeds"], dim=1) if n else None
-    grid = height // pipe.vae_scale_factor
-    masks = None
-    if n:
-        masks = torch.stack([torch.from_numpy(m) for m in inputs["entity_masks"]]).to(latents.device, latents.dtype)
-        masks = torch.nn.functional.interpolate(masks[None], size=(grid, grid), mode="nearest")[0]
-        masks = masks.view(1, n, 1, grid, grid)
-    guidance_t = torch.full((1,), guidance, device=latents.device, dtype=torch.float32)
-    for i, t in enumerate(timesteps):
-        unpacked = FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        timestep = t.expand(1).to(latents.dtype)
-        positive = diffsynth_reference.reference_forward(
-            dit, unpacked, timestep, inputs["prompt_embeds"], inputs["pooled_prompt_embeds"], guidance_t,
-            entity_prompts, masks)
-        negative = diffsynth_reference.reference_forward(
-            dit, unpacked, timestep, inputs["negative_prompt_embeds"], inputs["negative_pooled_prompt_embeds"],
-            guidance_t)
-        velocity = negative + true_cfg * (positive - negative)
-        latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
-    image = pipe.family.decode(pipe, latents, height, width)
-    return pipe.image_processor.postprocess(image, output_type="np")[0]
-
-
-def call(pipe, inputs: dict, steps: int, true_cfg: float, guidance: float, **options) -> np.ndarray:
-    """One whole image through ``__call__`` (``pipe`` may be a stock FluxPipeline: then no entity arguments)."""
+def call(pipe, inputs: dict, steps: int, true_cfg: float, **options) -> np.ndarray:
+    """One whole image through ``__call__`` (``pipe`` may be a stock diffusers pipeline: then no entity arguments).
+    ``options``: further ``__call__`` arguments (``guidance_scale`` for FLUX, an accelerator's)."""
     kwargs = {k: v for k, v in inputs.items() if k not in ("entity_prompt_embeds", "entity_masks")}
     if inputs["entity_masks"]:
         kwargs |= dict(entity_prompt_embeds=inputs["entity_prompt_embeds"], entity_masks=inputs["entity_masks"])
     kwargs["latents"] = inputs["latents"].clone()
-    out = pipe(**kwargs, **options, num_inference_steps=steps, true_cfg_scale=true_cfg, guidance_scale=guidance,
-               output_type="np")
+    out = pipe(**kwargs, **options, num_inference_steps=steps, true_cfg_scale=true_cfg, output_type="np")
     return out.images[0]
 
 
@@ -185,10 +105,12 @@ class Accelerated:
         if variant.startswith("fbc-"):
             speedups.enable_first_block_cache(pipe, float(variant.removeprefix("fbc-")))
             transformer = pipe.transformer
+            first = getattr(transformer, pipe.family.block_lists[0])[0]
+            last = getattr(transformer, pipe.family.block_lists[-1])[-1]
+            inner = next(m for m in last.modules() if isinstance(m, torch.nn.Linear))  # runs only when computed
             self.counts = {"forwards": 0, "full": 0}
-            counters = [transformer.transformer_blocks[0].register_forward_hook(lambda *_: self._count("forwards")),
-                        transformer.single_transformer_blocks[-1].proj_out.register_forward_hook(
-                            lambda *_: self._count("full"))]  # proj_out runs only when the block is computed
+            counters = [first.register_forward_hook(lambda *_: self._count("forwards")),
+                        inner.register_forward_hook(lambda *_: self._count("full"))]
 
             def undo() -> None:
                 speedups.disable_step_cache(pipe)
@@ -265,7 +187,8 @@ def main() -> None:
     parser.add_argument("--true-cfg", type=float, default=3.0)
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed images per row after the first")
-    parser.add_argument("--iters", type=int, default=2, help="timed images per row")
+    parser.add_argument("--iters", type=int, default=2,
+                        help="timed images per row (0: time the first image, compile and caches included)")
     parser.add_argument("--shapesbench", type=int, default=0, help="layouts for the ShapesBench mIoU column (0: off)")
     parser.add_argument("--shapesbench-steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -286,16 +209,16 @@ def main() -> None:
     variants = args.variants.split(",")
     counts = [int(n) for n in args.entities.split(",")]
     accel_n = args.accel_entities
-    components = build_components(args.size, device, dtype)
-    pipe = EliGenPipeline(**components)
-    plain_pipe = FluxPipeline(**components)
+    size = SIZES[args.size]
+    pipe, plain_pipe = e2e_models.pipelines(size, e2e_models.build_components(size, device, dtype))
     for p in (pipe, plain_pipe):
         p.set_progress_bar_config(disable=True)
-    _, side, _, _ = SIZES[args.size]
+    side = size.side
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, size {args.size} "
           f"({side}x{side}), {args.steps} steps, true CFG {args.true_cfg}, dtype {dtype}", flush=True)
 
     rows: list[Row] = []
+    images: list[np.ndarray] = []
     exact_images: dict[int, np.ndarray] = {}
     record = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "size": args.size, "steps": args.steps, "true_cfg": args.true_cfg, "rows": rows}
@@ -308,8 +231,9 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        image = image_fn()
-        seconds = timed(image_fn, device, args.warmup, args.iters) / 1000
+        first = timed(lambda: images.append(image_fn()), device, 0, 1)
+        image = images.pop()
+        seconds = (timed(image_fn, device, args.warmup, args.iters) if args.iters else first) / 1000
         sync(device)
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
         if variant == "exact":
@@ -328,8 +252,8 @@ def main() -> None:
         except Exception as exc:  # one failing row must not lose the others
             print(f"  {variant} N={n}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
 
-    gen = dict(steps=args.steps, true_cfg=args.true_cfg, guidance=args.guidance)
-    inputs = {n: make_inputs(pipe, args.size, n, device, dtype) for n in sorted({0, *counts, accel_n})}
+    gen = dict(steps=args.steps, true_cfg=args.true_cfg, **e2e_models.guidance_options(size, args.guidance))
+    inputs = {n: e2e_models.make_inputs(pipe, size, n, device, dtype) for n in sorted({0, *counts, accel_n})}
     with torch.no_grad():
         if "plain" in variants:
             attempt("plain", 0, lambda: call(plain_pipe, inputs[0], **gen))
@@ -337,16 +261,14 @@ def main() -> None:
             for n in sorted({*counts, accel_n}):
                 attempt("exact", n, lambda n=n: call(pipe, inputs[n], **gen))
         if "reference" in variants:
-            if not diffsynth_reference.available():
-                print("  reference: diffsynth is not importable (bash benchmarks/diffsynth_min.sh; "
-                      "PYTHONPATH=.diffsynth-min), not timed")
-            elif not diffsynth_reference.has_flux_widths(pipe.transformer):
-                print(f"  reference: needs FLUX.1's widths (--size flux-dev), not {args.size}'s; not timed")
+            problem = e2e_models.reference_problem(size, pipe.transformer)
+            if problem:
+                print(f"  reference: {problem}; not timed")
             else:
-                dit = diffsynth_reference.reference_dit(pipe.transformer)  # a second copy of the weights
+                dit = e2e_models.reference_dit(size, pipe.transformer)
                 for n in counts:
-                    attempt("reference", n, lambda n=n: reference_image(pipe, dit, inputs[n], args.steps,
-                                                                       args.true_cfg, args.guidance))
+                    attempt("reference", n, lambda n=n: e2e_models.reference_image(
+                        size, pipe, dit, inputs[n], args.steps, args.true_cfg, args.guidance))
                 del dit
         later = ("compile-plain", "compile", "model-offload", "sequential-offload")
         for variant in [v for v in variants if v.startswith(ACCELERATORS) and v not in later]:
@@ -359,7 +281,8 @@ def main() -> None:
             if variant not in variants:
                 continue
             if variant == "sequential-offload" and not cuda:
-                print("  sequential-offload: CUDA only (accelerate cannot offload to the CPU as execution device)")
+                print("  sequential-offload: CUDA only (diffusers names the CPU 'cpu:0', with which accelerate fails; "
+                      "tests/test_offload.py checks its hooks on the CPU)")
                 continue
             with Accelerated(pipe, variant, args.steps, device):
                 attempt(variant, accel_n, lambda: call(pipe, inputs[accel_n], **gen))

@@ -6,6 +6,8 @@
 # SIZE=tiny ENTITIES=0,2 OPARGS="--device cpu --heads 2 --side 8 --segment 16 --iters 1" checks it on a CPU;
 # VARIANTS overrides the regional_attention.py variants, WHEELS the wheel folder (default .whl), E2EARGS the
 # arguments of generate_e2e.py (whole images; its size follows SIZE: tiny stays tiny, anything else is flux-dev).
+# QWEN=1 adds whole Qwen-Image images (qwen-image: 20B random bf16 weights, about 40 GB; SIZE=tiny: qwen-tiny), with
+# QWEN_E2EARGS as their arguments; off by default, as it does not fit one 15-minute device session with the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${OUT:-benchmarks/results}
@@ -23,5 +25,10 @@ python3 benchmarks/regional_attention.py --size "${SIZE:-flux-dev}" --entities "
 e2e_size=$([ "${SIZE:-flux-dev}" = tiny ] && echo tiny || echo flux-dev)
 # defaults sized by estimate (not yet run on a GPU): about 9 minutes at flux-dev on an H200, two images a row
 python3 benchmarks/generate_e2e.py --size "$e2e_size" ${E2EARGS:---entities 4 --warmup 0 --iters 1 --variants \
-plain,exact,reference,fbc-0.05,fp8,entity-steps-15,mask-every-2,compile-plain,compile,model-offload} \
+plain,exact,reference,fbc-0.5,fp8,entity-steps-15,mask-every-2,compile-plain,compile,model-offload} \
     --json "$dest/generate_e2e.json" 2>&1 | tee "$dest/generate_e2e.log"
+if [ -n "${QWEN:-}" ]; then
+    qwen_size=$([ "${SIZE:-flux-dev}" = tiny ] && echo qwen-tiny || echo qwen-image)
+    python3 benchmarks/generate_e2e.py --size "$qwen_size" ${QWEN_E2EARGS:---entities 4 --warmup 0 --iters 1 \
+--variants plain,exact,reference,fbc-0.5} --json "$dest/generate_e2e_qwen.json" 2>&1 | tee "$dest/generate_e2e_qwen.log"
+fi

@@ -59,9 +59,14 @@ class Row:
 
 def build_transformer(size: str, device: torch.device, dtype: torch.dtype) -> FluxTransformer2DModel:
     """A transformer of the named size with random weights (initialised on the device, no fp32 copy)."""
-    config = SIZES[size][0]
+    return random_model(FluxTransformer2DModel, SIZES[size][0], device, dtype)
+
+
+def random_model(cls: type, config: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``cls(**config)`` with random weights drawn on the device in ``dtype``: matrices ``N(0, 1 / fan_in)``,
+    norm gains ``N(1, 0.02)``, other vectors ``N(0, 0.02)``."""
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config).to(dtype)
+        model = cls(**config).to(dtype)
     model = model.to_empty(device=device).eval().requires_grad_(False)
     generator = torch.Generator(device).manual_seed(0)
     for name, param in model.named_parameters():

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import diffsynth_reference  # noqa: E402
 
 
 def run_script(name: str, *args: str) -> str:
@@ -47,16 +51,20 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no-wheels"), "SIZE": "tiny",
            "ENTITIES": "0,2", "VARIANTS": "dense,segmented", "OPARGS": "--device cpu --heads 1 --side 4 --segment 8 "
            "--iters 1", "E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --warmup 0 --iters 1 --variants "
-           "plain,exact", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this interpreter
+           "plain,exact", "QWEN": "1", "QWEN_E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --iters 0 "
+           "--variants exact", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"attention_op.json", "attention_op.log",
                                                     "regional_attention.json", "regional_attention.log",
-                                                    "generate_e2e.json", "generate_e2e.log"}
+                                                    "generate_e2e.json", "generate_e2e.log",
+                                                    "generate_e2e_qwen.json", "generate_e2e_qwen.log"}
     e2e = json.loads((tmp_path / "generate_e2e.json").read_text())
     assert e2e["size"] == "tiny" and {(r["variant"], r["entities"]) for r in e2e["rows"]} == {("plain", 0),
                                                                                              ("exact", 2)}
+    qwen = json.loads((tmp_path / "generate_e2e_qwen.json").read_text())
+    assert qwen["size"] == "qwen-tiny" and [(r["variant"], r["entities"]) for r in qwen["rows"]] == [("exact", 2)]
     rows = json.loads((tmp_path / "regional_attention.json").read_text())
     assert {(row["variant"], row["entities"]) for row in rows} == {("plain", 0), ("dense", 2), ("segmented", 2)}
 
@@ -77,9 +85,44 @@ def test_generate_e2e_tiny(tmp_path):
     assert all(row["seconds"] > 0 for row in rows.values()) and rows["plain", 0]["ratio_to_plain"] == 1.0
     # 3 steps x 2 CFG branches: an infinite threshold runs the whole network once per branch, a zero one always
     assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
-    for exact in ("fbc-0", "model-offload"):
-        assert rows[exact, 2]["psnr_vs_exact"] == float("inf") and not rows[exact, 2]["approximate"]
+    assert rows["fbc-0", 2]["psnr_vs_exact"] == float("inf")  # skipping nothing is exact
+    assert rows["model-offload", 2]["psnr_vs_exact"] >= 100  # float rounding (tests/test_offload.py)
+    assert not rows["fbc-0", 2]["approximate"] and not rows["model-offload", 2]["approximate"]
     for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
         assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
     assert "sequential-offload: CUDA only" in stdout and "| exact | 2 |" in stdout
     assert "reference: needs FLUX.1's widths" in stdout or "reference: diffsynth is not importable" in stdout
+
+
+def test_generate_e2e_qwen_image_tiny(tmp_path):
+    """The same rows on the tiny random Qwen-Image pipeline (stock QwenImagePipeline as the plain row)."""
+    out = tmp_path / "e2e.json"
+    stdout = run_script("generate_e2e.py", "--size", "qwen-tiny", "--steps", "3", "--iters", "0", "--entities", "2",
+                        "--accel-entities", "2", "--json", str(out), "--variants",
+                        "plain,exact,reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload")
+    report = json.loads(out.read_text())
+    rows = {(row["variant"], row["entities"]): row for row in report["rows"]}
+    assert report["size"] == "qwen-tiny" and set(rows) == {
+        ("plain", 0), ("exact", 2), ("fbc-0", 2), ("fbc-100", 2), ("fp8", 2), ("entity-steps-1", 2),
+        ("mask-every-2", 2), ("model-offload", 2)}
+    assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
+    assert rows["fbc-0", 2]["psnr_vs_exact"] == float("inf") and rows["model-offload", 2]["psnr_vs_exact"] >= 100
+    for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
+        assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
+    assert "reference: needs Qwen-Image's widths" in stdout or "reference: diffsynth is not importable" in stdout
+
+
+@pytest.mark.skipif(not (diffsynth_reference.available() and diffsynth_reference.qwen_available()),
+                    reason="the reference package diffsynth is not importable")
+@pytest.mark.parametrize("size", ["flux-1block", "qwen-1block"])
+def test_generate_e2e_reference_loop_draws_the_exact_image(tmp_path, size):
+    """The released models' widths with one block: the reference's own true-CFG loop (its forward, its mask
+    builder) decodes to the image of the exact mode, with and without entities."""
+    out = tmp_path / "e2e.json"
+    run_script("generate_e2e.py", "--size", size, "--steps", "2", "--iters", "0", "--entities", "0,2",
+               "--accel-entities", "2", "--variants", "exact,reference", "--json", str(out))
+    rows = {(row["variant"], row["entities"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("exact", 0), ("exact", 2), ("reference", 0), ("reference", 2)}
+    for n in (0, 2):
+        assert rows["reference", n]["psnr_vs_exact"] >= 90, rows["reference", n]  # float rounding only
+        assert rows["reference", n]["ratio_to_exact"] is not None

@@ -1,8 +1,9 @@
 """Our regional attention against the reference implementation itself (DiffSynth-Studio's ``diffsynth``).
 
 Runs only where ``diffsynth`` is importable (it is not a dependency: it pulls torchvision and more). The
-transformer has FLUX.1's full widths (the reference hard-codes them) but one block of each kind, random
-weights, fp32 on the CPU; both sides hold the same weights through DiffSynth's own diffusers key converter.
+FLUX transformer has FLUX.1's full widths (the reference hard-codes them) but one block of each kind, random
+weights, fp32 on the CPU; both sides hold the same weights through DiffSynth's own diffusers key converter. The
+Qwen-Image transformer has Qwen-Image's widths and one block; the reference uses diffusers' key names as they are.
 """
 
 from __future__ import annotations
@@ -87,3 +88,74 @@ def test_forward_equals_the_reference(models, attention, n):
                      return_dict=False, **kwargs)[0]
     scale = expected.abs().max().item()
     assert (ours - expected).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+# -- Qwen-Image ----------------------------------------------------------------------------------------------------
+
+QWEN_LENGTHS = (5, 9, 3)  # unpadded entity segments of different lengths (docs/design.md section 11)
+QWEN_GLOBAL = 7
+
+
+@pytest.fixture(scope="module")
+def qwen_models():
+    """Qwen-Image's widths, one block, random weights; the reference shares the tensors (same key names)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from eligen.families.qwen_image import QWEN_IMAGE
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(num_layers=1).eval().requires_grad_(False)
+    install_regional_processors(model, QWEN_IMAGE.processors)
+    return model, ref.reference_qwen_dit(model), ref.reference_qwen_dit(model, diffusers_activation=False)
+
+
+def qwen_inputs(n: int):
+    g = torch.Generator().manual_seed(10 + n)
+    latents = torch.randn(1, 16, LATENT, LATENT, generator=g)
+    prompt = torch.randn(1, QWEN_GLOBAL, 3584, generator=g)
+    entity_prompts = [torch.randn(1, length, 3584, generator=g) for length in QWEN_LENGTHS[:n]]
+    return latents, prompt, entity_prompts, latent_masks(n, g)
+
+
+def qwen_ours(model, latents, prompt, entity_prompts, masks, attention: str) -> torch.Tensor:
+    """Ours: ``[e_1 | ... | e_N | global]`` unpadded, positions restarting per segment, the mask in the processor."""
+    from diffusers import QwenImagePipeline
+
+    from eligen.families.base import Branch
+    from eligen.families.qwen_image import QWEN_IMAGE
+
+    lengths = [e.shape[1] for e in entity_prompts]
+    mask = None
+    if lengths:
+        cover = token_cover(masks[:, :, 0].bool())
+        builder = {"dense": regional_attention_mask, "flex": regional_block_mask, "segmented": segmented_mask}
+        mask = builder[attention](cover, lengths, QWEN_GLOBAL)
+    branch = Branch(torch.cat([*entity_prompts, prompt], dim=1), attention_mask=mask,
+                    positions=QWEN_IMAGE.positions(lengths, QWEN_GLOBAL, torch.device("cpu"), torch.float32))
+    packed = QwenImagePipeline._pack_latents(latents, 1, 16, LATENT, LATENT)
+    with torch.no_grad():
+        return QWEN_IMAGE.forward(model, packed, torch.tensor([0.7]), branch, [[(1, LATENT // 2, LATENT // 2)]], None)
+
+
+@pytest.mark.parametrize("attention", ["dense", "flex", "segmented"])
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_qwen_image_forward_equals_the_reference(qwen_models, attention, n):
+    model, dit, _ = qwen_models
+    latents, prompt, entity_prompts, masks = qwen_inputs(n)
+    with torch.no_grad():
+        expected = ref.reference_qwen_forward(dit, latents, torch.tensor([700.0]), prompt, entity_prompts,
+                                              masks if n else None)
+    ours = qwen_ours(model, latents, prompt, entity_prompts, masks, attention)
+    assert (ours - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_qwen_image_reference_activation_is_what_the_comparison_aligns(qwen_models):
+    """The reference's own MLP activation (x * sigmoid(1.702 x)) differs from diffusers' tanh-GELU: the aligned
+    reference above is needed, and the unaligned one really is the reference's."""
+    model, _, own = qwen_models
+    latents, prompt, entity_prompts, masks = qwen_inputs(1)
+    with torch.no_grad():
+        expected = ref.reference_qwen_forward(own, latents, torch.tensor([700.0]), prompt, entity_prompts, masks)
+    ours = qwen_ours(model, latents, prompt, entity_prompts, masks, "dense")
+    tolerance = 1e-5 * max(1.0, expected.abs().max().item())  # that of the equivalence test
+    assert (ours - expected).abs().max().item() > 10 * tolerance

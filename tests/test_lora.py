@@ -669,6 +669,17 @@ def test_bad_lora_is_refused_whole(case, fresh_pipe, dims, tmp_path):
     assert_forward_close(forward(fresh_pipe.transformer, inputs), expected, base)
 
 
+def test_lora_after_fp8_is_refused_with_the_order_to_use(fresh_pipe, dims, tmp_path):
+    """peft cannot wrap speedups.quantize_fp8's layers: the refusal says to load the LoRA first."""
+    from eligen import speedups
+
+    good, _ = build_lora("diffsynth", "partial", dims)
+    speedups.quantize_fp8(fresh_pipe)
+    with pytest.raises(LoraFormatError, match="load LoRAs first and quantise after"):
+        fresh_pipe.load_eligen_lora(save(good, tmp_path / "good.safetensors"))
+    assert not getattr(fresh_pipe.transformer, "peft_config", {})
+
+
 @pytest.mark.parametrize("content", [b"", b"this is not a safetensors file", b"\x08\x00\x00\x00\x00\x00\x00\x00{"])
 def test_unreadable_file_is_refused(content, fresh_pipe, tmp_path):
     path = tmp_path / "lora.safetensors"

@@ -122,6 +122,29 @@ def test_fp8_default_is_the_block_linears_and_runs_with_entities(fresh_pipe, exa
     assert 0 < relative < 0.05, relative  # close to exact (fp8 rounding of every block), not equal
 
 
+def test_fp8_under_a_lora_quantises_the_base_layers_and_keeps_the_lora(fresh_pipe):
+    """With a LoRA loaded first, the default names are the wrapped base layers; the LoRA matrices stay in their
+    precision and still add ``(alpha / r) B A x`` to the fp8 base's output."""
+    from peft import LoraConfig
+
+    transformer = fresh_pipe.transformer
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False))
+    wrapped = transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    base = wrapped.base_layer
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    names = speedups.quantize_fp8(fresh_pipe)
+    assert "transformer_blocks.0.attn.to_q.base_layer" in names and not any(".lora_" in n for n in names)
+    assert isinstance(wrapped.base_layer, speedups.Fp8Linear)
+    assert all(isinstance(m, torch.nn.Linear) for m in (wrapped.lora_A["default"], wrapped.lora_B["default"]))
+    x = torch.randn(3, weight.shape[1])
+    scale = weight.abs().amax(dim=1, keepdim=True) / 448
+    w8 = (weight / scale).to(torch.float8_e4m3fn).float() * scale
+    lora = wrapped.lora_B["default"].weight @ wrapped.lora_A["default"].weight * (4 / 2)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), x @ (w8 + lora).T + bias, atol=1e-5)
+    assert torch.isfinite(run(fresh_pipe)).all()
+
+
 def test_fp8_refuses_a_name_that_is_not_a_linear(fresh_pipe):
     with pytest.raises(ValueError, match=r"'transformer_blocks\.0\.attn'"):
         speedups.quantize_fp8(fresh_pipe, ["transformer_blocks.0.attn"])

@@ -639,12 +639,17 @@ def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
     other model family, layers the transformer lacks, layers of other shapes."""
     import torch
 
+    from .speedups import Fp8Linear
+
     _check_family_fits(weights, transformer)
     modules = dict(transformer.named_modules())
     missing, misshaped = [], []
     for name, layer in weights.items():
         module = modules.get(name)
         module = getattr(module, "base_layer", module)  # a layer that already carries another adapter
+        if isinstance(module, Fp8Linear):
+            raise LoraFormatError(f"the LoRA layer {name} is an fp8 layer of speedups.quantize_fp8: peft wraps only "
+                                  "nn.Linear, so load LoRAs first and quantise after")
         if not isinstance(module, torch.nn.Linear):
             missing.append(name)
         elif layer.down.shape[1] != module.in_features or layer.up.shape[0] != module.out_features:
