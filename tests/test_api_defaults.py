@@ -62,10 +62,11 @@ def test_without_the_default_lora_and_on_models_without_defaults(tiny_pipe):
 
 
 def test_a_size_far_from_the_native_one_is_named(tiny, caplog):
-    with caplog.at_level(logging.WARNING, logger="eligen"):
-        tiny(prompt="a red circle", height=512, width=512, num_inference_steps=1, output_type="latent")
-    assert "512x512 is far from the 64x64" in caplog.text
-    caplog.clear()
+    for side in (160, 16):  # 6.25x and 1/16 of the native pixel count: both beyond the factor of 4
+        with caplog.at_level(logging.WARNING, logger="eligen"):
+            tiny(prompt="a red circle", height=side, width=side, num_inference_steps=1, output_type="latent")
+        assert f"{side}x{side} is far from the 64x64" in caplog.text
+        caplog.clear()
     with caplog.at_level(logging.WARNING, logger="eligen"):
         tiny(prompt="a red circle", height=96, width=64, num_inference_steps=1, output_type="latent")
     assert "far from" not in caplog.text
