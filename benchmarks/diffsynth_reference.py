@@ -41,8 +41,15 @@ def qwen_available() -> bool:
     return True
 
 
+def width_mismatch(model: torch.nn.Module, widths: dict) -> dict:
+    """The entries of ``widths`` that ``model.config`` does not have (a tuple matches a list of the same values)."""
+    config = model.config
+    return {k: config.get(k) for k, v in widths.items()
+            if (tuple(config[k]) if isinstance(v, tuple) and k in config else config.get(k)) != v}
+
+
 def has_flux_widths(model: torch.nn.Module) -> bool:
-    return all(model.config[k] == v for k, v in FLUX_WIDTHS.items())
+    return not width_mismatch(model, FLUX_WIDTHS)
 
 
 def reference_dit(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,7 +61,7 @@ def reference_dit(model: torch.nn.Module) -> torch.nn.Module:
     from diffsynth.utils.state_dict_converters.flux_dit import FluxDiTStateDictConverterFromDiffusers
 
     config = model.config
-    wrong = {k: config[k] for k, v in FLUX_WIDTHS.items() if config[k] != v}
+    wrong = width_mismatch(model, FLUX_WIDTHS)
     if wrong:
         raise ValueError(f"the reference DiT has FLUX.1's widths {FLUX_WIDTHS}; this transformer has {wrong}")
     param = next(model.parameters())
@@ -105,8 +112,7 @@ QWEN_WIDTHS = {"num_attention_heads": 24, "attention_head_dim": 128, "joint_atte
 
 
 def has_qwen_widths(model: torch.nn.Module) -> bool:
-    return all(tuple(model.config[k]) == v if isinstance(v, tuple) else model.config[k] == v
-               for k, v in QWEN_WIDTHS.items())
+    return not width_mismatch(model, QWEN_WIDTHS)
 
 
 def _tanh_gelu(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +131,8 @@ def reference_qwen_dit(model: torch.nn.Module, diffusers_activation: bool = True
     from diffsynth.models.qwen_image_dit import ApproximateGELU, QwenEmbedRope, QwenImageDiT
 
     config = model.config
-    if not has_qwen_widths(model):
-        wrong = {k: config[k] for k in QWEN_WIDTHS if k in config}
+    wrong = width_mismatch(model, QWEN_WIDTHS)
+    if wrong:
         raise ValueError(f"the reference DiT has Qwen-Image's widths {QWEN_WIDTHS}; this transformer has {wrong}")
     param = next(model.parameters())
     with torch.device("meta"):
