@@ -29,6 +29,7 @@ install-dev: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
 
 # The reference package's four modules (FLUX and Qwen-Image DiTs, from its PyPI wheel, no dependencies): the equivalence
 # tests run on them.

@@ -25,8 +25,9 @@ from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 from regional_attention import build_transformer, random_covers, random_model
 
 from eligen import EliGenPipeline, EliGenQwenImagePipeline
-from eligen.tiny.random_pipeline import build_tiny_flux_components
-from eligen.tiny.random_qwen_pipeline import build_tiny_qwen_image_components
+from eligen.families.flux.testing import build_components as build_tiny_flux_components
+from eligen.families.qwen_image.testing import build_components as build_tiny_qwen_image_components
+from eligen.schedules import flow_timesteps
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def reference_image(size: Size, pipe, dit, inputs: dict, steps: int, true_cfg: f
     flux = size.family == "flux"
     height, width = inputs["height"], inputs["width"]
     latents = inputs["latents"].clone()
-    scheduler, timesteps, _ = pipe._timesteps(steps, None, True, latents.shape[1], latents.device)
+    scheduler, timesteps, _ = flow_timesteps(pipe.scheduler, steps, None, True, latents.shape[1], latents.device)
     sigmas = scheduler.sigmas.to(latents.device)
     entity_prompts = inputs["entity_prompt_embeds"]
     masks = None

@@ -29,7 +29,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from timing import timed
 
-from eligen.families.flux import FLUX
+from eligen.families.flux.model import FLUX
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask
 from eligen.regional.processors import install_regional_processors

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from eligen.tiny.random_pipeline import save_tiny_flux_pipeline
+from eligen.families.flux.testing import save_tiny_pipeline as save_tiny_flux_pipeline
 from eligen.tiny.toy_data import write_box_dataset
 from eligen.train.trainer import TrainConfig, Trainer
 

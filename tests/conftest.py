@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A random tiny FluxPipeline directory (VAE scale factor 2, guidance-embedded transformer)."""
-    from eligen.tiny.random_pipeline import save_tiny_flux_pipeline
+    from eligen.families.flux.testing import save_tiny_pipeline as save_tiny_flux_pipeline
 
     return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe", seed=0)
 
@@ -26,7 +26,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """A random tiny QwenImagePipeline directory (VAE scale factor 2, the real prompt template)."""
-    from eligen.tiny.random_qwen_pipeline import save_tiny_qwen_image_pipeline
+    from eligen.families.qwen_image.testing import save_tiny_pipeline as save_tiny_qwen_image_pipeline
 
     return save_tiny_qwen_image_pipeline(tmp_path_factory.mktemp("tiny-qwen") / "pipe", seed=0)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from eligen.families.flux import FLUX
+from eligen.families.flux.model import FLUX
 from eligen.masks import token_cover
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask
@@ -101,7 +101,7 @@ def qwen_models():
     """Qwen-Image's widths, one block, random weights; the reference shares the tensors (same key names)."""
     from diffusers import QwenImageTransformer2DModel
 
-    from eligen.families.qwen_image import QWEN_IMAGE
+    from eligen.families.qwen_image.model import QWEN_IMAGE
 
     torch.manual_seed(0)
     model = QwenImageTransformer2DModel(num_layers=1).eval().requires_grad_(False)
@@ -122,7 +122,8 @@ def qwen_ours(model, latents, prompt, entity_prompts, masks, attention: str) -> 
     from diffusers import QwenImagePipeline
 
     from eligen.families.base import Branch
-    from eligen.families.qwen_image import QWEN_IMAGE
+    from eligen.families.qwen_image.model import QWEN_IMAGE
+    from eligen.regional.sequence import TokenSequence
 
     lengths = [e.shape[1] for e in entity_prompts]
     mask = None
@@ -131,7 +132,8 @@ def qwen_ours(model, latents, prompt, entity_prompts, masks, attention: str) -> 
         builder = {"dense": regional_attention_mask, "flex": regional_block_mask, "segmented": segmented_mask}
         mask = builder[attention](cover, lengths, QWEN_GLOBAL)
     branch = Branch(torch.cat([*entity_prompts, prompt], dim=1), attention_mask=mask,
-                    positions=QWEN_IMAGE.positions(lengths, QWEN_GLOBAL, torch.device("cpu"), torch.float32))
+                    positions=QWEN_IMAGE.positions(TokenSequence.of(lengths, QWEN_GLOBAL), torch.device("cpu"),
+                                                   torch.float32))
     packed = QwenImagePipeline._pack_latents(latents, 1, 16, LATENT, LATENT)
     with torch.no_grad():
         return QWEN_IMAGE.forward(model, packed, torch.tensor([0.7]), branch, [[(1, LATENT // 2, LATENT // 2)]], None)

@@ -25,6 +25,7 @@ from eligen.entities import (
     mask_to_png_data_uri,
     save_layout,
 )
+from families import oracles
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -682,10 +683,9 @@ SIZE = 32  # 32 x 32 pixels -> 16 x 16 latent pixels -> 8 x 8 tokens of 4 x 4 pi
 
 
 def reference_tokens(mask: np.ndarray, height: int, width: int, f: int) -> list[bool]:
-    """PIL NEAREST to the latent grid, then a token is covered iff any of its 2x2 latent pixels is."""
-    h, w = 2 * (height // (2 * f)), 2 * (width // (2 * f))
-    latent = np.asarray(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).resize((w, h), Image.NEAREST)) >= 128
-    return [bool(latent[2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2].any()) for ty in range(h // 2) for tx in range(w // 2)]
+    """The suite's token-cover oracle: NEAREST (as PIL samples) to the latent grid, then a token is covered iff any
+    of its 2x2 latent pixels is."""
+    return oracles.token_cover(np.asarray(mask, dtype=bool), height, width, f, 2)
 
 
 # 32 -> 16 with PIL NEAREST samples the odd source rows/columns, so a 1-pixel box at an odd (row, col) survives and

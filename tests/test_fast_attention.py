@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
-import eligen.pipelines.common as pipeline_module
+import eligen.regional.sequence as pipeline_module
 from eligen import Entity
+from eligen.families.flux.model import TRIM_MARGIN
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask, regional_mask_mod
 
@@ -147,8 +148,9 @@ def test_trim_changes_only_entity_segment_lengths(tiny_pipe):
     finally:
         del tiny_pipe._velocity
     seg = CALL["max_sequence_length"]
-    counts = tiny_pipe.entity_token_counts([e.prompt for e in ENTITIES], seg)
-    kept = [min(c + pipeline_module.TRIM_MARGIN, seg) for c in counts]
+    counts = [len(ids) for ids in tiny_pipe.tokenizer_2([e.prompt for e in ENTITIES], max_length=seg,
+                                                         truncation=True).input_ids]
+    kept = [min(c + TRIM_MARGIN, seg) for c in counts]
     assert trim_context.shape[1] == sum(kept) + seg
     assert sum(kept) < len(ENTITIES) * seg
     start = 0

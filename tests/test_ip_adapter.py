@@ -15,8 +15,8 @@ from PIL import Image
 from eligen import EliGenPipeline, Entity
 from eligen.cli import main
 from eligen.entities import LayoutError, load_layout
+from eligen.families.flux.testing import save_tiny_ip_adapter
 from eligen.generate import read_metadata
-from eligen.tiny.random_ip_adapter import save_tiny_ip_adapter
 from reference import reference_mask_segments
 
 CALL = dict(prompt="a red circle", height=32, width=48, max_sequence_length=16, output_type="latent")

@@ -71,7 +71,7 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def flux():
-    """The tiny FLUX transformer of eligen.tiny.random_pipeline (width 32)."""
+    """The tiny FLUX transformer of eligen.families.flux.testing (width 32)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -270,9 +270,9 @@ def test_layer_names_common_to_both_families(qwen, tmp_path):
 
 
 def test_read_with_family_checks_the_file(qwen, flux):
-    with pytest.raises(LoraFormatError, match="FLUX, not Qwen-Image"):
+    with pytest.raises(LoraFormatError, match=r"FLUX\.1, not Qwen-Image"):
         read_lora(flux_diffsynth_state(flux), family="qwen_image")
-    with pytest.raises(LoraFormatError, match="Qwen-Image, not FLUX"):
+    with pytest.raises(LoraFormatError, match=r"Qwen-Image, not FLUX\.1"):
         read_lora(reference_state(random_layers(qwen)), family="flux")
     with pytest.raises(ValueError, match="sdxl"):
         read_lora(reference_state(random_layers(qwen)), family="sdxl")
@@ -342,11 +342,11 @@ def test_layer_outside_the_blocks_has_no_kohya_name(qwen):
 def test_check_fits_refuses_the_other_family(qwen, flux):
     weights, _ = read_lora(reference_state(random_layers(qwen)))
     check_fits(weights, qwen)
-    with pytest.raises(LoraFormatError, match=r"for Qwen-Image but the pipeline's transformer is FLUX"):
+    with pytest.raises(LoraFormatError, match=r"for Qwen-Image but the pipeline's transformer is FLUX.1"):
         check_fits(weights, flux)
     flux_weights, _ = read_lora(flux_diffsynth_state(flux))
     check_fits(flux_weights, flux)
-    with pytest.raises(LoraFormatError, match=r"for FLUX but the pipeline's transformer is Qwen-Image"):
+    with pytest.raises(LoraFormatError, match=r"for FLUX.1 but the pipeline's transformer is Qwen-Image"):
         check_fits(flux_weights, qwen)
 
 

@@ -13,7 +13,7 @@ from eligen import EliGenPipeline
 from eligen.cli import main
 from eligen.generate import load_pipeline, read_metadata
 from eligen.lora import load_state_dict, read_lora
-from eligen.tiny.shipped import TINY_MODEL_DIR
+from eligen.models import TINY_MODEL_DIR
 from reference import read_deltas
 
 ELIGEN_LORA = TINY_MODEL_DIR / "eligen_lora.safetensors"

@@ -1,7 +1,7 @@
 """The regional attention mask and the pixel mask -> token path against independent loop references.
 
-The references below are written from docs/design.md section 2 with plain Python loops and PIL; they never call
-:mod:`eligen.masks`.
+The references are the suite's oracles (:mod:`families.oracles`, tests/families/oracles.py): written from
+docs/design.md section 2 with plain Python loops, checked against PIL there, and never calling :mod:`eligen.masks`.
 """
 
 from __future__ import annotations
@@ -11,52 +11,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from eligen.masks import latent_grid_size, mask_tokens, resize_nearest, token_cover
 from eligen.regional.dense import regional_attention_mask
+from families import oracles
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-# ----------------------------------------------------------------------------------------------------------
-# Reference: the regional attention mask, one (query, key) pair at a time
-# ----------------------------------------------------------------------------------------------------------
-
-
-def reference_attention_mask(covers: list[list[bool]], entity_lengths: list[int], global_length: int,
-                             n_img: int) -> list[list[bool]]:
-    """``[e_1 | ... | e_N | global | image]``; ``covers[i][z]``: entity ``i`` covers image token ``z``."""
-    # Describe every position as ("entity", i), ("global", None) or ("image", z).
-    kinds: list[tuple[str, int | None]] = []
-    for i, length in enumerate(entity_lengths):
-        for _ in range(length):
-            kinds.append(("entity", i))
-    for _ in range(global_length):
-        kinds.append(("global", None))
-    for z in range(n_img):
-        kinds.append(("image", z))
-    size = len(kinds)
-    out = [[False] * size for _ in range(size)]
-    for q in range(size):
-        for k in range(size):
-            q_kind, q_id = kinds[q]
-            k_kind, k_id = kinds[k]
-            if q_kind == "image" and k_kind == "image":
-                allowed = True
-            elif q_kind == "entity" and k_kind == "entity":
-                allowed = q_id == k_id
-            elif q_kind == "global" and k_kind == "global":
-                allowed = True
-            elif {q_kind, k_kind} == {"entity", "global"}:
-                allowed = False
-            elif q_kind == "entity" and k_kind == "image":
-                allowed = covers[q_id][k_id]
-            elif q_kind == "image" and k_kind == "entity":
-                allowed = covers[k_id][q_id]
-            else:  # global <-> image
-                allowed = True
-            out[q][k] = allowed
-    return out
 
 
 def _check_mask_properties(mask: torch.Tensor) -> None:
@@ -108,7 +68,7 @@ def test_regional_attention_mask_matches_loop_reference(layout):
     assert mask.dtype == torch.bool
     assert tuple(mask.shape) == (len(covers), 1, size, size)
     for b, item in enumerate(covers):
-        expected = torch.tensor(reference_attention_mask(item, lengths, global_length, n_img), dtype=torch.bool)
+        expected = torch.from_numpy(oracles.regional_mask(item, lengths, global_length, n_img))
         assert torch.equal(mask[b, 0], expected), f"batch item {b} differs from the reference"
     _check_mask_properties(mask)
 
@@ -163,37 +123,8 @@ def test_regional_attention_mask_no_entities_is_all_true():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reference: pixel mask -> latent grid -> token cover
+# Pixel mask -> latent grid -> token cover, against the suite's token-cover oracle (FLUX's 2x2 patch)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def reference_grid(height: int, width: int, f: int) -> tuple[int, int]:
-    return 2 * (height // (2 * f)), 2 * (width // (2 * f))
-
-
-def reference_resize(mask: np.ndarray, h: int, w: int) -> list[list[bool]]:
-    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
-    resized = np.asarray(image.resize((w, h), Image.NEAREST))
-    return [[bool(resized[r, c] >= 128) for c in range(w)] for r in range(h)]
-
-
-def reference_token_cover(latent: list[list[bool]]) -> list[bool]:
-    h, w = len(latent), len(latent[0])
-    tokens = []
-    for ty in range(h // 2):
-        for tx in range(w // 2):
-            covered = False
-            for dy in range(2):
-                for dx in range(2):
-                    if latent[2 * ty + dy][2 * tx + dx]:
-                        covered = True
-            tokens.append(covered)
-    return tokens
-
-
-def reference_mask_tokens(mask: np.ndarray, height: int, width: int, f: int) -> list[bool]:
-    h, w = reference_grid(height, width, f)
-    return reference_token_cover(reference_resize(mask, h, w))
 
 
 @st.composite
@@ -224,12 +155,12 @@ def pixel_masks(draw):
 @given(pixel_masks())
 def test_mask_tokens_matches_pil_nearest_reference(case):
     mask, height, width, f = case
-    h, w = reference_grid(height, width, f)
+    h, w = oracles.latent_grid(height, width, f, 2)
     assert tuple(latent_grid_size(height, width, f)) == (h, w)
     tokens = mask_tokens(mask, height, width, f)
     assert tokens.dtype == torch.bool
     assert tuple(tokens.shape) == ((h // 2) * (w // 2),)
-    assert tokens.tolist() == reference_mask_tokens(mask, height, width, f)
+    assert tokens.tolist() == oracles.token_cover(mask, height, width, f, 2)
 
 
 @SETTINGS
@@ -238,7 +169,7 @@ def test_resize_nearest_matches_pil(case):
     mask, height, width, _ = case
     out = resize_nearest(mask, height, width)
     assert tuple(out.shape) == (height, width)
-    assert np.asarray(out).tolist() == reference_resize(mask, height, width)
+    assert np.asarray(out).tolist() == oracles.resize_nearest(mask, height, width)
 
 
 @pytest.mark.parametrize(("height", "width", "f", "expected"), [
@@ -312,5 +243,5 @@ def test_token_cover_leading_dimensions():
 @given(th=st.integers(1, 5), tw=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
 def test_token_cover_matches_loop_reference(th, tw, seed):
     latent = np.random.default_rng(seed).random((2 * th, 2 * tw)) < 0.15
-    expected = reference_token_cover(latent.tolist())
+    expected = oracles.cover_of_latent(latent.tolist(), 2)
     assert token_cover(torch.from_numpy(latent)).tolist() == expected

@@ -17,7 +17,7 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 import eligen
-import eligen.pipelines.common as eligen_pipeline
+import eligen.regional.sequence as eligen_pipeline
 from eligen import Entity, LayoutError
 from reference import reference_mask
 
@@ -294,7 +294,7 @@ def recording(tiny_pipe):
 
 @pytest.fixture
 def mask_builds(monkeypatch):
-    """Count the calls of eligen.pipelines.common.regional_attention_mask (and keep what they returned)."""
+    """Count the calls of eligen.regional.sequence.regional_attention_mask (and keep what they returned)."""
     built: list[torch.Tensor] = []
     original = eligen_pipeline.regional_attention_mask
 

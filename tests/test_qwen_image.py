@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 from eligen import EliGenQwenImagePipeline, Entity
 from eligen.families.base import rescaled_cfg
 from eligen.inpaint import plain_cfg
-from eligen.masks import latent_grid_size, resize_nearest, token_cover
+from families import oracles
 from reference import reference_mask_segments
 
 H, W = 32, 48
@@ -75,9 +75,8 @@ def test_cfg_combinations():
 
 
 def covers_of(entities, height=H, width=W) -> list[list[bool]]:
-    lat = latent_grid_size(height, width, 2)
-    return [token_cover(torch.from_numpy(resize_nearest(e.rasterize(width, height), *lat))).tolist()
-            for e in entities]
+    """The oracle's token cover of each entity's box (VAE scale factor 2, 2x2 patches)."""
+    return [oracles.token_cover(e.rasterize(width, height), height, width, 2, 2) for e in entities]
 
 
 class ReferenceProcessor:
@@ -204,10 +203,7 @@ def test_inpainting_keeps_latents_outside_the_union(pipe):
     z_init = pipe.encode_image_latents(rgb, torch.device("cpu"), torch.float32)
     out = pipe(**kwargs(negative_prompt=NEGATIVE, true_cfg_scale=4.0), entities=ENTITIES, image=rgb, inpaint=True,
                generator=gen(6)).images
-    latent = torch.zeros(latent_grid_size(H, W, 2), dtype=torch.bool)
-    for e in ENTITIES:
-        latent |= torch.from_numpy(resize_nearest(e.rasterize(W, H), *latent.shape))
-    tokens = token_cover(latent)  # a token is inside if any of its latent pixels is
+    tokens = torch.tensor(covers_of(ENTITIES)).any(dim=0)  # a token is inside if any of its latent pixels is
     outside = ~tokens
     assert outside.any() and tokens.any()
     assert (out - z_init)[0, outside].abs().max() <= 1e-6
@@ -237,7 +233,7 @@ def test_vae_round_trip_uses_the_latent_statistics(pipe):
 
 def reference_lora(transformer, rank: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
     """A random LoRA in the released Qwen-Image-EliGen form: peft names with ``.default``, no prefix, no alpha."""
-    from eligen.families.qwen_image import QWEN_IMAGE
+    from eligen.families.qwen_image.model import QWEN_IMAGE
 
     g = gen(seed)
     state = {}

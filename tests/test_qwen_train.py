@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eligen.families.qwen_image import QWEN_IMAGE
+from eligen.families.qwen_image.model import QWEN_IMAGE, _qwen_mask
 from eligen.lora import lora_info, read_lora
 from eligen.tiny.toy_data import write_box_dataset
-from eligen.train.loss import qwen_reference_schedule
 from eligen.train.trainer import Trainer, train
 from training import lora_tensors
 from training import small_config as config
@@ -41,7 +40,7 @@ def test_the_reference_recipe(tmp_path, tiny_qwen_dir, dataset):
                           "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.2", "img_mod.1",
                           "txt_mlp.net.2", "txt_mod.1")}
     assert adapted == expected
-    schedule = qwen_reference_schedule()
+    schedule = QWEN_IMAGE.training_schedule()
     torch.testing.assert_close(trainer.schedule.sigmas, schedule.sigmas)
     assert schedule.sigmas[-1].item() == pytest.approx(0.02, abs=1e-6)  # the terminal level
     assert schedule.sigmas[0].item() == pytest.approx(1.0)
@@ -58,9 +57,11 @@ def test_unequal_prompt_lengths_are_masked_not_attended(tmp_path, tiny_qwen_dir,
     assert short < long
     start = branch.context.shape[1] - long  # the global prompt's slot, padded to the longer one
     pads = slice(start + short, start + long)
-    assert not branch.attention_mask[0, 0, :, pads].any()  # no token of sample 0 sees its padding
-    assert branch.attention_mask[1, 0, :, pads].any()
-    assert not branch.attention_mask[0, 0].sum(-1).eq(0).any()  # and no row is empty
+    n_img = branch.attention_mask.shape[-1] - branch.context.shape[1]
+    layer_mask = _qwen_mask(branch.attention_mask, branch.text_mask, n_img)  # what every attention layer applies
+    assert not layer_mask[0, 0, :, pads].any()  # no token of sample 0 sees its padding
+    assert layer_mask[1, 0, :, pads].any()
+    assert not layer_mask[0, 0].sum(-1).eq(0).any()  # and no row is empty
 
 
 def test_trained_lora_files_are_qwen_and_read_back(tmp_path, tiny_qwen_dir, dataset):

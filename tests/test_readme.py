@@ -52,9 +52,9 @@ def test_the_table_covers_every_snippet():
 def names(tiny_qwen_dir, tmp_path_factory):
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-    from eligen.families.qwen_image import QWEN_IMAGE
-    from eligen.tiny.random_ip_adapter import save_tiny_ip_adapter
-    from eligen.tiny.shipped import TINY_MODEL_DIR
+    from eligen.families.flux.testing import save_tiny_ip_adapter
+    from eligen.families.qwen_image.model import QWEN_IMAGE
+    from eligen.models import TINY_MODEL_DIR
 
     folder = tmp_path_factory.mktemp("readme")
     transformer = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_dir, subfolder="transformer")

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eligen import EliGenPipeline, EliGenQwenImagePipeline, Entity
-from eligen.families.flux import RegionalFluxAttnProcessor
-from eligen.families.qwen_image import RegionalQwenAttnProcessor
+from eligen.families.flux.model import RegionalFluxAttnProcessor
+from eligen.families.qwen_image.model import RegionalQwenAttnProcessor
 from eligen.regional.dense import regional_attention_mask
 from eligen.regional.flex import regional_block_mask
 from eligen.regional.rule import allowed, regional_tables

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from eligen import EliGenPipeline
+from eligen import models as shipped
 from eligen.cli import main
 from eligen.generate import overlay_path_for, read_metadata
-from eligen.tiny import shipped
 from eligen.tiny.build import TinyBuildConfig, build
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -33,8 +35,12 @@ def test_demo_job_on_the_default_model(tmp_path, example, capsys):
     assert out.exists() and overlay_path_for(out).exists()
     params = read_metadata(out)["params"]
     assert params["model"] == "eligen-tiny" and params["steps"] == 20 and params["max_sequence_length"] == 32
-    assert params["lora"] == shipped.model_defaults("eligen-tiny")["lora"]  # the shipped EliGen LoRA
+    assert params["lora"] == [] and params["seed"] is not None  # no path of this machine: the model's own LoRA
     assert str(out) in capsys.readouterr().out
+    explicit = tmp_path / "explicit.png"  # the model's own LoRA is what ran
+    assert main(["generate", str(EXAMPLES / example), "-o", str(explicit), "--no-progress", "--seed",
+                 str(params["seed"]), "--lora", shipped.model_loras("eligen-tiny")[0]]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(explicit)))
 
 
 def test_flags_override_the_model_defaults(tmp_path):

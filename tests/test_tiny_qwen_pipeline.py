@@ -7,13 +7,13 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 
-from eligen.tiny.random_qwen_pipeline import (
+from eligen.families.qwen_image.testing import (
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_START_IDX,
     TinyQwenImageConfig,
-    build_tiny_qwen_image_components,
-    save_tiny_qwen_image_pipeline,
 )
+from eligen.families.qwen_image.testing import build_components as build_tiny_qwen_image_components
+from eligen.families.qwen_image.testing import save_tiny_pipeline as save_tiny_qwen_image_pipeline
 
 CALL = {"height": 32, "width": 48, "num_inference_steps": 2}
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from eligen.train.loss import flow_loss, noisy_latents, per_sample_loss, reference_schedule, sample_sigmas
+from eligen.schedules import shifted_training_schedule as reference_schedule
+from eligen.train.loss import flow_loss, noisy_latents, per_sample_loss, sample_sigmas
 
 
 def test_reference_schedule_follows_the_rules():

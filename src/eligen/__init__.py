@@ -1,33 +1,24 @@
-"""eligen: entity-level controlled image generation (EliGen) on diffusers FLUX.1 and Qwen-Image.
+"""eligen: entity-level controlled image generation (EliGen) on diffusers' diffusion transformers.
 
-``Entity``/``Layout`` are light (numpy and PIL); the pipelines import diffusers on first use.
+``Entity``/``Layout`` are light (numpy and PIL). Each registered model family's EliGen pipeline class is a name here
+(as :data:`eligen.families.FAMILIES` registers them), imported with diffusers on first use.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .entities import Entity, Layout, LayoutError, load_layout, save_layout
-
-if TYPE_CHECKING:
-    from .pipelines.flux import EliGenPipeline
-    from .pipelines.qwen_image import EliGenQwenImagePipeline
-    from .schedules import reference_sigmas
+from .families import cards, pipeline_class
 
 __version__ = "0.1.0"
-__all__ = ["EliGenPipeline", "EliGenQwenImagePipeline", "Entity", "Layout", "LayoutError", "load_layout",
-           "reference_sigmas", "save_layout"]
+_PIPELINES = {card.pipeline_class_name: card.name for card in cards().values()}
+__all__ = ["Entity", "Layout", "LayoutError", "load_layout", "reference_sigmas", "save_layout", *_PIPELINES]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "EliGenPipeline":
-        from .pipelines.flux import EliGenPipeline
-
-        return EliGenPipeline
-    if name == "EliGenQwenImagePipeline":
-        from .pipelines.qwen_image import EliGenQwenImagePipeline
-
-        return EliGenQwenImagePipeline
+    if name in _PIPELINES:
+        return pipeline_class(_PIPELINES[name])
     if name == "reference_sigmas":
         from .schedules import reference_sigmas
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import warnings
@@ -17,6 +16,7 @@ from .data.generate import DataGenerateConfig
 from .data.plan import PlanConfig
 from .entities import LayoutError
 from .evals.harness import CocoMigConfig, LayoutSamConfig
+from .families import cards, titles
 from .generate import GenerateConfig, InpaintConfig, checked_record, generate, read_metadata
 from .lora import (
     LoraConvertConfig,
@@ -29,26 +29,42 @@ from .lora import (
 )
 from .tiny.bench import BenchConfig
 from .tiny.build_config import TinyBuildConfig
-from .tiny.shipped import model_defaults
 from .train.config import TrainConfig
 from .ui.config import UIConfig
 
-DESCRIPTION = "eligen: entity-level controlled image generation (EliGen) with diffusers FLUX.1 and Qwen-Image."
-GENERATE_EPILOG = """examples:
-  eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora modelscope/EliGen --overlay
-  eligen generate layout.json -o out.png --model ./FLUX.1-dev --lora eligen.safetensors --lora style.safetensors \\
-      --lora-scale 1.0 --lora-scale 0.6
-  eligen generate layout.json -o out.png --model Qwen/Qwen-Image --lora DiffSynth-Studio/Qwen-Image-EliGen-V2 \
-      --true-cfg 4 --steps 40
+DESCRIPTION = f"eligen: entity-level controlled image generation (EliGen) with diffusers' {titles()}."
+
+
+def _examples(command: str, extra: str = "") -> str:
+    """The help's examples: one per family (its card's ``example``: a model and its EliGen LoRA), then ``extra``."""
+    lines = [f"  eligen {command} {cards()[name].example}" for name in cards()]
+    return "examples:\n" + "\n".join(lines) + "\n" + extra
+
+
+GENERATE_EPILOG = _examples("generate layout.json -o out.png", """\
+  eligen generate layout.json -o out.png --model DIR --lora eligen.safetensors --lora style.safetensors \\
+      --lora-scale 1.0 --lora-scale 0.6 --overlay
   eligen generate --from out.png -o again.png          # reproduce from the PNG's metadata
   eligen generate --from out.png -o bigger.png --steps 60
-"""
-
-INPAINT_EPILOG = """examples:
-  eligen inpaint photo.png layout.json -o out.png --model ./FLUX.1-dev --lora modelscope/EliGen --overlay
-  eligen inpaint photo.png layout.json -o out.png --model ./FLUX.1-dev --fusion paper --mask-blur 1.5
-"""
+""")
+INPAINT_EPILOG = _examples("inpaint photo.png layout.json -o out.png", """\
+  eligen inpaint photo.png layout.json -o out.png --model DIR --fusion paper --mask-blur 1.5
+""")
 COMMAND_CONFIGS = {"generate": GenerateConfig, "inpaint": InpaintConfig}
+
+
+def _command(group, name: str, config: type, handler, help: str, description: str, **kwargs):
+    """One subcommand whose flags are ``config``'s fields and whose work is ``handler(given)``."""
+    parser = group.add_parser(name, help=help, description=description, **kwargs)
+    add_dataclass_arguments(parser, config)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _group(commands, name: str, help: str, description: str):
+    """A command with subcommands (``eligen data ...``)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,118 +73,80 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", default=None,
                         help="show the libraries' warnings, logs and loading bars (hidden by default)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    gen = commands.add_parser(
-        "generate", help="render a layout JSON file to a PNG", description="Render a layout JSON file to a PNG. "
-        "The PNG stores the layout and every parameter, so --from reproduces it.",
-        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_arguments(gen, GenerateConfig)
-    gen.set_defaults(handler=partial(run_render, "generate"))
-
-    inp = commands.add_parser(
-        "inpaint", help="repaint the entities' regions of an image in one pass (inpainting fusion)",
-        description="Repaint the regions of INPUT marked by the layout's entities, all in one denoising pass; "
-        "everything else stays the input (byte for byte with paste-back). The layout's width/height default to "
-        "the input's size.", epilog=INPAINT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dataclass_arguments(inp, InpaintConfig)
-    inp.set_defaults(handler=partial(run_render, "inpaint"))
-
-    trainer = commands.add_parser(
-        "train", help="train an EliGen LoRA on entity-annotated data",
-        description="Train an EliGen LoRA (the paper's recipe: rank-64 LoRA on every block linear, AdamW, "
-        "rectified flow) under accelerate. Any field can come from CONFIG.yaml; flags override it. For several "
-        "GPUs or DeepSpeed ZeRO-2: accelerate launch --config_file configs/accelerate_deepspeed_zero2.yaml "
-        "-m eligen.cli train CONFIG.yaml",
-    )
-    add_dataclass_arguments(trainer, TrainConfig)
-    trainer.set_defaults(handler=run_train)
-
-    data = commands.add_parser("data", help="build EliGen training data: generate images, annotate them with a VLM",
-                               description="Build EliGen training data the paper's way: images from captions with "
-                               "any FLUX.1 or Qwen-Image model, then a grounding VLM writes captions and entity boxes.")
-    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-    data_generate = data_commands.add_parser(
-        "generate", help="images from captions (txt or jsonl), resumable and shardable (--shard i/n)",
-        description="Render captions with any diffusers FLUX.1 or Qwen-Image model into OUT/images; finished images "
-        "are skipped, writes are atomic, --shard i/n (or accelerate/torchrun's RANK/WORLD_SIZE) splits the work.")
-    add_dataclass_arguments(data_generate, DataGenerateConfig)
-    data_generate.set_defaults(handler=run_data_generate)
-    data_annotate = data_commands.add_parser(
-        "annotate", help="caption + entity boxes for every image with a grounding VLM -> the trainer's JSONL",
-        description="Ask a grounding VLM (an OpenAI-compatible server such as vLLM or SGLang, or a local "
-        "Qwen2-VL / Qwen2.5-VL through transformers) for a caption and entities with boxes for each image of "
-        "FOLDER/images; malformed answers are retried, failures recorded, finished images skipped; writes "
-        "FOLDER/annotations.jsonl and a contact sheet.")
-    add_dataclass_arguments(data_annotate, AnnotateConfig)
-    data_annotate.set_defaults(handler=run_data_annotate)
-
-    planner = commands.add_parser(
-        "plan", help="plan a layout from text with a grounding MLLM",
-        description="Turn a description into a global prompt and entities with boxes, written as a layout file "
-        "that `eligen generate` renders.")
-    add_dataclass_arguments(planner, PlanConfig)
-    planner.set_defaults(handler=run_plan)
-
-    tiny = commands.add_parser("tiny", help="the embedded default model", description="The embedded default model.")
-    tiny_commands = tiny.add_subparsers(dest="tiny_command", metavar="COMMAND", required=True)
-    tiny_build = tiny_commands.add_parser(
-        "build", help="train the tiny shapes-world model from scratch (VAE, base, EliGen LoRA)",
-        description="Train the tiny default model from scratch on the shapes world: a small VAE, a text-to-image "
-        "base on global captions, then an EliGen LoRA with `eligen train` on entity boxes. Deterministic given "
-        "--seed; about 99 minutes on 2 CPU cores with the defaults (measured for the shipped model).")
-    add_dataclass_arguments(tiny_build, TinyBuildConfig)
-    tiny_build.set_defaults(handler=run_tiny_build)
-
-    bench = commands.add_parser("bench", help="benchmarks of entity control",
-                                description="Benchmarks of entity control.")
-    bench_commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
-    shapes = bench_commands.add_parser(
-        "shapes", help="ShapesBench: mask IoU, colour accuracy and recall on held-out shapes-world layouts",
-        description="ShapesBench: held-out layouts with 1-4 entities (box, ellipse, irregular masks) rendered by "
-        "(a) the base model, (b) train-free regional attention, (c) the EliGen LoRA; each entity segmented by "
-        "its colour and scored against its mask. Prints a table, writes JSON and a contact sheet.",
-    )
-    add_dataclass_arguments(shapes, BenchConfig)
-    shapes.set_defaults(handler=run_bench_shapes)
-    layoutsam = bench_commands.add_parser(
-        "layoutsam", help="LayoutSAM-Eval: a VLM judges each box's crop (spatial, colour, texture, shape)",
-        description="LayoutSAM-Eval on any FLUX.1 or Qwen-Image model (with any --lora): layouts from the "
-        "LayoutSAM-eval parquet files (--data: a file or the dataset folder), rendered at the model's size with the "
-        "boxes scaled (sharded with --shard I/N, resumable), each box cropped and judged by a VLM (an OpenAI-"
-        "compatible server or a local Qwen2-VL / Qwen2.5-VL). Prints the table beside the published EliGen numbers, "
-        "writes per-entity JSON and a contact sheet.")
-    add_dataclass_arguments(layoutsam, LayoutSamConfig)
-    layoutsam.set_defaults(handler=partial(run_bench_harness, "layoutsam", LayoutSamConfig))
-    cocomig = bench_commands.add_parser(
-        "cocomig", help="COCO-MIG: Grounding DINO finds each instance; IoU, colour, I-SR / SR / mIoU per level",
-        description="COCO-MIG on any FLUX.1 or Qwen-Image model (with any --lora): layouts from MIG-Bench's "
-        "mig_bench_anno.yaml (--data: the file or its folder, with mig_bench.txt for the order), rendered at the "
-        "model's size with the boxes scaled (sharded, resumable), each instance detected with Grounding DINO "
-        "(transformers) and colour-checked. Prints I-SR, SR and mIoU per level L2-L6 beside the published EliGen "
-        "numbers, writes per-entity JSON and a contact sheet.")
-    add_dataclass_arguments(cocomig, CocoMigConfig)
-    cocomig.set_defaults(handler=partial(run_bench_harness, "cocomig", CocoMigConfig))
-
-    ui = commands.add_parser(
-        "ui", help="a local web app: draw entities, generate and inpaint in the browser",
-        description="Start a local web app on the model: draw each entity's mask (brush, eraser, rectangle, "
-        "polygon), see what the model's token grid makes of it, generate or inpaint with progress, download the "
-        "PNG (its layout and parameters inside) and the layout JSON, load either to continue. Listens on "
-        "127.0.0.1 unless --host says otherwise; one generation runs at a time (a queue).")
-    add_dataclass_arguments(ui, UIConfig)
-    ui.set_defaults(handler=run_ui)
-
-    lora = commands.add_parser("lora", help="inspect and convert EliGen LoRA files",
-                               description="Inspect and convert EliGen LoRA files (DiffSynth, kohya, diffusers keys).")
-    lora_commands = lora.add_subparsers(dest="lora_command", metavar="COMMAND", required=True)
-    info = lora_commands.add_parser("info", help="format, rank, alpha, adapted layers and blocks of a LoRA file")
-    add_dataclass_arguments(info, LoraInfoConfig)
-    info.set_defaults(handler=run_lora_info)
-    convert = lora_commands.add_parser("convert", help="rewrite a LoRA file in another key format")
-    add_dataclass_arguments(convert, LoraConvertConfig)
-    convert.set_defaults(handler=run_lora_convert)
+    raw = argparse.RawDescriptionHelpFormatter
+    _command(commands, "generate", GenerateConfig, partial(run_render, "generate"), "render a layout JSON file to a "
+             "PNG", "Render a layout JSON file to a PNG. The PNG stores the layout and every parameter, so --from "
+             "reproduces it.", epilog=GENERATE_EPILOG, formatter_class=raw)
+    _command(commands, "inpaint", InpaintConfig, partial(run_render, "inpaint"), "repaint the entities' regions of "
+             "an image in one pass (inpainting fusion)", "Repaint the regions of INPUT marked by the layout's "
+             "entities, all in one denoising pass; everything else stays the input (byte for byte with paste-back). "
+             "The layout's width/height default to the input's size.", epilog=INPAINT_EPILOG, formatter_class=raw)
+    _command(commands, "train", TrainConfig, run_train, "train an EliGen LoRA on entity-annotated data",
+             "Train an EliGen LoRA (the paper's recipe: rank-64 LoRA on every block linear, AdamW, rectified flow) "
+             "under accelerate. Any field can come from CONFIG.yaml; flags override it. For several GPUs or "
+             "DeepSpeed ZeRO-2: accelerate launch --config_file configs/accelerate_deepspeed_zero2.yaml -m eligen.cli "
+             "train CONFIG.yaml")
+    _add_data_commands(commands)
+    _command(commands, "plan", PlanConfig, run_plan, "plan a layout from text with a grounding MLLM", "Turn a "
+             "description into a global prompt and entities with boxes, written as a layout file that `eligen "
+             "generate` renders.")
+    tiny = _group(commands, "tiny", "the embedded default model", "The embedded default model.")
+    _command(tiny, "build", TinyBuildConfig, run_tiny_build, "train the tiny shapes-world model from scratch (VAE, "
+             "base, EliGen LoRA)", "Train the tiny default model from scratch on the shapes world: a small VAE, a "
+             "text-to-image base on global captions, then an EliGen LoRA with `eligen train` on entity boxes. "
+             "Deterministic given --seed; about 99 minutes on 2 CPU cores with the defaults (measured for the "
+             "shipped model).")
+    _add_bench_commands(commands)
+    _command(commands, "ui", UIConfig, run_ui, "a local web app: draw entities, generate and inpaint in the browser",
+             "Start a local web app on the model: draw each entity's mask (brush, eraser, rectangle, polygon), see "
+             "what the model's token grid makes of it, generate or inpaint with progress, download the PNG (its "
+             "layout and parameters inside) and the layout JSON, load either to continue. Listens on 127.0.0.1 "
+             "unless --host says otherwise; one generation runs at a time (a queue).")
+    lora = _group(commands, "lora", "inspect and convert EliGen LoRA files",
+                  "Inspect and convert EliGen LoRA files (DiffSynth, kohya, diffusers keys).")
+    _command(lora, "info", LoraInfoConfig, run_lora_info, "format, rank, alpha, adapted layers and blocks of a LoRA "
+             "file", "Print the format, family, rank, alpha, adapted layers and blocks of a LoRA file.")
+    _command(lora, "convert", LoraConvertConfig, run_lora_convert, "rewrite a LoRA file in another key format",
+             "Rewrite a LoRA file in another key format (written atomically).")
     return parser
+
+
+def _add_data_commands(commands) -> None:
+    data = _group(commands, "data", "build EliGen training data: generate images, annotate them with a VLM",
+                  f"Build EliGen training data the paper's way: images from captions with any {titles()} model, "
+                  "then a grounding VLM writes captions and entity boxes.")
+    _command(data, "generate", DataGenerateConfig, run_data_generate, "images from captions (txt or jsonl), "
+             "resumable and shardable (--shard i/n)", f"Render captions with any diffusers {titles()} model into "
+             "OUT/images; finished images are skipped, writes are atomic, --shard i/n (or accelerate/torchrun's "
+             "RANK/WORLD_SIZE) splits the work.")
+    _command(data, "annotate", AnnotateConfig, run_data_annotate, "caption + entity boxes for every image with a "
+             "grounding VLM -> the trainer's JSONL", "Ask a grounding VLM (an OpenAI-compatible server such as vLLM "
+             "or SGLang, or a local Qwen2-VL / Qwen2.5-VL through transformers) for a caption and entities with "
+             "boxes for each image of FOLDER/images; malformed answers are retried, failures recorded, finished "
+             "images skipped; writes FOLDER/annotations.jsonl and a contact sheet.")
+
+
+def _add_bench_commands(commands) -> None:
+    bench = _group(commands, "bench", "benchmarks of entity control", "Benchmarks of entity control.")
+    _command(bench, "shapes", BenchConfig, run_bench_shapes, "ShapesBench: mask IoU, colour accuracy and recall on "
+             "held-out shapes-world layouts", "ShapesBench: held-out layouts with 1-4 entities (box, ellipse, "
+             "irregular masks) rendered by (a) the base model, (b) train-free regional attention, (c) the EliGen "
+             "LoRA; each entity segmented by its colour and scored against its mask. Prints a table, writes JSON "
+             "and a contact sheet.")
+    _command(bench, "layoutsam", LayoutSamConfig, partial(run_bench_harness, "layoutsam", LayoutSamConfig),
+             "LayoutSAM-Eval: a VLM judges each box's crop (spatial, colour, texture, shape)",
+             f"LayoutSAM-Eval on any {titles()} model (with any --lora): layouts from the LayoutSAM-eval parquet "
+             "files (--data: a file or the dataset folder), rendered at the model's size with the boxes scaled "
+             "(sharded with --shard I/N, resumable), each box cropped and judged by a VLM (an OpenAI-compatible "
+             "server or a local Qwen2-VL / Qwen2.5-VL). Prints the table beside the published EliGen numbers, "
+             "writes per-entity JSON and a contact sheet.")
+    _command(bench, "cocomig", CocoMigConfig, partial(run_bench_harness, "cocomig", CocoMigConfig),
+             "COCO-MIG: Grounding DINO finds each instance; IoU, colour, I-SR / SR / mIoU per level",
+             f"COCO-MIG on any {titles()} model (with any --lora): layouts from MIG-Bench's mig_bench_anno.yaml "
+             "(--data: the file or its folder, with mig_bench.txt for the order), rendered at the model's size "
+             "with the boxes scaled (sharded, resumable), each instance detected with Grounding DINO "
+             "(transformers) and colour-checked. Prints I-SR, SR and mIoU per level L2-L6 beside the published "
+             "EliGen numbers, writes per-entity JSON and a contact sheet.")
 
 
 def run_train(given: dict) -> int:
@@ -187,10 +165,7 @@ def run_train(given: dict) -> int:
 def run_data_generate(given: dict) -> int:
     from .data.generate import generate_images
 
-    model = given.get("model") or DataGenerateConfig.__dataclass_fields__["model"].default
-    known = {f.name for f in dataclasses.fields(DataGenerateConfig)}
-    declared = {k: v for k, v in model_defaults(model).items() if k in known}  # e.g. the tiny model's own steps
-    result = generate_images(config_from_mapping(DataGenerateConfig, declared, given))
+    result = generate_images(config_from_mapping(DataGenerateConfig, given))
     print(f"images: {result.done} new, {result.skipped} already there, in {result.out}")
     return 0
 
@@ -227,10 +202,7 @@ def run_tiny_build(given: dict) -> int:
 def run_bench_harness(name: str, config_class: type, given: dict) -> int:
     from .evals.harness import run_benchmark
 
-    model = given.get("model") or config_class.__dataclass_fields__["model"].default
-    known = {f.name for f in dataclasses.fields(config_class)}
-    declared = {k: v for k, v in model_defaults(model).items() if k in known}  # e.g. the tiny model's own steps
-    result = run_benchmark(name, config_from_mapping(config_class, declared, given))
+    result = run_benchmark(name, config_from_mapping(config_class, given))
     if result.table:
         print(result.table)
         print(f"report: {result.report} ({result.reported} of {result.layouts} layouts scored)")
@@ -283,10 +255,7 @@ def run_render(command: str, given: dict) -> int:
             raise ValueError(f"{given['from_png']} was made by `eligen {made_by}`; reproduce it with "
                              f"`eligen {made_by} --from`")
         stored_layout, stored_params = record["layout"], record["params"]
-    model = given.get("model") or stored_params.get("model") or config_class().model
-    known = {f.name for f in dataclasses.fields(config_class)}
-    declared = {k: v for k, v in model_defaults(model).items() if k in known}  # e.g. the tiny model's own steps
-    config = config_from_mapping(config_class, declared, stored_params, given)
+    config = config_from_mapping(config_class, stored_params, given)
     for result in generate(config, stored_layout):
         print(f"image: {result.path}")
         if result.overlay_path is not None:

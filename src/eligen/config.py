@@ -13,9 +13,9 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .choices import DTYPE_NAMES
 
@@ -50,12 +50,14 @@ def _scalar_type(annotation: Any) -> type:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None)."""
     hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
+    declared = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
+    order = {name: declared.index(name) for name in declared[::-1]}  # the class's own fields first, then its bases'
+    fields = sorted(dataclasses.fields(cls), key=lambda f: order.get(f.name, len(order)))
     positional = sorted((f for f in fields if f.metadata.get("positional")), key=lambda f: f.metadata.get("order", 0))
     for f in [*positional, *(f for f in fields if not f.metadata.get("positional"))]:
         meta = f.metadata
         kind = _scalar_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
         help_text = meta.get("help", "")
         if default not in (None, [], False):
             help_text += f" (default: {default})"

@@ -18,11 +18,13 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeGuard, Union
 
 import numpy as np
 from PIL import Image
@@ -32,9 +34,34 @@ from .files import open_image, read_utf8
 if TYPE_CHECKING:
     import torch
 
-def _is_tensor(value: Any) -> bool:
+def _is_tensor(value: Any) -> TypeGuard[torch.Tensor]:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+DECODED_KEPT = 32  # decoded mask and reference-image files kept, so each is decoded once however often it is read
+_decoded: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def _decoded_once(kind: str, source: str, decode: Callable[[], Any]) -> Any:
+    """``decode()`` of a file path or data URI, remembered while the file is unchanged (same path, size and
+    modification time): a mask read by validation, rasterisation, the overlay and the record is decoded once."""
+    if source.startswith("data:"):
+        key: tuple = (kind, source)
+    else:
+        try:
+            stat = os.stat(source)
+        except OSError:
+            return decode()  # the error comes from decode, naming the file
+        key = (kind, os.path.abspath(source), stat.st_mtime_ns, stat.st_size)
+    if key in _decoded:
+        _decoded.move_to_end(key)
+        return _decoded[key]
+    value = decode()
+    _decoded[key] = value
+    while len(_decoded) > DECODED_KEPT:
+        _decoded.popitem(last=False)
+    return value
 
 
 MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
@@ -105,6 +132,11 @@ class Entity:
                               entity=index, field="image_scale")
         if self.image is not None:
             load_reference_image(self.image, index)
+
+    def resolve(self, index: int, width: int, height: int) -> np.ndarray:
+        """:meth:`validate` then :meth:`rasterize`: the entity's binary mask ``(H, W)``, its file decoded once."""
+        self.validate(index, width, height)
+        return self.rasterize(width, height, index)
 
     def rasterize(self, width: int, height: int, index: int = 0) -> np.ndarray:
         """The entity's binary mask, ``(H, W)`` bool.
@@ -205,28 +237,32 @@ def load_reference_image(image: Any, index: int | None = None, field: str = "ima
     PIL image, numpy array ``(H, W, 3)`` or tensor ``(3, H, W)`` is returned as given. Raises :class:`LayoutError`
     naming ``field`` (and the entity) when it cannot be read."""
     if isinstance(image, (str, Path)):
-        text = str(image)
-        try:
-            if text.startswith(IMAGE_DATA_URI):
-                header, _, payload = text.partition(",")
-                if not header.endswith(";base64"):
-                    raise ValueError("an inline image is data:image/<format>;base64,<data>")
-                decoded = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-                decoded.load()
-                return decoded.convert("RGB")
-            return open_image(text, "reference image").convert("RGB")
-        except FileNotFoundError as exc:
-            raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
-                              entity=index, field=field) from exc
-        except Exception as exc:
-            shown = text if not text.startswith(IMAGE_DATA_URI) else "the inline data URI"
-            raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
+        return _decoded_once("image", str(image), lambda: _read_reference_image(str(image), index, field))
     if isinstance(image, Image.Image) or _is_tensor(image):
         return image
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3:
         return image
     raise LayoutError(f"a reference image is a path, data URI, PIL image, (H, W, 3) array or (3, H, W) tensor, got "
                       f"{type(image).__name__}", entity=index, field=field)
+
+
+def _read_reference_image(text: str, index: int | None, field: str) -> Image.Image:
+    """Decode a reference image file or ``data:image/...;base64`` URI (RGB)."""
+    try:
+        if text.startswith(IMAGE_DATA_URI):
+            header, _, payload = text.partition(",")
+            if not header.endswith(";base64"):
+                raise ValueError("an inline image is data:image/<format>;base64,<data>")
+            decoded = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+            decoded.load()
+            return decoded.convert("RGB")
+        return open_image(text, "reference image").convert("RGB")
+    except FileNotFoundError as exc:
+        raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
+                          entity=index, field=field) from exc
+    except Exception as exc:
+        shown = text if not text.startswith(IMAGE_DATA_URI) else "the inline data URI"
+        raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
 
 
 def image_to_data_uri(image: Any) -> str:
@@ -306,6 +342,12 @@ def _binarize_channels(array: np.ndarray, index: int | None) -> np.ndarray:
     return _binarize_float(array.astype(np.float64).mean(axis=2), index)
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A decoded mask shared by every reader of its file: nobody may change it in place."""
+    array.setflags(write=False)
+    return array
+
+
 def _array_from_image(image: Image.Image) -> np.ndarray:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -324,7 +366,10 @@ def binarize_mask(mask: MaskLike, index: int | None = None) -> np.ndarray:
     ``(H, W)`` / ``(H, W, C)`` or a tensor ``(H, W)`` / ``(C, H, W)`` / ``(1, C, H, W)`` with C in 1..4.
     """
     if isinstance(mask, (str, Path)):
-        mask = load_mask_image(mask, index)
+        source = str(mask)
+        binary = _decoded_once("mask", source, lambda: _read_only(binarize_mask(load_mask_image(source, index),
+                                                                                   index)))
+        return binary
     if isinstance(mask, Image.Image):
         array = _array_from_image(mask)
     elif _is_tensor(mask):  # this module never imports torch: a tensor exists only once torch is loaded
@@ -474,9 +519,10 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
         if not mask.startswith(DATA_URI_PREFIX):
             path = Path(mask)
             mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
-        load_mask_image(mask, index)  # unreadable files fail now, not mid-generation
+        binarize_mask(mask, index)  # unreadable files fail now, not mid-generation (and are decoded once)
     image = _layout_image(data.get("image"), base_dir, index, "image")
-    return Entity(prompt=data.get("prompt"), mask=mask, box=data.get("box"), polygon=data.get("polygon"),
+    prompt: Any = data.get("prompt")  # any JSON value: Entity.validate names a missing or non-string prompt
+    return Entity(prompt=prompt, mask=mask, box=data.get("box"), polygon=data.get("polygon"),
                   image=image, image_scale=data.get("image_scale", 1.0))
 
 

@@ -13,10 +13,13 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from . import __version__
-from .choices import ATTENTION_MODES, CFG_MODES, DTYPE_NAMES, ENTITY_TOKEN_MODES, FUSIONS
+from .choices import DTYPE_NAMES
 from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
+from .families import titles
 from .files import atomic_path, open_image, write_text_atomic
+from .models import model_loras
+from .options import EntityOptions, InpaintOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
@@ -28,28 +31,23 @@ SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 
 
 @dataclass
-class GenerateConfig:
-    """Everything `eligen generate` reads. The CLI flags are built from these fields."""
+class GenerateConfig(SamplingOptions, EntityOptions):
+    """Everything `eligen generate` reads. The CLI flags are built from these fields; the sampling options left unset
+    are the model's (:func:`eligen.options.resolve_sampling`), and the record stores what ran."""
 
     layout: Path | None = option(None, "layout JSON file (prompt, width, height, entities)", positional=True)
     output: Path | None = option(None, "output image path: .png (the layout and parameters inside), .jpg or .webp "
                                  "(with them in a .json beside it)", short="-o", flag="--output", metavar="OUT.png")
     from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
                                    "(other flags override it)", flag="--from", metavar="PNG")
-    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id (the family "
-                               "is read from its model_index.json); eligen-tiny is the small "
+    model: str | None = option("eligen-tiny", f"diffusers pipeline directory or hub id of any family eligen runs "
+                               f"({titles()}; the family is read from its model_index.json); eligen-tiny is the small "
                                "shapes-world model shipped in the package (its own defaults: 20 steps, 32-token "
                                "prompts, its EliGen LoRA)")
     lora: list[str] = option([], "LoRA file, folder or hub id in DiffSynth, kohya or diffusers format (repeat to "
                              "stack)", repeat=True, metavar="PATH")
     lora_scale: list[float] = option([], "weight of the matching --lora, in order (default 1.0 each)", repeat=True,
                                      metavar="S")
-    steps: int = option(50, "number of denoising steps")
-    true_cfg: float = option(3.0, "true CFG scale; 1 disables the negative pass")
-    cfg_mode: str | None = option(None, "how true CFG combines the passes: plain (neg + s (pos - neg), FLUX and the "
-                                  "reference) or rescaled (diffusers' Qwen-Image: rescaled to the positive "
-                                  "prediction's norm); default: the model family's", choices=CFG_MODES)
-    guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
     seed: int | None = option(None, "random seed (default: the layout's seed, else a random one, printed; always "
                               "recorded)")
     num_images: int = option(1, "images to render, with seeds seed, seed + 1, ...; OUT.png becomes OUT_0.png, "
@@ -62,33 +60,22 @@ class GenerateConfig:
     dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
                                choices=DTYPE_NAMES)
     overlay: bool = option(False, "also write OUT_overlay.png: every entity mask tinted and labelled")
-    max_sequence_length: int = option(512, "T5 tokens per prompt segment (FLUX and the released LoRA use 512)")
-    entities_on_negative: bool = option(False, "reference behaviour: also apply the entities on the negative "
-                                        "CFG pass (with the negative prompt in every entity slot)")
-    entity_tokens: str = option("full", "full: every entity prompt padded to --max-sequence-length, as the released "
-                                "LoRA was trained; trim: its real tokens plus 8 pads (fewer tokens, faster, "
-                                "approximate)", choices=ENTITY_TOKEN_MODES)
-    attention: str = option("auto", "how the regional mask reaches attention, all exact: dense (bool mask), flex "
-                            "(FlexAttention block mask), segmented (unmasked flash calls merged by log-sum-exp); "
-                            "auto: segmented on CUDA, dense elsewhere", choices=ATTENTION_MODES)
-    compile: bool = option(False, "torch.compile the transformer's repeated blocks (a slow first image, faster "
-                           "ones after; for a GPU)")
     progress: bool = option(True, "show a progress bar")
-    ip_adapter: str | None = option(None, "FLUX IP-Adapter (XLabs or diffusers format): a .safetensors file, a folder "
-                                    "holding one (its image_encoder/ subfolder is the CLIP encoder, else "
-                                    "openai/clip-vit-large-patch14) or a hub id; reference images set the style",
-                                    metavar="PATH_OR_ID")
+    ip_adapter: str | None = option(None, "IP-Adapter of the model's family, where diffusers has one (XLabs or "
+                                    "diffusers format): a .safetensors file, a folder holding one (its image_encoder/ "
+                                    "subfolder is the CLIP encoder, else openai/clip-vit-large-patch14) or a hub id; "
+                                    "reference images set the style", metavar="PATH_OR_ID")
     ip_image: Path | None = option(None, "global reference image for --ip-adapter (replaces the layout's "
                                    "ip_adapter_image; entities may carry their own 'image')", metavar="PATH")
     ip_scale: float = option(1.0, "IP-Adapter scale in every double-stream block")
 
     def __post_init__(self) -> None:
-        for name in ("layout", "output", "from_png"):
+        SamplingOptions.__post_init__(self)
+        EntityOptions.__post_init__(self)
+        for name in ("layout", "output", "from_png", "ip_image"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.num_images < 1:
             raise ValueError(f"--num-images must be >= 1, got {self.num_images}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
@@ -98,29 +85,15 @@ class GenerateConfig:
         if self.output is not None and self.output.suffix.lower() not in IMAGE_FORMATS:
             raise ValueError(f"--output {self.output}: the extension names the format; use one of "
                              f"{', '.join(IMAGE_FORMATS)}")
-        if self.true_cfg < 1:
-            raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
-        if self.guidance < 0:
-            raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
-        if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
-        if self.ip_image is not None and not isinstance(self.ip_image, Path):
-            self.ip_image = Path(self.ip_image)
         if len(self.lora_scale) > len(self.lora):
             raise ValueError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} --lora files; give "
                              "one scale per LoRA, in the same order")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        if self.entity_tokens not in ENTITY_TOKEN_MODES:
-            raise ValueError(f"--entity-tokens must be one of {ENTITY_TOKEN_MODES}, got {self.entity_tokens!r}")
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
-            raise ValueError(f"--cfg-mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
 
     def recorded(self) -> dict[str, Any]:
         """The parameters stored in the PNG (everything that shapes the image)."""
@@ -136,28 +109,17 @@ class GenerateConfig:
 
 
 @dataclass
-class InpaintConfig(GenerateConfig):
+class InpaintConfig(GenerateConfig, InpaintOptions):
     """`eligen inpaint`: everything `eligen generate` reads, plus the input image and the fusion options."""
 
     image: Path | None = option(None, "input image to repaint (RGB, L, opaque RGBA, 16-bit; any size)",
                                 positional=True, order=-1)
-    fusion: str = option("exact", "exact: CFG first, the background ends exactly at the input; paper: fuse "
-                         "before CFG as the paper does", choices=FUSIONS)
-    strength: float = option(1.0, "below 1 starts from a partly noised input")
-    paste_back: bool = option(True, "copy the input's pixels outside the (dilated) entity union back exactly")
-    mask_dilate: int = option(0, "grow the union of the entity masks by this many latent pixels")
-    mask_blur: float = option(0.0, "Gaussian sigma (latent pixels) of a soft rim around the union")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        InpaintOptions.__post_init__(self)
         if self.image is not None and not isinstance(self.image, Path):
             self.image = Path(self.image)
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"--fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if not 0 < self.strength <= 1:
-            raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
-        if self.mask_dilate < 0 or self.mask_blur < 0:
-            raise ValueError("--mask-dilate and --mask-blur must be >= 0")
 
     def input_size(self) -> tuple[int, int] | None:
         if self.image is None:
@@ -165,8 +127,7 @@ class InpaintConfig(GenerateConfig):
         return open_image(self.image, "input image").size  # decoded once here: a bad file fails before the model
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        return {"image": self.image, "inpaint": True, "strength": self.strength, "fusion": self.fusion,
-                "mask_dilate": self.mask_dilate, "mask_blur": self.mask_blur, "paste_back": self.paste_back}
+        return {"image": self.image, "inpaint": True, **InpaintOptions.pipeline_kwargs(self)}
 
 
 @dataclass
@@ -244,15 +205,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: its eligen metadata is not JSON ({exc})") from exc
 
 
-def _as_record(record: Any, path: Path) -> dict[str, Any]:
+def _as_record(record: Any, path: Path | str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: its eligen metadata is not a record (a JSON object)")
     return record
 
 
-def checked_record(record: Any, path: Path) -> dict[str, Any]:
+def checked_record(record: Any, path: Path | str) -> dict[str, Any]:
     """A generation record with the parts ``--from`` reads: a ``layout`` and a ``params`` mapping (their fields
-    are checked where they are read, naming each)."""
+    are checked where they are read, naming each). ``path`` names the record's source in the messages."""
     record = _as_record(record, path)
     for part in ("layout", "params"):
         if not isinstance(record.get(part), dict):
@@ -337,9 +298,9 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
         pipe.load_eligen_lora(lora, adapter_name=f"lora_{i}")
     set_lora_scales(pipe, len(loras), scales)
     if ip_adapter is not None:
-        if not hasattr(pipe, "load_eligen_ip_adapter"):
-            raise ValueError(f"--ip-adapter: {model} is not a FLUX.1 model, and diffusers has no IP-Adapter for its "
-                             "family (Qwen-Image)")
+        if "ip_adapter" not in pipe.family.card.features:
+            raise ValueError(f"--ip-adapter: {model} is a {pipe.family.card.title} model, and diffusers has no "
+                             "IP-Adapter for that family")
         pipe.load_eligen_ip_adapter(ip_adapter, scale=ip_scale)
     return pipe
 
@@ -353,7 +314,7 @@ def set_lora_scales(pipe, count: int, scales: list[float]) -> None:
 def fit_patch_grid(pipe, config: GenerateConfig, layout: Layout) -> Layout:
     """A text-to-image layout off the model's patch grid, rounded down to it (said, and recorded as rendered);
     inpainting keeps the input's size (the pipeline restores it)."""
-    grid = pipe.vae_scale_factor * 2
+    grid = pipe.patch_grid
     if isinstance(config, InpaintConfig) or not (layout.width % grid or layout.height % grid):
         return layout
     width, height = max(grid, layout.width // grid * grid), max(grid, layout.height // grid * grid)
@@ -367,9 +328,12 @@ def fit_patch_grid(pipe, config: GenerateConfig, layout: Layout) -> Layout:
 def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str, dtype: str,
            callback_on_step_end=None) -> tuple[Image.Image, dict[str, Any]]:
     """One image of ``layout`` with ``config``'s parameters and ``seed``, and the record stored with it (the CLI and
-    the web app both render through here). ``callback_on_step_end`` is diffusers' step callback."""
+    the web app both render through here). ``callback_on_step_end`` is diffusers' step callback. Sampling options
+    left unset are the model's (:func:`eligen.options.resolve_sampling`); the record holds what ran."""
     import torch
 
+    config = dataclasses.replace(config, **resolve_sampling(config, pipeline_sampling_defaults(pipe)))
+    assert config.true_cfg is not None  # resolve_sampling fills every sampling option
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
         negative = ""
@@ -412,7 +376,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     if config.output is None:
         raise ValueError("give an output path with -o OUT.png")
     if not config.model:
-        raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
+        raise ValueError(f"give a model with --model (a diffusers {titles()} directory or hub id)")
     layout = resolve_layout(config, stored_layout)
     paths = output_paths(config.output, config.num_images)
     for path in paths + ([overlay_path_for(p) for p in paths] if config.overlay else []):
@@ -424,8 +388,8 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         print(f"seed: {seed} (random; --seed {seed} renders it again)", file=sys.stderr)
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
-    pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale, config.ip_adapter,
-                         config.ip_scale)
+    pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale,
+                         config.ip_adapter, config.ip_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
     layout = fit_patch_grid(pipe, config, layout)
     results = []

@@ -1,6 +1,6 @@
 """Inpainting fusion (paper eqs. 14-19, docs/design.md section 5): pure functions on packed latents and pixels.
 
-It works on velocities, so it is the same for every model family (the reference has it for FLUX only).
+It works on velocities, so it is the same for every model family.
 
 Each step the foreground velocity comes from the DiT with entities and the background velocity
 ``N_b = (z_t - z_init) / sigma_t`` is the exact velocity that leads back to ``z_init``. They are fused by the
@@ -14,7 +14,9 @@ union ``U`` of the entity masks on the latent grid:
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from PIL import Image
 
 from .choices import FUSIONS
 from .files import open_image
+
+logger = logging.getLogger(__name__)
 
 
 def plain_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
@@ -42,15 +46,15 @@ def fuse_velocity(
     negative: torch.Tensor | None,
     background: torch.Tensor,
     union: torch.Tensor,
-    cfg_scale: float,
+    cfg_scale: float | None,
     fusion: str = "exact",
     combine=plain_cfg,
 ) -> torch.Tensor:
     """Combine foreground (``positive``/``negative`` DiT velocities) and background by the soft ``union``.
 
     Shapes: velocities ``(B, n_img, C*4)``, ``union`` broadcastable to them (values in [0, 1]).
-    ``negative`` is None when true CFG is off (then both orders coincide). ``combine(pos, neg, scale)`` is the
-    family's CFG combination (:func:`plain_cfg` by default).
+    ``negative`` is None when true CFG is off (then both orders coincide and ``cfg_scale`` is unused).
+    ``combine(pos, neg, scale)`` is the family's CFG combination (:func:`plain_cfg` by default).
     """
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -95,9 +99,9 @@ def soft_union(latent_masks: torch.Tensor, dilate_pixels: int = 0, blur_sigma: f
     return torch.maximum(gaussian_blur(union, blur_sigma), union.float())
 
 
-def pack_mask(mask: torch.Tensor, channels: int) -> torch.Tensor:
-    """A latent-grid mask ``(h, w)`` -> ``(h/2 * w/2, channels * 4)`` in the pipelines' ``_pack_latents`` order."""
-    tokens = rearrange(mask, "(h p1) (w p2) -> (h w) (p1 p2)", p1=2, p2=2)
+def pack_mask(mask: torch.Tensor, channels: int, patch: int = 2) -> torch.Tensor:
+    """A latent-grid mask ``(h, w)`` -> ``(h/p * w/p, channels * p * p)`` in the pipelines' ``_pack_latents`` order."""
+    tokens = rearrange(mask, "(h p1) (w p2) -> (h w) (p1 p2)", p1=patch, p2=patch)
     return repeat(tokens, "n p -> n (c p)", c=channels)
 
 
@@ -172,3 +176,60 @@ def to_rgb_array(image) -> tuple[np.ndarray, str | None]:
 def snap_size(size: int, multiple: int) -> int:
     """The nearest positive multiple of ``multiple`` (the pipeline's patch grid in pixels)."""
     return max(multiple, round(size / multiple) * multiple)
+
+
+@dataclass
+class InpaintSource:
+    """The input image as ``uint8 (H, W, 3)`` at the output size and at the working size (the patch grid)."""
+
+    rgb: np.ndarray
+    work_rgb: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the output."""
+        return self.rgb.shape[0], self.rgb.shape[1]
+
+    @property
+    def work_size(self) -> tuple[int, int]:
+        """``(height, width)`` the model works at."""
+        return self.work_rgb.shape[0], self.work_rgb.shape[1]
+
+
+def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.array(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def prepare_source(image, height: int | None, width: int | None, grid: int) -> InpaintSource:
+    """The inpainting input at the output size (``height x width``, default the input's; the aspect ratio must be
+    kept) and at the working size: the nearest multiple of ``grid`` pixels (the model's patch grid)."""
+    rgb, note = to_rgb_array(image)
+    if note:
+        logger.warning(note)
+    in_height, in_width = rgb.shape[:2]
+    height, width = height or in_height, width or in_width
+    if (height, width) != (in_height, in_width):
+        if abs(height / width - in_height / in_width) > 0.01 * (in_height / in_width):
+            raise ValueError(f"the input image is {in_width}x{in_height} but the output is asked to be "
+                             f"{width}x{height}, another aspect ratio; resize or crop the image, or scale the "
+                             "layout to it")
+        logger.warning(f"input image resized from {in_width}x{in_height} to {width}x{height}")
+        rgb = resize_rgb(rgb, height, width)
+    work_height, work_width = snap_size(height, grid), snap_size(width, grid)
+    work_rgb = rgb
+    if (work_height, work_width) != (height, width):
+        logger.warning(f"{width}x{height} is not a multiple of the model's {grid}-pixel patch grid: generating "
+                       f"at {work_width}x{work_height} and restoring {width}x{height}")
+        work_rgb = resize_rgb(rgb, work_height, work_width)
+    return InpaintSource(rgb, work_rgb)
+
+
+def restore(images: np.ndarray, source: InpaintSource, repaint: np.ndarray | None) -> np.ndarray:
+    """Generated ``uint8 (B, h, w, 3)`` at the working size -> the input's size, and where ``repaint`` (``(H, W)`` in
+    [0, 1], None = no paste-back) is 0 the input's pixels byte for byte."""
+    height, width = source.size
+    if images.shape[1:3] != (height, width):
+        images = np.stack([resize_rgb(im, height, width) for im in images])
+    if repaint is not None:
+        images = np.stack([paste_back(source.rgb, im, repaint) for im in images])
+    return images

@@ -44,6 +44,7 @@ def render_overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequ
     canvas = Image.fromarray(base.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(12, height // 40))
+    x: float  # textbbox's right edge may be fractional
     for i, (mask, label) in enumerate(zip(resized, labels, strict=True)):
         rows, cols = np.nonzero(mask)
         if rows.size == 0:

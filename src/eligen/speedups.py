@@ -14,7 +14,7 @@ is exact.
   kernels do not load with torch 2.13 and whose import makes diffusers and transformers print warnings.
 - ``entity_steps=k`` (a pipeline argument) and :func:`mask_only_in_blocks`: the regional-prompting trade, both
   approximate. ``entity_steps`` runs the entities in the first ``k`` steps only, then the plain forward of the
-  global prompt (plain FLUX's cost for the remaining steps); ``mask_only_in_blocks`` applies the regional mask in
+  global prompt (the plain model's cost for the remaining steps); ``mask_only_in_blocks`` applies the regional mask in
   the named blocks only, the others attending over the whole sequence unmasked.
 """
 
@@ -57,6 +57,9 @@ class Fp8Linear(torch.nn.Module):
     """``y = x (s * W_8)^T + b``: the weight ``(out, in)`` stored as ``float8_e4m3fn`` ``W_8`` with one scale per
     output channel ``s (out, 1)`` (the row's absolute maximum over 448), dequantised to the input's dtype in every
     forward. The bias stays as it was."""
+
+    weight_fp8: torch.Tensor  # buffers, registered in __init__
+    weight_scale: torch.Tensor
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -120,9 +123,6 @@ def quantize_fp8(pipe, names: Iterable[str] | None = None) -> list[str]:
 
 # -- the regional mask in some blocks only --------------------------------------------------------------------------
 
-BLOCK_KWARGS = "joint_attention_kwargs"  # how both families' transformers hand the mask to each block
-
-
 @dataclass
 class MaskedBlocks:
     """The hooks :func:`mask_only_in_blocks` set; ``remove()`` restores the mask in every block."""
@@ -137,11 +137,17 @@ class MaskedBlocks:
         self.handles.clear()
 
 
-def _drop_mask(module, args, kwargs):
-    given = kwargs.get(BLOCK_KWARGS)
-    if given and "attention_mask" in given:
-        kwargs[BLOCK_KWARGS] = {k: v for k, v in given.items() if k != "attention_mask"}
-    return args, kwargs
+def _mask_dropper(block_kwargs: str):
+    """A forward pre-hook that takes the regional mask out of a block's ``block_kwargs`` (the family's
+    :attr:`~eligen.families.base.ModelFamily.block_kwargs`)."""
+
+    def drop_mask(module, args, kwargs):
+        given = kwargs.get(block_kwargs)
+        if given and "attention_mask" in given:
+            kwargs[block_kwargs] = {k: v for k, v in given.items() if k != "attention_mask"}
+        return args, kwargs
+
+    return drop_mask
 
 
 def transformer_block_names(pipe) -> list[str]:
@@ -169,8 +175,9 @@ def mask_only_in_blocks(pipe, blocks: Sequence[str]) -> MaskedBlocks:
                          f"{known[-1]}")
     unmasked = [name for name in known if name not in set(blocks)]
     hooks = MaskedBlocks([n for n in known if n in set(blocks)], unmasked)
+    drop_mask = _mask_dropper(pipe.family.block_kwargs)
     for name in unmasked:
-        hooks.handles.append(pipe.transformer.get_submodule(name).register_forward_pre_hook(_drop_mask,
+        hooks.handles.append(pipe.transformer.get_submodule(name).register_forward_pre_hook(drop_mask,
                                                                                              with_kwargs=True))
     return hooks
 

@@ -1,4 +1,4 @@
-"""Dataset step one: render images from captions with any diffusers FLUX.1 or Qwen-Image model.
+"""Dataset step one: render images from captions with any diffusers model of a family eligen runs.
 
 Every image is written atomically to ``OUT/images/{index:06d}.png`` with its caption and parameters in the PNG's
 metadata, so the PNGs are the record: a run is resumable (an existing PNG is a finished item and is never
@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..choices import DTYPE_NAMES
 from ..config import option
+from ..families import titles
 from ..files import read_utf8, write_text_atomic
 from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
+from ..options import SamplingOptions, pipeline_sampling_defaults, resolve_sampling
 from .shards import parse_shard, shard_from_env
 
 IMAGES_DIR = "images"
@@ -30,19 +32,18 @@ _IMAGE_NAME = re.compile(r"^(\d{6,})\.png$")
 
 
 @dataclass
-class DataGenerateConfig:
-    """Everything `eligen data generate` reads. The CLI flags are built from these fields."""
+class DataGenerateConfig(SamplingOptions):
+    """Everything `eligen data generate` reads. The CLI flags are built from these fields; the sampling options left
+    unset are the model's, else its diffusers pipeline's (plain generation: :func:`eligen.options.sampling_defaults`
+    with the ``diffusers`` baseline)."""
 
     captions: Path | None = option(None, "captions: a .txt file (one caption per non-empty line) or a .jsonl file "
                                    "of {\"prompt\": ..., \"seed\": optional int}", positional=True, required=True)
-    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id (default: "
-                               "the shipped tiny model, with its own defaults)")
+    model: str | None = option("eligen-tiny", f"diffusers {titles()} pipeline directory or hub id (default: the "
+                               "shipped tiny model, with its own defaults)")
     out: Path | None = option(None, "output folder (images in OUT/images/000000.png, ..., and OUT/captions.jsonl)",
                               short="-o", metavar="DIR")
-    steps: int = option(28, "number of denoising steps")
-    guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
-    true_cfg: float = option(1.0, "true CFG scale; 1 disables the negative pass")
-    negative_prompt: str = option("", "negative prompt (used when --true-cfg > 1)")
+    negative_prompt: str = option("", "negative prompt (used when the true CFG scale is above 1)")
     height: int | None = option(None, "image height in pixels (default: the model's native size)")
     width: int | None = option(None, "image width in pixels (default: the model's native size)")
     seed: int = option(0, "base seed: item i uses SEED + i unless its JSONL record gives a seed")
@@ -51,26 +52,20 @@ class DataGenerateConfig:
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
                                choices=DTYPE_NAMES)
-    max_sequence_length: int = option(512, "T5 tokens per prompt")
     batch_size: int = option(1, "captions per pipeline call (each keeps its own seed)")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.captions is None:
             raise ValueError("give a captions file (.txt, one caption per line, or .jsonl)")
         self.captions = Path(self.captions)
         if self.out is not None:
             self.out = Path(self.out)
-        for name in ("steps", "height", "width", "batch_size"):
+        for name in ("height", "width", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if self.true_cfg < 1:
-            raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
-        if self.guidance < 0:
-            raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
-        if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.shard is not None:
@@ -132,6 +127,7 @@ def image_path(out: Path, index: int) -> Path:
 
 def item_metadata(config: DataGenerateConfig, item: dict[str, Any], seed: int, dtype: str) -> dict[str, Any]:
     """The record stored in an item's PNG."""
+    assert config.true_cfg is not None  # filled by resolve_sampling in generate_images
     return {
         "version": __version__,
         "command": "data-generate",
@@ -142,6 +138,7 @@ def item_metadata(config: DataGenerateConfig, item: dict[str, Any], seed: int, d
         "steps": config.steps,
         "guidance": config.guidance,
         "true_cfg": config.true_cfg,
+        "cfg_mode": config.cfg_mode,
         "negative_prompt": config.negative_prompt if config.true_cfg > 1 else None,
         "width": config.width,
         "height": config.height,
@@ -155,6 +152,7 @@ def _render_batch(pipe, config: DataGenerateConfig, prompts: list[str], seeds: l
     import torch
 
     kwargs: dict[str, Any] = {}
+    assert config.true_cfg is not None  # filled by resolve_sampling in generate_images
     if config.true_cfg > 1:
         kwargs["negative_prompt"] = [config.negative_prompt] * len(prompts)
     return pipe(
@@ -163,6 +161,7 @@ def _render_batch(pipe, config: DataGenerateConfig, prompts: list[str], seeds: l
         width=config.width,
         num_inference_steps=config.steps,
         true_cfg_scale=config.true_cfg,
+        cfg_mode=config.cfg_mode,
         guidance_scale=config.guidance,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         max_sequence_length=config.max_sequence_length,
@@ -189,7 +188,7 @@ def write_captions_index(out: Path) -> int:
 def _load(config: DataGenerateConfig) -> tuple[Any, str]:
     """The pipeline named by the config, and the dtype it runs in."""
     if not config.model:
-        raise ValueError("give a model with --model (a diffusers FLUX.1 or Qwen-Image directory or hub id)")
+        raise ValueError(f"give a model with --model (a diffusers {titles()} directory or hub id)")
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     return load_pipeline(config.model, device, dtype, [], []), dtype
@@ -218,6 +217,7 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
     """Render this shard's unfinished captions to ``config.out/images`` and refresh ``config.out/captions.jsonl``."""
     if config.out is None:
         raise ValueError("give an output folder with --out DIR")
+    assert config.captions is not None  # __post_init__ refuses a missing captions file
     items = load_captions(config.captions)
     shard, shards = config.shard_spec()
     mine = [item for item in items if item["index"] % shards == shard]
@@ -228,10 +228,10 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
         pipe, dtype = (pipe, _pipe_dtype(pipe)) if pipe is not None else _load(config)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-        if config.height is None or config.width is None:
-            native_height, native_width = pipe.native_size()
-            config = dataclasses.replace(config, height=config.height or native_height,
-                                         width=config.width or native_width)
+        native_height, native_width = pipe.native_size()
+        config = dataclasses.replace(config, height=config.height or native_height, width=config.width or native_width,
+                                     **resolve_sampling(config, pipeline_sampling_defaults(pipe, "diffusers")))
+        assert config.out is not None  # checked above; the replace keeps it
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="img",
                    disable=not config.progress)
         with bar:
@@ -242,5 +242,6 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
                 for item, seed, image in zip(batch, seeds, images, strict=True):
                     save_png(image, image_path(config.out, item["index"]), item_metadata(config, item, seed, dtype))
                 bar.update(len(batch))
+    assert config.out is not None  # checked above; the replace keeps it
     write_captions_index(config.out)
     return DataGenerateResult(done=len(todo), skipped=len(mine) - len(todo), out=config.out)

@@ -8,7 +8,7 @@ from pathlib import Path
 from eligen.config import option
 
 from ..entities import Layout, save_layout
-from ..tiny.shipped import model_defaults
+from ..models import model_defaults
 from .parse import PLAN_INSTRUCTIONS, ParseError, parse_plan
 from .vlm import VLM_KINDS, VLMError, make_backend
 
@@ -25,7 +25,7 @@ class PlanConfig:
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (read, never stored)")
     width: int | None = option(None, "layout width in pixels (default: the native size of the default model, "
-                               "eligen-tiny; pass 1024 for FLUX.1 or Qwen-Image)")
+                               "eligen-tiny; pass your model's, e.g. 1024)")
     height: int | None = option(None, "layout height in pixels (default: as --width)")
     max_entities: int = option(6, "at most this many entities")
     retries: int = option(2, "extra attempts after a malformed answer or a failed request")
@@ -51,6 +51,7 @@ def plan_layout(config: PlanConfig, backend=None) -> Layout:
     if config.output is None:
         raise ValueError("give the layout file to write with -o LAYOUT.json")
     backend = backend or make_backend(config.vlm, config.model, config.base_url, config.api_key_env, config.timeout)
+    assert config.prompt is not None and config.width is not None and config.height is not None  # __post_init__
 
     question = PLAN_INSTRUCTIONS.format(prompt=config.prompt.strip(), width=config.width, height=config.height,
                                         max_entities=config.max_entities)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -76,7 +77,8 @@ def build_qwen2_tokenizer(words=MERGE_WORDS) -> Qwen2Tokenizer:
             left = merged
     for special in SPECIAL_TOKENS:
         vocab[special] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    # the tokenizers BPE takes merges as (left, right) pairs; transformers annotates them list[str]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)  # type: ignore[arg-type]
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
     return tokenizer
 
@@ -99,8 +101,8 @@ def _text_config(tokenizer: Qwen2Tokenizer, vocab_size: int) -> dict:
     }
 
 
-def _token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
-    ids = {
+def _token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:  # keyword arguments of the VL configs
+    ids: dict[str, Any] = {
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),

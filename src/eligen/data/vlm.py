@@ -125,7 +125,8 @@ class OpenAIBackend:
     def _read_body(self, response, deadline: float) -> bytes:
         """The body, read in chunks against one deadline for the whole answer (a server that trickles bytes cannot
         keep us past ``timeout``) and capped at :data:`MAX_RESPONSE_BYTES` before any parsing."""
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             chunk = response.read1(CHUNK_BYTES)  # what has arrived, not CHUNK_BYTES
             if not chunk:

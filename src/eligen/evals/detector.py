@@ -10,6 +10,7 @@ IoU 0.8.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -52,5 +53,5 @@ class GroundingDinoDetector:
         boxes = result["boxes"].float().cpu().numpy().reshape(-1, 4)
         scores = result["scores"].float().cpu().numpy().reshape(-1)
         keep = nms(boxes, scores, NMS_IOU)
-        return [(tuple(float(v) for v in np.clip(boxes[i], 0, [image.width, image.height] * 2)), float(scores[i]))
-                for i in keep]
+        return [(cast(Box, tuple(float(v) for v in np.clip(boxes[i], 0, [image.width, image.height] * 2))),
+                 float(scores[i])) for i in keep]  # boxes is (N, 4): four numbers each

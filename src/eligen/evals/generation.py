@@ -9,10 +9,11 @@ benchmark's normalised boxes to the size the model renders (its native size unle
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -20,21 +21,33 @@ from .. import __version__
 from ..choices import DTYPE_NAMES
 from ..config import option
 from ..data.shards import parse_shard, shard_from_env
+from ..families import titles
 from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
+from ..models import model_loras
+from ..options import (
+    ENTITY_FIELDS,
+    SAMPLING_FIELDS,
+    EntityOptions,
+    SamplingOptions,
+    model_sampling_defaults,
+    pipeline_sampling_defaults,
+    resolve_sampling,
+)
 from .boxes import pixel_box
 from .layouts import BenchLayout
 
 IMAGES_DIR = "images"
-SETTINGS = ("model", "lora", "lora_scale", "steps", "guidance", "true_cfg", "negative_prompt", "max_sequence_length")
+SETTINGS = ("model", "lora", "lora_scale", *SAMPLING_FIELDS, "negative_prompt", *ENTITY_FIELDS)
 
 
 @dataclass
-class BenchRunConfig:
-    """What every benchmark run reads: the data, the model, how to render, which shard, where to write."""
+class BenchRunConfig(SamplingOptions, EntityOptions):
+    """What every benchmark run reads: the data, the model, how to render, which shard, where to write. The sampling
+    options left unset are the model's (:func:`eligen.options.resolve_sampling`), recorded in every image."""
 
     data: Path | None = option(None, "the benchmark's files (see the command's description)", required=True,
                                metavar="PATH")
-    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id")
+    model: str | None = option("eligen-tiny", f"diffusers {titles()} pipeline directory or hub id")
     lora: list[str] = option([], "LoRA file, folder or hub id (repeat to stack), e.g. the EliGen LoRA", repeat=True,
                              metavar="PATH")
     lora_scale: list[float] = option([], "weight of the matching --lora (default 1.0 each)", repeat=True,
@@ -44,14 +57,10 @@ class BenchRunConfig:
     limit: int | None = option(None, "only the first N layouts (a quick subset)", metavar="N")
     stage: str = option("all", "run one stage only (all: generate, score, report)",
                         choices=("all", "generate", "score", "report"))
-    steps: int = option(28, "number of denoising steps")
-    guidance: float = option(3.5, "embedded guidance scale (guidance-distilled models such as FLUX.1-dev)")
-    true_cfg: float = option(1.0, "true CFG scale; 1 disables the negative pass")
-    negative_prompt: str = option("", "negative prompt (used when --true-cfg > 1)")
+    negative_prompt: str = option("", "negative prompt (used when the true CFG scale is above 1)")
     height: int | None = option(None, "image height (default: the model's native size); boxes are scaled to it")
     width: int | None = option(None, "image width (default: the model's native size); boxes are scaled to it")
     seed: int = option(42, "seed of every layout (the benchmarks' protocol: one fixed seed)")
-    max_sequence_length: int = option(512, "T5 tokens per prompt segment")
     shard: str | None = option(None, "I/N: handle the layouts whose index is I mod N (default: from RANK and "
                                "WORLD_SIZE when WORLD_SIZE > 1, else 0/1)", metavar="I/N")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
@@ -61,19 +70,17 @@ class BenchRunConfig:
     progress: bool = option(True, "show a progress bar per stage")
 
     def __post_init__(self) -> None:
+        SamplingOptions.__post_init__(self)
+        EntityOptions.__post_init__(self)
         if self.data is None or self.out is None:
             raise ValueError("give the benchmark's files with --data PATH and an output folder with --out DIR")
         self.data, self.out = Path(self.data), Path(self.out)
-        for name in ("steps", "height", "width", "limit"):
+        for name in ("height", "width", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
         if self.sheet < 0:
             raise ValueError(f"--sheet must be >= 0, got {self.sheet}")
-        if self.true_cfg < 1:
-            raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {self.true_cfg}")
-        if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"--max-sequence-length must be in 1..512, got {self.max_sequence_length}")
         if self.shard is not None:
             parse_shard(self.shard)
 
@@ -113,7 +120,7 @@ def render_size(pipe, config: BenchRunConfig) -> tuple[int, int]:
     """``(width, height)``: the flags, else the model's native size, rounded down to the model's patch grid."""
     native_height, native_width = pipe.native_size()
     width, height = config.width or native_width, config.height or native_height
-    grid = pipe.vae_scale_factor * 2
+    grid = pipe.patch_grid
     if width % grid or height % grid:
         fitted = max(grid, width // grid * grid), max(grid, height // grid * grid)
         print(f"note: {width}x{height} is off the model's {grid}-pixel patch grid; rendering {fitted[0]}x"
@@ -130,26 +137,33 @@ def render_layout(pipe, layout: BenchLayout, config: BenchRunConfig, width: int,
 
     boxes = [pixel_box(e.box, width, height) for e in layout.entities]
     entities = [Entity(e.prompt, box=box) for e, box in zip(layout.entities, boxes, strict=True)]
+    assert config.true_cfg is not None  # filled by resolve_sampling in generate_stage
     image = pipe(prompt=layout.prompt, entities=entities, height=height, width=width,
                  num_inference_steps=config.steps, guidance_scale=config.guidance, true_cfg_scale=config.true_cfg,
-                 negative_prompt=config.negative_prompt if config.true_cfg > 1 else None,
-                 max_sequence_length=config.max_sequence_length,
+                 cfg_mode=config.cfg_mode, negative_prompt=config.negative_prompt if config.true_cfg > 1 else None,
+                 max_sequence_length=config.max_sequence_length, entities_on_negative=config.entities_on_negative,
+                 entity_tokens=config.entity_tokens, attention=config.attention, compile=config.compile,
                  generator=torch.Generator("cpu").manual_seed(config.seed), output_type="pil").images[0]
     return image, boxes
 
 
 def generate_stage(layouts: list[BenchLayout], config: BenchRunConfig, benchmark: str, pipe=None) -> tuple[int, int]:
     """Render this shard's unfinished layouts; ``(rendered, already there)``."""
+    if pipe is None and not config.model:
+        raise ValueError(f"give the model to benchmark with --model (a {titles()} directory or hub id)")
+    defaults = (pipeline_sampling_defaults(pipe) if pipe is not None
+                else model_sampling_defaults(cast(str, config.model)))  # a model: refused above without one
+    config = dataclasses.replace(config, **resolve_sampling(config, defaults))  # as recorded, before comparing
+    assert config.out is not None  # __post_init__ refuses a missing --out
     mine = my_layouts(layouts, config)
     todo = [layout for layout in mine if not finished(image_path(config.out, layout.index), layout, config, benchmark)]
     if not todo:
         return 0, len(mine)
     if pipe is None:
-        if not config.model:
-            raise ValueError("give the model to benchmark with --model (a FLUX.1 or Qwen-Image directory or hub id)")
+        assert config.model is not None  # refused above without a pipeline
         device = resolve_device(config.device)
         dtype = config.dtype or default_dtype(device)
-        pipe = load_pipeline(config.model, device, dtype, config.lora, config.lora_scale)
+        pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale)
     else:
         dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
     if hasattr(pipe, "set_progress_bar_config"):

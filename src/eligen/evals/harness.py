@@ -260,6 +260,8 @@ def run_benchmark(name: str, config, pipe=None, judge=None) -> BenchResult:
         generated, _ = generate_stage(layouts, config, name, pipe)
     if config.stage in ("all", "score"):
         scored = score_stage(bench, layouts, config, judge)
+    summary: dict[str, Any]
+    report: Path | None
     summary, table, reported, report = {}, "", 0, None
     if config.stage in ("all", "report"):
         summary, table, reported, report = report_stage(bench, layouts, config)

@@ -1,9 +1,10 @@
 """The seam between the EliGen core and a model family (docs/design.md section 1).
 
-A family says how its pipeline turns text into segments, where the segments sit in RoPE, how its VAE latents are
-normalised and packed, how one transformer forward takes a regional mask, how true CFG combines the branches and
-which linear layers an EliGen LoRA adapts. Everything else (entities, masks, the sampling loop, inpainting fusion,
-LoRA files, training) is shared.
+A family says how its pipeline turns text into segments and where they sit in RoPE, how its VAE latents are
+normalised and packed (and how many latent pixels make a token), how one transformer forward takes a regional mask,
+how padded text is masked, how true CFG combines the branches, which linear layers an EliGen LoRA adapts and with
+which noise levels it is trained. Everything else (entities, masks, the sampling loop, inpainting fusion, LoRA
+files, training) is shared. A family subclasses :class:`ModelFamily` in its package and names it on its card.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import torch
 
 from ..choices import CFG_MODES
 from ..inpaint import plain_cfg  # N_neg + s (N_pos - N_neg): FLUX's true CFG, the reference's Qwen one
+from ..regional.sequence import TokenSequence
+from ..schedules import TrainingSchedule
+from .card import FamilyCard
 
 
 @dataclass
 class Branch:
     """One CFG branch's conditioning for the transformer.
 
-    ``context (B, T, D)``: ``[e_1 | ... | e_N | global]``; ``pooled (B, P)``: the pooled text vector (FLUX) or
-    None; ``text_mask (B, T)``: the text padding mask (Qwen-Image prompt batches) or None; ``attention_mask``: the
-    regional mask in one of its forms, or None without entities; ``positions``: the family's text positions
-    (FLUX: ``txt_ids (T, 3)``; Qwen-Image: per-segment RoPE positions ``(T,)`` or None).
+    ``context (B, T, D)``: the text ``[e_1 | ... | e_N | global]`` laid out as ``sequence`` says; ``pooled (B, P)``:
+    the pooled text vector (FLUX) or None; ``text_mask (B, T)``: the text padding mask or None; ``attention_mask``:
+    the regional mask in one of its forms, or None without entities; ``positions``: the family's text positions of
+    ``sequence`` (:meth:`ModelFamily.positions`).
     """
 
     context: torch.Tensor
@@ -33,6 +37,11 @@ class Branch:
     text_mask: torch.Tensor | None = None
     attention_mask: Any = None
     positions: torch.Tensor | None = None
+    sequence: TokenSequence | None = None
+
+    def __post_init__(self) -> None:
+        if self.sequence is None:
+            self.sequence = TokenSequence((), self.context.shape[1])
 
 
 def rescaled_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
@@ -44,10 +53,21 @@ def rescaled_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -
 class ModelFamily:
     """What differs between model families. Subclasses hold no state: one instance per family."""
 
-    name: ClassVar[str]
-    default_cfg: ClassVar[str] = "plain"
+    card: ClassVar[FamilyCard]
+    patch_size: ClassVar[int] = 2  # latent pixels per token side: the mask-to-token rule's patch
     lora_rank: ClassVar[int] = 32  # the reference's training rank for the family
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)  # the transformer's lists of blocks
+    block_kwargs: ClassVar[str] = "joint_attention_kwargs"  # the block argument that carries the mask
     processors: ClassVar[dict[type, type]]  # diffusers' stock attention processor -> the family's regional one
+    has_pooled: ClassVar[bool] = False  # the transformer takes a pooled text vector
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def default_cfg(self) -> str:
+        return self.card.default_cfg
 
     def combine(self, mode: str):
         """The CFG combination ``(positive, negative, scale) -> velocity`` for ``mode`` in :data:`CFG_MODES`."""
@@ -60,8 +80,6 @@ class ModelFamily:
         return [name for name, module in transformer.named_modules()
                 if isinstance(module, torch.nn.Linear) and name.split(".")[0] in self.block_lists]
 
-    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
-
     def lora_train_names(self, transformer: torch.nn.Module) -> list[str]:
         """The linear layers ``eligen train`` adapts (the family's recipe; by default every block linear)."""
         return self.block_linear_names(transformer)
@@ -73,15 +91,31 @@ class ModelFamily:
         """Entity prompts -> one ``(1, T_i, D)`` segment each, encoded as the family encodes the global prompt."""
         raise NotImplementedError
 
-    def positions(self, entity_lengths: Sequence[int], global_length: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor | None:
-        """The text positions of ``[e_1 | ... | e_N | global]`` in the family's form (see :class:`Branch`)."""
+    def trim_entities(self, pipe, embeds: list[torch.Tensor], prompts: Sequence[str],
+                      max_sequence_length: int) -> list[torch.Tensor]:
+        """``entity_tokens="trim"``: segments cut to their real tokens plus a few pads (families that pad)."""
+        return embeds
+
+    def encode_texts(self, pipe, prompts: Sequence[str],
+                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Prompts -> ``(sequence (T, D), pooled (P,) or None)`` each, as the family encodes a global prompt
+        (training)."""
         raise NotImplementedError
+
+    def positions(self, sequence: TokenSequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The text positions of ``sequence`` in the form the family's transformer takes (see :class:`Branch`)."""
+        raise NotImplementedError
+
+    def padding(self, sequence: TokenSequence, valid: torch.Tensor | None, regional: Any) -> tuple[Any, Any]:
+        """The padding rule: ``(text_mask, attention_mask)`` of a branch whose text ``valid (B, T)`` marks its real
+        tokens (None: all real) and whose regional mask is ``regional`` (None without entities). By default padding
+        is attended, as in FLUX (nothing masks it)."""
+        return None, regional
 
     # -- latents ---------------------------------------------------------------------------------------------
 
     def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``(B, 3, H, W)`` in [-1, 1] -> packed, normalised latents ``(B, n_img, C * 4)`` (latent mode)."""
+        """Pixels ``(B, 3, H, W)`` in [-1, 1] -> packed, normalised latents ``(B, n_img, C)`` (latent mode)."""
         raise NotImplementedError
 
     def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -89,25 +123,18 @@ class ModelFamily:
         raise NotImplementedError
 
     def geometry(self, pipe, batch: int, height: int, width: int, device: torch.device, dtype: torch.dtype):
-        """The image-token positions the transformer takes (FLUX ``img_ids``, Qwen-Image ``img_shapes``)."""
+        """The image-token positions the transformer takes for a latent grid ``height x width`` (latent pixels)."""
         raise NotImplementedError
 
     # -- the transformer -------------------------------------------------------------------------------------
 
     def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
-        """One forward: packed latents ``(B, n_img, C * 4)`` and ``timestep`` (B,) in [0, 1] -> velocity."""
+        """One forward: packed latents ``(B, n_img, C)`` and ``timestep`` (B,) in [0, 1] -> velocity."""
         raise NotImplementedError
 
     # -- training --------------------------------------------------------------------------------------------
 
-    has_pooled: ClassVar[bool] = False
-
-    def encode_texts(self, pipe, prompts: Sequence[str],
-                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Prompts -> ``(sequence (T, D), pooled (P,) or None)`` each, as the family encodes a global prompt."""
-        raise NotImplementedError
-
-    def training_schedule(self):
+    def training_schedule(self) -> TrainingSchedule:
         """The reference trainer's noise levels and loss weights for this family."""
         raise NotImplementedError

@@ -1,23 +1,10 @@
-"""EliGen pipelines: thin diffusers subclasses, one per model family, on the shared core (:mod:`.common`)."""
+"""EliGen pipelines: the shared call (:mod:`.call`), its arguments (:mod:`.arguments`) and entities
+(:mod:`.entities`); each family's thin diffusers subclass lives in its family package."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
-
-
-def pipeline_class(family: str) -> type:
-    """The EliGen pipeline class of a model family (``"flux"`` or ``"qwen_image"``)."""
-    if family == "flux":
-        from .flux import EliGenPipeline
-
-        return EliGenPipeline
-    if family == "qwen_image":
-        from .qwen_image import EliGenQwenImagePipeline
-
-        return EliGenQwenImagePipeline
-    from ..families import UnknownFamilyError
-
-    raise UnknownFamilyError(f"unknown model family {family!r}")
 
 
 def load_eligen_pipeline(model: str, **kwargs: Any):
@@ -28,7 +15,7 @@ def load_eligen_pipeline(model: str, **kwargs: Any):
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled
 
-    from ..families import model_family
+    from ..families import model_family, pipeline_class
 
     if are_progress_bars_disabled():
         diffusers_logging.disable_progress_bar()
@@ -36,10 +23,8 @@ def load_eligen_pipeline(model: str, **kwargs: Any):
     try:
         return cls.from_pretrained(model, **kwargs)
     except OSError as exc:  # a hub id that is not cached while offline, a broken download, a missing file
-        import os
-
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            hint = f"; downloads are off (HF_HUB_OFFLINE): fetch it first (huggingface-cli download {model})"
+            hint = f"; downloads are off (HF_HUB_OFFLINE): fetch it first (hf download {model})"
         raise ValueError(f"cannot load the model {model}: it is not a complete local pipeline folder or cached "
                          f"download{hint}") from exc

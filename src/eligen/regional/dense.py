@@ -19,7 +19,7 @@ def regional_attention_mask(
     Args:
         cover: ``(B, N, n_img)`` bool, entity ``i`` covers image token ``z``. An entity whose cover is empty is
             exactly inert (its text sees only itself), which is how batches with fewer entities are padded.
-        entity_lengths: ``N`` text lengths of the entity segments (FLUX: 512 each; Qwen-Image: their real lengths).
+        entity_lengths: ``N`` text lengths of the entity segments (padded ones, or their real lengths).
         global_length: text length of the global prompt.
     """
     tables = regional_tables(cover, entity_lengths, global_length)

@@ -4,7 +4,7 @@ Masked kernels (dense SDPA or FlexAttention) run at a fraction of flash-attentio
 a structure that needs no mask at all (docs/design.md section 2, the rule of :mod:`.rule`):
 
 - the global prompt's rows and the image rows all see ``[global | image]``: one contiguous key range, so one
-  unmasked call over the ``[global | image]`` rows, the very call plain FLUX makes (no gathers);
+  unmasked call over the ``[global | image]`` rows, the very call the plain model makes (no gathers);
 - an image token also sees the segment of every entity covering it. Attention over a union of key sets is the
   merge of attention over each set, weighted by the sets' log-sum-exps ``l_j``:
   ``out = sum_j exp(l_j - logsumexp(l)) out_j``. So the image tokens entity ``i`` covers attend to its segment
@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +113,9 @@ def merge_attention(
     """Attention over a union of key sets from attention over each set: ``(B, S, H, D)`` outputs and ``(B, H, S)``
     log-sum-exps (``-inf`` where a set is empty for a row) -> ``sum_j softmax_j(l_j) out_j`` (in ``outs[0]``'s
     dtype) and the union's log-sum-exp ``logsumexp_j l_j``."""
-    lse = torch.stack(lses).logsumexp(0)
-    weights = (torch.stack(lses) - lse).exp().transpose(-1, -2).unsqueeze(-1)  # (J, B, S, H, 1)
+    lse_list = cast("list[torch.Tensor]", lses)  # torch.stack takes any sequence; its stub says list or tuple
+    lse = torch.stack(lse_list).logsumexp(0)
+    weights = (torch.stack(lse_list) - lse).exp().transpose(-1, -2).unsqueeze(-1)  # (J, B, S, H, 1)
     merged = outs[0].float() * weights[0]
     for out, weight in zip(outs[1:], weights[1:], strict=True):
         merged = merged + out.float() * weight

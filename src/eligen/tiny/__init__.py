@@ -1,1 +1,1 @@
-"""Tiny FLUX-architecture models built locally from config objects (no download)."""
+"""The embedded default: the shapes world, the shipped tiny model's recipe, and ShapesBench (no download)."""

@@ -10,6 +10,7 @@ soon as it is drawn; the JSON record and the contact sheet are written by the be
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from eligen.config import option
-
+from ..config import option
 from ..evals.report import save_sheet, write_json
+from ..models import model_loras
+from ..options import SAMPLING_FIELDS, EntityOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
 from ..overlay import render_overlay
 from .metrics import entity_scores, summarise
-from .shipped import model_defaults
 from .world import COLOURS, has_gap, is_rectangle, sample_layout
 
 VARIANTS = ("base", "train-free", "eligen")
@@ -30,29 +31,28 @@ FIRST_HELD_OUT_SEED = 1_000_000  # the world's training data uses seeds below th
 
 
 @dataclass
-class BenchConfig:
-    """Everything `eligen bench shapes` reads."""
+class BenchConfig(SamplingOptions, EntityOptions):
+    """Everything `eligen bench shapes` reads; the sampling options left unset are the model's
+    (:func:`eligen.options.resolve_sampling`)."""
 
-    model: str | None = option("eligen-tiny", "diffusers FLUX pipeline trained on the shapes world (default: the "
+    model: str | None = option("eligen-tiny", "diffusers pipeline trained on the shapes world (default: the "
                                "shipped tiny model)")
     lora: str | None = option(None, "EliGen LoRA for variant (c) (default: the model's own, if it declares one; "
                               "without any, (c) is skipped)")
     n: int = option(200, "number of held-out layouts")
     seed: int = option(FIRST_HELD_OUT_SEED, "seed of the first layout")
     size: int = option(64, "image side in pixels")
-    steps: int = option(20, "denoising steps")
-    guidance: float = option(3.5, "embedded guidance scale")
-    true_cfg: float | None = option(None, "true CFG scale with an empty negative prompt (default: the model's, else 1)")
-    max_sequence_length: int | None = option(None, "T5 tokens per prompt segment (default: the model's, else 512)")
     output_dir: Path = option(Path("shapesbench"), "where the JSON report and the contact sheet go", short="-o")
     sheet: int = option(8, "layouts shown on the contact sheet")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        SamplingOptions.__post_init__(self)
+        EntityOptions.__post_init__(self)
         self.output_dir = Path(self.output_dir)
-        if self.n < 1 or self.steps < 1 or self.size < 16 or self.sheet < 0:
-            raise ValueError("n and steps must be >= 1, size >= 16, sheet >= 0")
+        if self.n < 1 or self.size < 16 or self.sheet < 0:
+            raise ValueError("n must be >= 1, size >= 16, sheet >= 0")
 
 
 def mask_kind(mask: np.ndarray) -> str:
@@ -109,10 +109,9 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_eligen_pipeline(config.model, load_default_lora=False).to(device)
     pipe.set_progress_bar_config(disable=True)
-    declared = model_defaults(config.model) if config.model else {}
-    lora = config.lora or (declared.get("lora") or [None])[0]
-    true_cfg = config.true_cfg if config.true_cfg is not None else declared.get("true_cfg", 1.0)
-    max_sequence_length = config.max_sequence_length or declared.get("max_sequence_length", 512)
+    lora = config.lora or next(iter(model_loras(config.model) if config.model else []), None)
+    config = dataclasses.replace(config, **resolve_sampling(config, pipeline_sampling_defaults(pipe)))
+    assert config.true_cfg is not None  # resolve_sampling fills every sampling option
     variants = [v for v in VARIANTS if v != "eligen" or lora is not None]
     if lora is not None:
         pipe.load_eligen_lora(lora, adapter_name="shapesbench")
@@ -127,8 +126,11 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
             entities = layout.entities if variant != "base" else None
             image = pipe(prompt=layout.prompt, entities=entities, height=config.size, width=config.size,
                          num_inference_steps=config.steps, guidance_scale=config.guidance,
-                         true_cfg_scale=true_cfg, negative_prompt="" if true_cfg > 1 else None,
-                         max_sequence_length=max_sequence_length,
+                         true_cfg_scale=config.true_cfg, cfg_mode=config.cfg_mode,
+                         negative_prompt="" if config.true_cfg > 1 else None,
+                         max_sequence_length=config.max_sequence_length,
+                         entities_on_negative=config.entities_on_negative, entity_tokens=config.entity_tokens,
+                         attention=config.attention, compile=config.compile,
                          generator=torch.Generator().manual_seed(config.seed + index)).images[0]
             scores[variant].extend({**s, "layout": index} for s in score_image(image, layout))
             if index < config.sheet:
@@ -137,7 +139,7 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
         sheet.extend(row)
     summary = report(scores)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"lora": lora, "true_cfg": true_cfg, "max_sequence_length": max_sequence_length}
+    settings = {"lora": lora, **{name: getattr(config, name) for name in SAMPLING_FIELDS}}
     record = {"config": {k: str(v) for k, v in asdict(config).items()}, "resolved": settings, "summary": summary,
               "scores": scores}
     write_json(config.output_dir / "shapesbench.json", record)

@@ -13,21 +13,28 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from eligen.families.base import Branch
-from eligen.families.flux import FLUX, vae_latents
+from eligen.families.flux.model import FLUX, vae_latents
 
+from ..models import DEFAULTS_FILE
 from ..train.loss import flow_loss, noisy_latents, per_sample_loss
 from .build_config import TinyBuildConfig
-from .shipped import DEFAULTS_FILE
 from .tokenizers import DEFAULT_WORDS, build_clip_tokenizer, build_t5_tokenizer
 from .world import BACKGROUNDS, COLOURS, SHAPES, sample
+
+if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+else:
+    from diffusers import AutoencoderKL, FluxPipeline
 
 LORA_FILE = "eligen_lora.safetensors"
 WORDS = sorted({*DEFAULT_WORDS, *COLOURS, *SHAPES, *BACKGROUNDS, "a", "and", "on", "background"})
@@ -44,12 +51,12 @@ def build_components(seed: int, max_sequence_length: int) -> dict:
     """Untrained tiny FluxPipeline components (tokenizers built from the world's words)."""
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_clip_tokenizer(WORDS), build_t5_tokenizer(WORDS, max_sequence_length)
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    eos = cast(int, tokenizer.convert_tokens_to_ids("<|endoftext|>"))  # one token in, one id out
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=64, bos_token_id=tokenizer.convert_tokens_to_ids(
-            "<|startoftext|>"), eos_token_id=eos, pad_token_id=eos))
-    text_encoder_2 = T5EncoderModel(T5Config(
+        max_position_embeddings=77, projection_dim=64, bos_token_id=cast(int, tokenizer.convert_tokens_to_ids(
+            "<|startoftext|>")), eos_token_id=eos, pad_token_id=eos))
+    text_encoder_2 = T5EncoderModel(T5Config(  # type: ignore[call-arg]  # @strict config: extra keys go to **kwargs
         vocab_size=len(tokenizer_2), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
         relative_attention_num_buckets=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,

@@ -1,7 +1,7 @@
 """Tokenizers built locally (no download): a byte-level CLIP BPE and a T5 unigram vocabulary.
 
 They are real ``CLIPTokenizer`` / ``T5Tokenizer`` objects, so a pipeline directory saved with them loads
-through exactly the same ``from_pretrained`` code as FLUX.1-dev.
+through exactly the same ``from_pretrained`` code as the released models.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length:
             left = merged
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    # the tokenizers BPE takes merges as (left, right) pairs; transformers annotates them list[str]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)  # type: ignore[arg-type]
 
 
 def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 512) -> T5Tokenizer:

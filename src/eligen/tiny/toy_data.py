@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,7 +25,7 @@ def write_box_dataset(folder: str | Path, count: int, width: int = 64, height: i
         background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
         pixels = np.empty((height, width, 3), dtype=np.uint8)
         pixels[:] = BACKGROUNDS[background]
-        entities = []
+        entities: list[dict[str, Any]] = []
         for _ in range(rng.integers(1, max_objects + 1)):
             colour = list(COLOURS)[rng.integers(len(COLOURS))]
             w, h = rng.integers(width // 4, width // 2 + 1), rng.integers(height // 4, height // 2 + 1)

@@ -377,8 +377,14 @@ def sample_layout(seed: int, size: int = 64, kinds: Sequence[str] = LAYOUT_KINDS
         words = LAYOUT_SHAPE_WORDS[kind]
         shape = words[int(rng.integers(len(words)))]
         check = _LAYOUT_CHECKS[kind]
-        mask = _place(rng, lambda r, kind=kind: _LAYOUT_RASTERS[kind](r, size, lo, hi),
-                      lambda m, check=check, taken=taken: check(m) and not (m & taken).any())
+
+        def make(r: np.random.Generator, kind: str = kind) -> np.ndarray:
+            return _LAYOUT_RASTERS[kind](r, size, lo, hi)
+
+        def accept(m: np.ndarray, check: Callable[[np.ndarray], bool] = check, taken: np.ndarray = taken) -> bool:
+            return check(m) and not (m & taken).any()
+
+        mask = _place(rng, make, accept)
         if mask is None:
             continue
         taken |= mask

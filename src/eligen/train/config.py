@@ -8,6 +8,7 @@ from typing import Any
 
 from ..choices import TIMESTEP_SAMPLING
 from ..config import option
+from ..families import titles
 from ..files import read_utf8
 
 
@@ -16,13 +17,14 @@ class TrainConfig:
     """Everything `eligen train` reads; a YAML file sets any field and every field is also a flag."""
 
     config: Path | None = option(None, "YAML file with any of these fields (flags override it)", positional=True)
-    model: str | None = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id to train "
+    model: str | None = option("eligen-tiny", f"diffusers {titles()} pipeline directory or hub id to train "
                                "on (default: the shipped tiny model)")
     dataset: Path | None = option(None, "training data: our JSONL or the reference metadata.json")
     output_dir: Path | None = option(None, "where checkpoints, logs, validation grids and the LoRA go")
-    resolution: int = option(512, "training side length (aspect-ratio buckets keep about this many pixels)")
+    resolution: int | None = option(None, "training side length (aspect-ratio buckets keep about this many pixels; "
+                                    "default: the model's native size)")
     buckets: bool = option(True, "aspect-ratio buckets (else square crops)")
-    rank: int | None = option(None, "LoRA rank (default: the family's recipe: FLUX 64 as in the paper, Qwen-Image "
+    rank: int | None = option(None, "LoRA rank (default: the family's recipe, e.g. 64 as in the paper or "
                               "32 as in the reference)")
     alpha: float | None = option(None, "LoRA alpha (default: the rank)")
     learning_rate: float = option(1e-4, "AdamW learning rate")
@@ -37,7 +39,8 @@ class TrainConfig:
                                          choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass")
     cache_text_embeddings: bool = option(True, "encode every prompt once and reuse it (T5 is large)")
-    max_sequence_length: int = option(512, "T5 tokens per prompt segment")
+    max_sequence_length: int | None = option(None, "text tokens per prompt segment (default: the model's, as "
+                                             "`eligen generate` uses it)")
     drop_entities: float = option(0.1, "share of samples trained with the global prompt only (keeps it working)")
     max_entities: int | None = option(None, "use at most this many entities per image")
     max_bad_fraction: float = option(0.1, "fail if more than this share of the records is bad")
@@ -50,7 +53,7 @@ class TrainConfig:
                                            metavar="LAYOUT")
     validation_steps: int = option(20, "denoising steps of the validation renders")
     validation_guidance: float = option(3.5, "embedded guidance of the validation renders (guidance-distilled "
-                                        "models such as FLUX.1-dev; training itself uses --guidance)")
+                                        "models; training itself uses --guidance)")
     log_every: int = option(10, "TensorBoard logging interval in steps")
     seed: int = option(0, "seed of the data order, noise and noise levels")
     num_workers: int = option(0, "data loader worker processes")
@@ -66,7 +69,7 @@ class TrainConfig:
         positive = ("resolution", "max_steps", "batch_size", "gradient_accumulation", "checkpoint_every",
                     "keep_checkpoints", "log_every", "max_sequence_length", "validation_steps")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.validate_every < 0:
             raise ValueError("learning_rate must be > 0, warmup_steps and validate_every >= 0")

@@ -177,8 +177,8 @@ def _parse_record(data: Any, base: Path, source: str) -> Record:
         else:
             record = _parse_reference(data, image, prompt, base)
     except _RecordError as exc:
-        image = data.get("image") if isinstance(data, dict) else None
-        path = _resolve(image, base) if isinstance(image, str) and image else Path()
+        raw_image = data.get("image") if isinstance(data, dict) else None
+        path = _resolve(raw_image, base) if isinstance(raw_image, str) and raw_image else Path()
         return Record(path, "", [], error=exc.reason, detail=exc.detail, source=source)
     record.source = source
     return record
@@ -494,7 +494,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
-        groups: dict[Bucket, list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}  # keyed by bucket
         for index in range(len(dataset)):
             groups.setdefault(tuple(dataset.bucket_of(index)), []).append(index)
         self._groups = [groups[bucket] for bucket in sorted(groups)]

@@ -8,6 +8,7 @@ optimizer, LR schedule, every RNG and the data position, so a resumed run contin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 from ..families.base import Branch
 from ..files import atomic_path
 from ..masks import latent_grid_size, pixel_masks_to_covers
-from ..regional.dense import regional_attention_mask
+from ..options import pipeline_sampling_defaults
+from ..regional.sequence import TokenSequence
 from .config import TrainConfig, changed_options, jsonable_config
 from .loss import flow_loss, noisy_latents, per_sample_loss, sample_sigmas
 
@@ -68,9 +71,10 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, names
 
     from peft import LoraConfig
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                                       init_lora_weights="gaussian",
-                                       target_modules="|".join(re.escape(n) for n in names)))
+    # add_adapter is diffusers' PeftAdapterMixin's; peft annotates lora_alpha int, but the scale alpha / r takes floats
+    cast(Any, transformer).add_adapter(LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else rank,  # type: ignore[arg-type]
+        init_lora_weights="gaussian", target_modules="|".join(re.escape(n) for n in names)))
     for name, param in transformer.named_parameters():
         param.requires_grad_("lora_" in name)
 
@@ -103,6 +107,29 @@ def save_lora_files(weights, output_dir: Path, family: str | None = None) -> dic
         with atomic_path(path) as tmp:
             save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)
     return files
+
+
+@dataclass
+class LossStats:
+    """Samples seen, and the loss per noise-level bin since the last log (TensorBoard's ``loss_by_sigma``)."""
+
+    samples: int = 0
+    bins: torch.Tensor = field(default_factory=lambda: torch.zeros(LOSS_BINS))
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(LOSS_BINS))
+
+    def add(self, per_sample: torch.Tensor, sigmas: torch.Tensor, processes: int) -> None:
+        self.samples += per_sample.numel() * processes
+        index = (sigmas.cpu() * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
+        self.bins.index_add_(0, index, per_sample.cpu())
+        self.counts.index_add_(0, index, torch.ones_like(per_sample.cpu()))
+
+    def loss_by_sigma(self) -> dict[str, float]:
+        """The mean loss of every bin that saw a sample, then empty bins for the next interval."""
+        logs = {f"loss_by_sigma/{k / LOSS_BINS:.1f}-{(k + 1) / LOSS_BINS:.1f}": float(self.bins[k] / self.counts[k])
+                for k in range(LOSS_BINS) if self.counts[k]}
+        self.bins.zero_()
+        self.counts.zero_()
+        return logs
 
 
 class TextCache:
@@ -172,10 +199,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        from ..pipelines import load_eligen_pipeline
-        from .data import BucketBatchSampler, EntityDataset
-
         config.require()
+        assert config.model is not None and config.dataset is not None and config.output_dir is not None  # require()
         require_training_extra()
         from ..entities import load_layout
 
@@ -195,9 +220,37 @@ class Trainer:
         if self.is_main:
             config.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.accelerator.device
+        config = self.config = self._load_model(config, precision)
+
+        self._load_data(config)
+        self.schedule = self.family.training_schedule()
+        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.warmup_steps))
+        # the LR schedule stays ours: it steps once per optimisation step whatever the accumulation or world size
+        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self.accelerator.register_save_state_pre_hook(self._save_adapter_only)
+        self.accelerator.register_load_state_pre_hook(self._load_adapter_only)
+        self.step = 0
+        self.data_state = self.sampler.state_dict()
+
+    def _load_model(self, config: TrainConfig, precision: str) -> TrainConfig:
+        """The pipeline in the run's precision with a fresh trainable LoRA on the family's layers; returns the config
+        with what it left out filled in as for generation (the model's token length and native size)."""
+        from ..pipelines import load_eligen_pipeline
+
+        assert config.model is not None  # require()
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.pipe = load_eligen_pipeline(config.model, dtype=weight_dtype, load_default_lora=False)
         self.family = self.pipe.family
+        # what the run leaves out is the model's, as for generation: its token length and native size
+        tokens = config.max_sequence_length or pipeline_sampling_defaults(self.pipe)["max_sequence_length"]
+        config = dataclasses.replace(
+            config, resolution=config.resolution or max(self.pipe.native_size()), max_sequence_length=tokens)
+        # require() checked these, and the replace above set the rest
+        assert config.dataset is not None and config.output_dir is not None
+        assert config.resolution is not None and config.max_sequence_length is not None
         self.rank = config.rank or self.family.lora_rank
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.vae.to(self.device).requires_grad_(False)
@@ -212,7 +265,15 @@ class Trainer:
         if config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 
-        multiple = self.pipe.vae_scale_factor * 2
+        return config
+
+    def _load_data(self, config: TrainConfig) -> None:
+        """The dataset in buckets of the model's patch grid, this process's sampler, and the text cache."""
+        from .data import BucketBatchSampler, EntityDataset
+
+        assert config.dataset is not None and config.output_dir is not None  # require()
+        assert config.resolution is not None and config.max_sequence_length is not None  # _load_model()
+        multiple = self.pipe.patch_grid
         self.dataset = EntityDataset(config.dataset, config.resolution, multiple=multiple, buckets=config.buckets,
                                      max_bad_fraction=config.max_bad_fraction, max_entities=config.max_entities)
         self.sampler = BucketBatchSampler(self.dataset, config.batch_size, seed=config.seed,
@@ -221,17 +282,6 @@ class Trainer:
         self.text = TextCache(self.pipe, config.max_sequence_length,
                               config.output_dir / "text_cache.pt" if config.cache_text_embeddings else None,
                               model=str(config.model))
-        self.schedule = self.family.training_schedule()
-        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
-        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.warmup_steps))
-        # the LR schedule stays ours: it steps once per optimisation step whatever the accumulation or world size
-        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
-        self.accelerator.register_save_state_pre_hook(self._save_adapter_only)
-        self.accelerator.register_load_state_pre_hook(self._load_adapter_only)
-        self.step = 0
-        self.data_state = self.sampler.state_dict()
 
     def _save_adapter_only(self, models, weights, output_dir) -> None:
         """Checkpoints hold the LoRA parameters, not a copy of the frozen base model."""
@@ -272,35 +322,30 @@ class Trainer:
 
     def encode_batch(self, batch: dict):
         """Latents ``(B, n_img, C)``, the image geometry and the positive branch (text sequence, pooled vectors,
-        text positions, regional mask) for one batch."""
+        text positions, regional mask) for one batch. Segments of unequal lengths in the batch are padded after
+        their text; the family's padding rule says how the padding is masked."""
         config, pipe, family = self.config, self.pipe, self.family
         images = batch["images"].to(self.device, pipe.vae.dtype)
         x0 = family.encode_image(pipe, images).float()
-        b, lat_h, lat_w = x0.shape[0], *latent_grid_size(images.shape[2], images.shape[3], pipe.vae_scale_factor)
+        b = x0.shape[0]
+        lat_h, lat_w = latent_grid_size(images.shape[2], images.shape[3], pipe.vae_scale_factor, family.patch_size)
         geometry = family.geometry(pipe, b, lat_h, lat_w, self.device, x0.dtype)
-        prompts = batch["prompts"]
-        entity_prompts = batch["entity_prompts"]
+        prompts, entity_prompts = batch["prompts"], batch["entity_prompts"]
         n = max((len(e) for e in entity_prompts), default=0)
         self.text.encode([*prompts, *(p for e in entity_prompts for p in e)], pooled=True)
         global_seq, global_valid = pad_stack([self.text.sequences[p] for p in prompts])
         pooled = torch.stack([self.text.pooled[p] for p in prompts]).to(self.device) if family.has_pooled else None
         segments = [pad_stack([self.text.sequences[e[i]] for e in entity_prompts]) for i in range(n)]
-        context = torch.cat([*(s for s, _ in segments), global_seq], dim=1).to(self.device)
-        valid = torch.cat([*(v for _, v in segments), global_valid], dim=1).to(self.device)
-        lengths = [s.shape[1] for s, _ in segments]
-        cover = pixel_masks_to_covers(batch["entity_masks"], pipe.vae_scale_factor)
+        sequence = TokenSequence.of([s.shape[1] for s, _ in segments], global_seq.shape[1])
+        context = sequence.join([s for s, _ in segments], global_seq).to(self.device)
+        valid = sequence.text_valid(global_valid, [v for _, v in segments]).to(self.device)
+        cover = pixel_masks_to_covers(batch["entity_masks"], pipe.vae_scale_factor, family.patch_size)
         keep = torch.rand(b, generator=self.generator) >= config.drop_entities  # global-only samples
         cover = cover & keep[:, None, None]
-        mask = regional_attention_mask(cover, lengths, global_seq.shape[1]).to(self.device) if n else None
-        text_mask = None
-        if not valid.all():  # prompts of unequal lengths in one batch (Qwen-Image): no token sees the padding
-            if mask is None:
-                text_mask = valid
-            else:
-                keys = torch.cat([valid, valid.new_ones(b, x0.shape[1])], dim=1)
-                mask = mask & keys[:, None, None, :]
-        positions = family.positions(lengths, global_seq.shape[1], self.device, torch.float32)
-        return x0, geometry, Branch(context, pooled, text_mask, mask, positions)
+        regional = sequence.mask(cover).to(self.device) if n else None
+        text_mask, mask = family.padding(sequence, None if valid.all() else valid, regional)
+        positions = family.positions(sequence, self.device, torch.float32)
+        return x0, geometry, Branch(context, pooled, text_mask, mask, positions, sequence)
 
     # -- one step -------------------------------------------------------------------------------------
 
@@ -310,7 +355,7 @@ class Trainer:
         sigmas, weights = sample_sigmas(x0.shape[0], self.config.timestep_sampling, self.generator, self.schedule)
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
         x_t = noisy_latents(x0, noise, sigmas)
-        guidance = None  # only guidance-distilled transformers (FLUX.1-dev) take the embedded guidance value
+        guidance = None  # only guidance-distilled transformers take the embedded guidance value
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
         with self.accelerator.autocast():
@@ -322,6 +367,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Adapter, optimizer, LR schedule, RNGs and data position, written to a temp dir then renamed."""
+        assert self.config.output_dir is not None  # checked by require() in __init__
         final = self.config.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         tmp = self.config.output_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
         self.accelerator.wait_for_everyone()
@@ -347,6 +393,7 @@ class Trainer:
     def start_or_resume(self) -> None:
         """Resume from the newest readable checkpoint (an unreadable one is skipped, with a note), refusing changed
         options by name; a fresh run refuses a folder holding another run's checkpoints unless ``overwrite``."""
+        assert self.config.output_dir is not None  # checked by require() in __init__
         config, found = self.config, checkpoints(self.config.output_dir)
         if not config.resume:
             if found and not config.overwrite:
@@ -406,6 +453,7 @@ class Trainer:
                               generator=torch.Generator().manual_seed(layout.seed or 0)).images[0]
             tiles.append(render_overlay(image, layout.masks(), [e.prompt for e in layout.entities]))
         self.model.train(was_training)
+        assert self.config.output_dir is not None  # checked by require() in __init__
         out = self.config.output_dir / "validation" / f"step-{self.step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(tiles).save(out)
@@ -415,6 +463,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         config = self.config
+        assert config.output_dir is not None  # checked by require() in __init__
         self.start_or_resume()
         self.accelerator.init_trackers("eligen", config={k: str(v) for k, v in asdict(config).items()})
         result = TrainResult(steps=self.step)
@@ -430,39 +479,17 @@ class Trainer:
                         desc="train")
         data = self.batches()
         self.model.train()
-        started, samples = time.perf_counter(), 0
-        bins = torch.zeros(LOSS_BINS)
-        bin_counts = torch.zeros(LOSS_BINS)
+        started, stats = time.perf_counter(), LossStats()
         try:
             while self.step < config.max_steps and not interrupted["flag"]:
-                step_loss = 0.0
-                for _ in range(config.gradient_accumulation):
-                    batch = next(data)
-                    with self.accelerator.accumulate(self.model):
-                        loss, per_sample, sigmas = self.loss(batch)
-                        self.accelerator.backward(loss)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad()
-                    step_loss += loss.item() / config.gradient_accumulation
-                    samples += per_sample.numel() * self.accelerator.num_processes
-                    index = (sigmas.cpu() * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
-                    bins.index_add_(0, index, per_sample.cpu())
-                    bin_counts.index_add_(0, index, torch.ones_like(per_sample.cpu()))
-                self.lr_schedule.step()
-                self.step += 1
+                step_loss = self._optimisation_step(data, stats)
                 result.losses.append(step_loss)
-                rate = samples / max(time.perf_counter() - started, 1e-9)
+                rate = stats.samples / max(time.perf_counter() - started, 1e-9)
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", samples_per_s=f"{rate:.2f}")
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    logs = {"loss": step_loss, "lr": self.lr_schedule.get_last_lr()[0], "samples_per_s": rate}
-                    for k in range(LOSS_BINS):
-                        if bin_counts[k]:
-                            logs[f"loss_by_sigma/{k / LOSS_BINS:.1f}-{(k + 1) / LOSS_BINS:.1f}"] = float(
-                                bins[k] / bin_counts[k])
-                    self.accelerator.log(logs, step=self.step)
-                    bins.zero_()
-                    bin_counts.zero_()
+                    self.accelerator.log({"loss": step_loss, "lr": self.lr_schedule.get_last_lr()[0],
+                                          "samples_per_s": rate, **stats.loss_by_sigma()}, step=self.step)
                 if self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if config.validate_every and self.step % config.validate_every == 0:
@@ -474,7 +501,29 @@ class Trainer:
             if self.is_main:
                 signal.signal(signal.SIGINT, previous)
         result.steps = self.step
-        if interrupted["flag"]:
+        return self._finish(result, interrupted["flag"])
+
+    def _optimisation_step(self, data: Iterator[dict], stats: LossStats) -> float:
+        """One optimisation step over ``gradient_accumulation`` micro-batches; returns its loss."""
+        step_loss = 0.0
+        for _ in range(self.config.gradient_accumulation):
+            batch = next(data)
+            with self.accelerator.accumulate(self.model):
+                loss, per_sample, sigmas = self.loss(batch)
+                self.accelerator.backward(loss)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            step_loss += loss.item() / self.config.gradient_accumulation
+            stats.add(per_sample, sigmas, self.accelerator.num_processes)
+        self.lr_schedule.step()
+        self.step += 1
+        return step_loss
+
+    def _finish(self, result: TrainResult, interrupted: bool) -> TrainResult:
+        """A checkpoint, then (unless interrupted) the LoRA files and the final validation grid."""
+        config = self.config
+        assert config.output_dir is not None  # require()
+        if interrupted:
             result.interrupted = True
             self.save_checkpoint()
             self.accelerator.end_training()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..choices import DTYPE_NAMES
 from ..config import option
 from ..data.vlm import VLM_KINDS
+from ..families import titles
 
 MAX_ENTITIES = 16  # the reference app has 8 brush layers; the regional mask has no limit of its own
 
@@ -16,7 +17,7 @@ MAX_ENTITIES = 16  # the reference app has 8 brush layers; the regional mask has
 class UIConfig:
     """Everything `eligen ui` reads. The CLI flags are built from these fields."""
 
-    model: str = option("eligen-tiny", "diffusers FLUX.1 or Qwen-Image pipeline directory or hub id; eligen-tiny "
+    model: str = option("eligen-tiny", f"diffusers {titles()} pipeline directory or hub id; eligen-tiny "
                         "is the small shapes-world model shipped in the package (runs on a CPU)")
     lora: list[str] = option([], "LoRA file, folder or hub id (repeat to stack; default: the model's own EliGen "
                              "LoRA if it declares one); each gets a scale in the page", repeat=True, metavar="PATH")

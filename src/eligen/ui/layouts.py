@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 from collections.abc import Mapping
@@ -24,14 +25,16 @@ from ..entities import (
 )
 from ..entities import resize_nearest as resize_mask
 from ..generate import METADATA_KEY, checked_record
+from ..options import INPAINT_FIELDS, EntityOptions, InpaintOptions, SamplingOptions
 from .config import MAX_ENTITIES
 
 PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon"})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# What a page may set for one generation; the model, LoRA files, device and outputs belong to the server.
-PAGE_PARAMS = frozenset({"steps", "true_cfg", "guidance", "seed", "lora_scale", "cfg_mode", "entities_on_negative",
-                         "fusion", "strength", "mask_dilate", "mask_blur", "paste_back"})
-INPAINT_PARAMS = frozenset({"fusion", "strength", "mask_dilate", "mask_blur", "paste_back"})
+# What a page may set for one generation (the option classes it renders its controls from, a seed and the LoRA
+# scales); the model, LoRA files, device and outputs belong to the server.
+PAGE_OPTIONS = (SamplingOptions, EntityOptions, InpaintOptions)
+PAGE_PARAMS = frozenset({"seed", "lora_scale", *(f.name for cls in PAGE_OPTIONS for f in dataclasses.fields(cls))})
+INPAINT_PARAMS = frozenset(INPAINT_FIELDS)
 
 
 def problem(error: Exception) -> dict[str, Any]:
@@ -61,6 +64,7 @@ def check_page_layout(data: Any, max_pixels: int) -> dict[str, Any]:
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise LayoutError(f"must be a positive integer number of pixels, got {value!r}", field=name)
+    assert isinstance(width, int) and isinstance(height, int)  # checked just above
     if width * height > max_pixels:
         raise LayoutError(f"{width}x{height} is above this app's {max_pixels} pixels (--max-pixels)", field="width")
     entities = data.get("entities", [])
@@ -105,7 +109,8 @@ def layout_problems(data: Any, max_pixels: int, latent_masks) -> list[dict[str, 
         return [problem(exc)]  # the shape of the request itself: nothing further can be checked
     width, height, problems = checked["width"], checked["height"], []
     try:
-        Layout(checked.get("prompt"), width, height, negative_prompt=checked.get("negative_prompt"),
+        prompt: Any = checked.get("prompt")  # any JSON value: validate() names a missing or non-string prompt
+        Layout(prompt, width, height, negative_prompt=checked.get("negative_prompt"),
                seed=checked.get("seed")).validate()
     except LayoutError as exc:
         problems.append(problem(exc))
@@ -139,6 +144,7 @@ def preview(data: Any, max_pixels: int, pipe) -> dict[str, Any]:
         checked = check_page_layout(data, max_pixels)
     except LayoutError:
         return {"errors": problems, "grid": None}
+    masks: list[np.ndarray | None]
     width, height, masks = checked["width"], checked["height"], []
     for i, raw in enumerate(checked.get("entities", [])):
         try:

@@ -19,11 +19,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from PIL import Image
 
-from ..choices import CFG_MODES, FUSIONS
 from ..config import config_from_mapping
 from ..entities import LayoutError, layout_to_dict
 from ..files import open_image, write_text_atomic
@@ -39,12 +38,14 @@ from ..generate import (
     save_png,
     set_lora_scales,
 )
+from ..models import model_loras
+from ..options import pipeline_sampling_defaults, resolve_sampling, schema
 from ..overlay import PALETTE, render_overlay
-from ..tiny.shipped import model_defaults
 from .config import MAX_ENTITIES, UIConfig
 from .jobs import Job, JobQueue
 from .layouts import (
     INPAINT_PARAMS,
+    PAGE_OPTIONS,
     PAGE_PARAMS,
     check_page_layout,
     layout_for_page,
@@ -53,6 +54,9 @@ from .layouts import (
     problem,
     read_upload_record,
 )
+
+if TYPE_CHECKING:
+    from ..data.vlm import VLMBackend
 
 STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript"),
                 "/app.css": ("app.css", "text/css")}
@@ -87,27 +91,25 @@ class App:
     def __init__(self, config: UIConfig, pipe, workdir: Path, device: str, dtype: str, loras: list[str]):
         self.config, self.pipe, self.workdir = config, pipe, workdir
         self.device, self.dtype, self.loras = device, dtype, loras
-        known = {f.name for f in dataclasses.fields(InpaintConfig)}
-        self.declared = {k: v for k, v in model_defaults(config.model).items() if k in known and k != "lora"}
+        self.defaults = pipeline_sampling_defaults(pipe)  # the page's defaults and what a job leaves out
         self.uploads: dict[str, Path] = {}
         self.lock = threading.Lock()
         self.jobs = JobQueue(on_error=page_error, on_forget=self._forget)
-        self._planner = None
+        self._planner: VLMBackend | None = None
 
     # -- what the page reads first ----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        defaults = config_from_mapping(InpaintConfig, self.declared)
+        """What the page reads first: the model, its sizes, and the option schema it renders its controls from
+        (each option's default is what a job that leaves it out runs)."""
         height, width = self.pipe.native_size()
+        options = schema(PAGE_OPTIONS, self.defaults)
         return {
-            "model": self.config.model, "family": self.pipe.family.name,
-            "native_size": [width, height], "token_pixels": self.pipe.vae_scale_factor * 2,
-            "defaults": {"steps": defaults.steps, "true_cfg": defaults.true_cfg, "guidance": defaults.guidance,
-                         "cfg_mode": self.pipe.family.default_cfg, "fusion": defaults.fusion,
-                         "strength": defaults.strength, "mask_dilate": defaults.mask_dilate,
-                         "mask_blur": defaults.mask_blur, "paste_back": defaults.paste_back},
-            "loras": [Path(lora).name or lora for lora in self.loras], "cfg_modes": list(CFG_MODES),
-            "fusions": list(FUSIONS), "palette": [list(c) for c in PALETTE], "max_entities": MAX_ENTITIES,
+            "model": self.config.model, "family": self.pipe.family.card.title,
+            "native_size": [width, height], "token_pixels": self.pipe.patch_grid,
+            "options": options, "defaults": {option["name"]: option["default"] for option in options},
+            "loras": [Path(lora).name or lora for lora in self.loras],
+            "palette": [list(c) for c in PALETTE], "max_entities": MAX_ENTITIES,
             "max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
             "plan": self.config.plan_vlm is not None,
         }
@@ -141,8 +143,8 @@ class App:
             source, source_name = self._source(body.get("background"))
             server_side["image"] = source
         try:
-            config = config_from_mapping(InpaintConfig if mode == "inpaint" else GenerateConfig, self.declared,
-                                         params, server_side)
+            config = config_from_mapping(InpaintConfig if mode == "inpaint" else GenerateConfig, params, server_side)
+            config = dataclasses.replace(config, **resolve_sampling(config, self.defaults))
             layout = resolve_layout(config, check_page_layout(body["layout"], self.config.max_pixels))
         except (LayoutError, ValueError) as exc:
             raise RequestError(HTTPStatus.BAD_REQUEST, problem(exc)) from None
@@ -185,6 +187,7 @@ class App:
         if isinstance(reference, str) and reference.startswith("job:"):
             job = self.jobs.get(reference.removeprefix("job:"))
             if job is not None and job.state == "done":
+                assert job.result is not None  # a done job holds its result
                 return str(job.files["image.png"]), f"result {job.result['name']}"
         raise _refused("choose the image to inpaint: upload one, or use a result as the background", "image")
 
@@ -269,107 +272,112 @@ class App:
         return {"layout": layout_for_page(layout)}
 
 
-def _handler(app: App, quiet: bool) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "eligen-ui"
+class Handler(BaseHTTPRequestHandler):
+    """The app's HTTP API and page; :func:`_handler` binds it to one :class:`App`."""
 
-        def log_message(self, format: str, *args: Any) -> None:
-            if not quiet:
-                super().log_message(format, *args)
+    app: App
+    quiet: bool = True
+    server_version = "eligen-ui"
 
-        def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            self.wfile.write(body)
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.quiet:
+            super().log_message(format, *args)
 
-        def _json(self, status: HTTPStatus, data: Any) -> None:
-            self._send(status, json.dumps(data).encode("utf-8"), "application/json")
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
 
-        def _answer(self, work: Callable[[], Any]) -> None:
-            try:
-                self._json(HTTPStatus.OK, work())
-            except RequestError as exc:
-                self._json(exc.status, {"errors": exc.errors})
-            except Exception as exc:  # the server stays up; the page shows what went wrong
-                print(f"eligen ui: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"errors": [page_error(exc)]})
+    def _json(self, status: HTTPStatus, data: Any) -> None:
+        self._send(status, json.dumps(data).encode("utf-8"), "application/json")
 
-        def _body(self) -> bytes:
-            """The request body, refused (413) above the upload cap before it is kept."""
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise _refused("the request needs a Content-Length", None, HTTPStatus.LENGTH_REQUIRED) from None
-            cap = app.config.max_upload_bytes
-            if length > cap:
-                if length <= DRAIN_FACTOR * cap:  # read and drop it, so the browser reads this answer
-                    remaining = length
-                    while remaining > 0:
-                        remaining -= len(self.rfile.read(min(remaining, 2**20)) or b"\0" * remaining)
-                else:
-                    self.close_connection = True
-                raise _refused(f"the upload is {length / 2**20:.1f} MiB, above this app's limit of "
-                               f"{cap / 2**20:g} MiB (--max-upload-mb)", "image", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            return self.rfile.read(length)
+    def _answer(self, work: Callable[[], Any]) -> None:
+        try:
+            self._json(HTTPStatus.OK, work())
+        except RequestError as exc:
+            self._json(exc.status, {"errors": exc.errors})
+        except Exception as exc:  # the server stays up; the page shows what went wrong
+            print(f"eligen ui: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"errors": [page_error(exc)]})
 
-        def _json_body(self) -> Any:
-            try:
-                return json.loads(self._body().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise _refused(f"the request body is not JSON ({exc})") from None
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path in STATIC_FILES:
-                name, content_type = STATIC_FILES[path]
-                self._send(HTTPStatus.OK, resources.files(__package__).joinpath("static", name).read_bytes(),
-                           content_type)
-            elif path == "/api/info":
-                self._answer(app.info)
-            elif match := JOB_STATUS.match(path):
-                self._answer(lambda: app.status(match.group(1)))
-            elif match := JOB_FILE.match(path):
-                self._file(lambda: app.job_file(match.group(1), match.group(2)))
-            elif match := UPLOAD_FILE.match(path):
-                self._file(lambda: app.upload_file(match.group(1)))
+    def _body(self) -> bytes:
+        """The request body, refused (413) above the upload cap before it is kept."""
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise _refused("the request needs a Content-Length", None, HTTPStatus.LENGTH_REQUIRED) from None
+        cap = self.app.config.max_upload_bytes
+        if length > cap:
+            if length <= DRAIN_FACTOR * cap:  # read and drop it, so the browser reads this answer
+                remaining = length
+                while remaining > 0:
+                    remaining -= len(self.rfile.read(min(remaining, 2**20)) or b"\0" * remaining)
             else:
-                self._json(HTTPStatus.NOT_FOUND, {"errors": [{"message": "not found", "entity": None,
-                                                              "field": None}]})
+                self.close_connection = True
+            raise _refused(f"the upload is {length / 2**20:.1f} MiB, above this app's limit of "
+                           f"{cap / 2**20:g} MiB (--max-upload-mb)", "image", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        return self.rfile.read(length)
 
-        def _file(self, locate: Callable[[], Path]) -> None:
-            try:
-                path = locate()
-            except RequestError as exc:
-                self._json(exc.status, {"errors": exc.errors})
-                return
-            content_type = "application/json" if path.suffix == ".json" else "image/png"
-            self._send(HTTPStatus.OK, path.read_bytes(), content_type)
+    def _json_body(self) -> Any:
+        try:
+            return json.loads(self._body().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _refused(f"the request body is not JSON ({exc})") from None
 
-        def do_POST(self) -> None:
-            routes = {"/api/check": lambda: app.check(self._json_body()),
-                      "/api/jobs": lambda: app.submit(self._json_body()),
-                      "/api/upload": lambda: app.upload(self._body()),
-                      "/api/load": lambda: app.load(self._body()),
-                      "/api/plan": lambda: app.plan(self._json_body())}
-            route = routes.get(self.path.split("?", 1)[0])
-            if route is None:
-                self._json(HTTPStatus.NOT_FOUND, {"errors": [{"message": "not found", "entity": None,
-                                                              "field": None}]})
-                return
-            self._answer(route)
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in STATIC_FILES:
+            name, content_type = STATIC_FILES[path]
+            self._send(HTTPStatus.OK, resources.files(__package__).joinpath("static", name).read_bytes(),
+                       content_type)
+        elif path == "/api/info":
+            self._answer(self.app.info)
+        elif status_match := JOB_STATUS.match(path):
+            self._answer(lambda: self.app.status(status_match.group(1)))
+        elif file_match := JOB_FILE.match(path):
+            self._file(lambda: self.app.job_file(file_match.group(1), file_match.group(2)))
+        elif match := UPLOAD_FILE.match(path):
+            self._file(lambda: self.app.upload_file(match.group(1)))
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"errors": [{"message": "not found", "entity": None,
+                                                          "field": None}]})
 
-    return Handler
+    def _file(self, locate: Callable[[], Path]) -> None:
+        try:
+            path = locate()
+        except RequestError as exc:
+            self._json(exc.status, {"errors": exc.errors})
+            return
+        content_type = "application/json" if path.suffix == ".json" else "image/png"
+        self._send(HTTPStatus.OK, path.read_bytes(), content_type)
+
+    def do_POST(self) -> None:
+        routes = {"/api/check": lambda: self.app.check(self._json_body()),
+                  "/api/jobs": lambda: self.app.submit(self._json_body()),
+                  "/api/upload": lambda: self.app.upload(self._body()),
+                  "/api/load": lambda: self.app.load(self._body()),
+                  "/api/plan": lambda: self.app.plan(self._json_body())}
+        route = routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            self._json(HTTPStatus.NOT_FOUND, {"errors": [{"message": "not found", "entity": None,
+                                                          "field": None}]})
+            return
+        self._answer(route)
+
+
+def _handler(app: App, quiet: bool) -> type[BaseHTTPRequestHandler]:
+    return type("Handler", (Handler,), {"app": app, "quiet": quiet})
 
 
 def make_app(config: UIConfig, workdir: Path) -> App:
     """Load the model (its LoRAs: ``--lora``, else the model's own) and build the app around it."""
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
-    loras = list(config.lora) or list(model_defaults(config.model).get("lora", []))
+    loras = list(config.lora) or model_loras(config.model)
     pipe = load_pipeline(config.model, device, dtype, loras, [])
     pipe.set_progress_bar_config(disable=True)
     return App(config, pipe, workdir, device, dtype, loras)
@@ -391,7 +399,7 @@ def serve(config: UIConfig) -> None:
         except OSError as exc:
             raise ValueError(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); choose "
                              "another --port") from None
-        host, port = server.server_address[:2]
+        host, port = cast("tuple[str, int]", server.server_address[:2])  # a TCP server's (host, port)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
         print(f"eligen ui: {url}  (Ctrl-C stops it)", flush=True)
         if config.open_browser:

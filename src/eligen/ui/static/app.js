@@ -330,13 +330,57 @@ function layoutPayload() {
 
 function mode() { return $("mode-inpaint").checked ? "inpaint" : "generate"; }
 
+// -- the options: controls made from the schema the server sends (eligen.options), read and set by name --------
+
+function optionLabel(name) {
+  const words = name.replaceAll("_", " ").replace(/\bcfg\b/, "CFG");
+  return words.charAt(0).toUpperCase() + words.slice(1);
+}
+
+function optionControl(option) {
+  const label = document.createElement("label");
+  label.title = option.help;
+  const input = document.createElement(option.kind === "choice" ? "select" : "input");
+  input.id = option.name.replaceAll("_", "-");
+  input.dataset.option = option.name;
+  input.dataset.kind = option.kind;
+  if (option.kind === "choice") {
+    input.replaceChildren(...option.choices.map((name) => new Option(name, name)));
+  } else if (option.kind === "bool") {
+    input.type = "checkbox";
+    label.className = "check";
+  } else {
+    input.type = option.kind === "text" ? "text" : "number";
+    input.step = option.kind === "int" ? "1" : "any";
+  }
+  setOption(input, option.default);
+  if (option.kind === "bool") label.append(input, " ", optionLabel(option.name));
+  else label.append(optionLabel(option.name), " ", input);
+  return label;
+}
+
+function setOption(input, value) {
+  if (value === undefined) return;
+  if (input.dataset.kind === "bool") input.checked = Boolean(value);
+  else input.value = value === null ? "" : value;
+}
+
+function readOption(input) {
+  const kind = input.dataset.kind;
+  if (kind === "bool") return input.checked;
+  if (kind === "choice" || kind === "text") return input.value === "" ? null : input.value;
+  const text = input.value.trim();
+  if (text === "") return null;
+  const value = kind === "int" ? Number.parseInt(text, 10) : Number.parseFloat(text);
+  return Number.isFinite(value) ? value : text;  // not a number: sent as typed, the server names the field
+}
+
 function params() {
-  const out = { steps: number("steps", true), true_cfg: number("true-cfg"), guidance: number("guidance"),
-                lora_scale: [...document.querySelectorAll(".lora-scale")].map((input) => Number(input.value)) };
+  const out = { lora_scale: [...document.querySelectorAll(".lora-scale")].map((input) => Number(input.value)) };
   if (!$("random-seed").checked) out.seed = number("seed", true);
-  if (mode() === "inpaint") {
-    Object.assign(out, { fusion: $("fusion").value, strength: number("strength"), mask_dilate: number("mask-dilate", true),
-                         mask_blur: number("mask-blur"), paste_back: $("paste-back").checked });
+  for (const input of document.querySelectorAll("[data-option]")) {
+    if (mode() !== "inpaint" && input.closest("#inpaint-options")) continue;
+    out[input.dataset.option] = readOption(input);
   }
   return out;
 }
@@ -356,10 +400,10 @@ async function applyRecord(record) {
   $("random-seed").checked = seed === undefined || seed === null;
   $("seed").disabled = $("random-seed").checked;
   if (!$("random-seed").checked) $("seed").value = seed;
-  const fields = { steps: "steps", true_cfg: "true-cfg", guidance: "guidance", fusion: "fusion", strength: "strength",
-                   mask_dilate: "mask-dilate", mask_blur: "mask-blur" };
-  for (const [key, id] of Object.entries(fields)) if (given[key] !== undefined && given[key] !== null) $(id).value = given[key];
-  if (given.paste_back !== undefined) $("paste-back").checked = given.paste_back;
+  for (const input of document.querySelectorAll("[data-option]")) {
+    const value = given[input.dataset.option];
+    if (value !== undefined && value !== null) setOption(input, value);
+  }
   document.querySelectorAll(".lora-scale").forEach((input, i) => {
     if (given.lora_scale && given.lora_scale[i] !== undefined) input.value = given.lora_scale[i];
   });
@@ -560,15 +604,8 @@ async function start() {
   state.width = state.height = 0;
   resizeCanvas(width, height);
   for (const id of ["width", "height"]) $(id).step = data.token_pixels;
-  const d = data.defaults;
-  $("steps").value = d.steps;
-  $("true-cfg").value = d.true_cfg;
-  $("guidance").value = d.guidance;
-  $("strength").value = d.strength;
-  $("mask-dilate").value = d.mask_dilate;
-  $("mask-blur").value = d.mask_blur;
-  $("paste-back").checked = d.paste_back;
-  $("fusion").replaceChildren(...data.fusions.map((name) => new Option(name, name, name === d.fusion, name === d.fusion)));
+  $("sampling-options").replaceChildren(...data.options.filter((o) => o.group !== "InpaintOptions").map(optionControl));
+  $("inpaint-options").replaceChildren(...data.options.filter((o) => o.group === "InpaintOptions").map(optionControl));
   $("lora-scales").replaceChildren(...data.loras.map((name, i) => {
     const label = document.createElement("label");
     label.textContent = `LoRA ${name} scale `;

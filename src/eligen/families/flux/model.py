@@ -1,5 +1,6 @@
 """FLUX.1 (diffusers ``FluxPipeline``): T5 segments padded to ``max_sequence_length``, text ids all zero, the
-pooled CLIP vector of the global prompt, a shifted and scaled VAE latent, plain true CFG (docs/design.md 2)."""
+pooled CLIP vector of the global prompt, a shifted and scaled VAE latent, plain true CFG, the regional mask in all
+double- and single-stream blocks through ``joint_attention_kwargs`` (docs/design.md section 2)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from ..regional.processors import RegionalProcessor, attend
-from .base import Branch, ModelFamily
+from ...regional.processors import RegionalProcessor, attend
+from ...regional.sequence import TokenSequence
+from ...schedules import TrainingSchedule, shifted_training_schedule
+from ..base import Branch, ModelFamily
+from . import CARD
+
+TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 
 
 def joint_attention(processor, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
@@ -126,9 +132,10 @@ class FluxBranch(Branch):
 
 
 class FluxFamily(ModelFamily):
-    name = "flux"
+    card = CARD
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     lora_rank = 64  # the paper's rank (the reference's FLUX trainer uses 32)
+    has_pooled = True
     processors: ClassVar[dict[type, type]] = {FluxAttnProcessor: RegionalFluxAttnProcessor,
                                               FluxIPAdapterAttnProcessor: RegionalFluxIPAdapterAttnProcessor}
 
@@ -139,10 +146,22 @@ class FluxFamily(ModelFamily):
                                              device=device)
         return list(encoded.unsqueeze(1))
 
-    def positions(self, entity_lengths: Sequence[int], global_length: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+    def trim_entities(self, pipe, embeds: list[torch.Tensor], prompts: Sequence[str],
+                      max_sequence_length: int) -> list[torch.Tensor]:
+        """Each segment cut to its real T5 tokens (end-of-sequence included) plus :data:`TRIM_MARGIN` pads."""
+        counts = [len(ids) for ids in pipe.tokenizer_2(list(prompts), max_length=max_sequence_length,
+                                                       truncation=True).input_ids]
+        return [e[:, : min(n + TRIM_MARGIN, e.shape[1])] for e, n in zip(embeds, counts, strict=True)]
+
+    def encode_texts(self, pipe, prompts: Sequence[str],
+                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        seq, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None,
+                                            max_sequence_length=max_sequence_length)
+        return list(zip(seq.cpu(), pooled.cpu(), strict=True))
+
+    def positions(self, sequence: TokenSequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``txt_ids (T, 3)``: all zero, as FLUX's text ids are."""
-        return torch.zeros(sum(entity_lengths) + global_length, 3, device=device, dtype=dtype)
+        return torch.zeros(sequence.text_length, 3, device=device, dtype=dtype)
 
     def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
         z = vae_latents(pipe.vae, pixels)
@@ -158,33 +177,24 @@ class FluxFamily(ModelFamily):
         """``img_ids (n_img, 3)`` for a latent grid ``height x width`` (latent pixels)."""
         return pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
 
-    has_pooled = True
-
-    def encode_texts(self, pipe, prompts: Sequence[str],
-                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        seq, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None,
-                                            max_sequence_length=max_sequence_length)
-        return list(zip(seq.cpu(), pooled.cpu(), strict=True))
-
-    def training_schedule(self):
-        from ..train.loss import reference_schedule
-
-        return reference_schedule()
-
     def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
         kwargs = dict(attention_kwargs or {})
         if branch.attention_mask is not None:
             kwargs["attention_mask"] = branch.attention_mask
         if getattr(branch, "ip_adapter_image_embeds", None) is not None:  # projected by the transformer
-            kwargs["ip_adapter_image_embeds"] = branch.ip_adapter_image_embeds
+            kwargs["ip_adapter_image_embeds"] = branch.ip_adapter_image_embeds  # type: ignore[attr-defined]
         if getattr(branch, "entity_ip", None) is not None:
-            kwargs["entity_ip"] = branch.entity_ip
+            kwargs["entity_ip"] = branch.entity_ip  # type: ignore[attr-defined]
         return transformer(
             hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=branch.pooled,
             encoder_hidden_states=branch.context, txt_ids=branch.positions, img_ids=geometry,
             joint_attention_kwargs=kwargs, return_dict=False,
         )[0]
+
+    def training_schedule(self) -> TrainingSchedule:
+        """The reference FLUX trainer's: shift 3 over 1000 levels, bell-weighted."""
+        return shifted_training_schedule()
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 - every entity prompt is encoded alone with the global prompt's chat template (its leading tokens dropped, as
   diffusers does), unpadded: segments have their true lengths;
 - the text RoPE positions restart for every segment at the global prompt's first position;
-- the mask rule is FLUX's (:mod:`eligen.regional.rule`) over the variable-length segments;
+- the mask rule is FLUX's (:mod:`eligen.regional.rule`) over the variable-length segments, in every
+  double-stream block through ``attention_kwargs``; padded prompt batches mask their padding;
 - true CFG is diffusers' norm-rescaled combination by default, the reference's plain one on request;
 - latents are normalised by the VAE's per-channel ``latents_mean`` / ``latents_std`` and have one frame.
 """
@@ -11,14 +12,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0, apply_rotary_emb_qwen
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from ..regional.processors import RegionalProcessor, attend
-from .base import Branch, ModelFamily
+from ...regional.processors import RegionalProcessor, attend
+from ...regional.sequence import TokenSequence
+from ...schedules import TrainingSchedule, exponential_training_schedule
+from ..base import Branch, ModelFamily
+from . import CARD
+
+TRAIN_SHIFT_MU = 0.8  # the reference's Qwen-Image training scheduler: exponential shift mu 0.8, terminal sigma 0.02
+TRAIN_SHIFT_TERMINAL = 0.02
 
 
 def _qwen_mask(attention_mask, encoder_hidden_states_mask: torch.Tensor | None, n_img: int):
@@ -84,8 +91,7 @@ class RegionalQwenAttnProcessor(RegionalProcessor, QwenDoubleStreamAttnProcessor
 
 
 class QwenImageFamily(ModelFamily):
-    name = "qwen_image"
-    default_cfg = "rescaled"
+    card = CARD
     processors: ClassVar[dict[type, type]] = {QwenDoubleStreamAttnProcessor2_0: RegionalQwenAttnProcessor}
     # the reference's lora_target_modules for Qwen-Image EliGen (rank 32, lr 1e-4)
     lora_targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
@@ -104,18 +110,17 @@ class QwenImageFamily(ModelFamily):
                      max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         return [(pipe._get_qwen_prompt_embeds(text)[0][0, :max_sequence_length].cpu(), None) for text in prompts]
 
-    def training_schedule(self):
-        from ..train.loss import qwen_reference_schedule
-
-        return qwen_reference_schedule()
-
-    def positions(self, entity_lengths: Sequence[int], global_length: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+    def positions(self, sequence: TokenSequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """``(T,)`` long: ``0..T_i - 1`` for every segment (each starts where the global prompt starts); None without
         entities (the transformer's own positions are then the same)."""
-        if not entity_lengths:
+        if not sequence.entities:
             return None
-        return torch.cat([torch.arange(n, device=device) for n in (*entity_lengths, global_length)])
+        return sequence.positions_restarting(device)
+
+    def padding(self, sequence: TokenSequence, valid: torch.Tensor | None, regional: Any) -> tuple[Any, Any]:
+        """Padding is masked: the text mask goes to the transformer as ``encoder_hidden_states_mask`` and each layer
+        joins it to the regional mask (:func:`_qwen_mask`)."""
+        return valid, regional
 
     def _statistics(self, vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's per-channel latent mean and ``1 / std``, shaped ``(1, C, 1, 1, 1)`` (as diffusers makes them)."""
@@ -152,6 +157,10 @@ class QwenImageFamily(ModelFamily):
             hidden_states=latents, timestep=timestep, guidance=guidance, encoder_hidden_states_mask=branch.text_mask,
             encoder_hidden_states=branch.context, img_shapes=geometry, attention_kwargs=kwargs, return_dict=False,
         )[0]
+
+    def training_schedule(self) -> TrainingSchedule:
+        """The reference Qwen-Image trainer's: exponential shift mu 0.8, terminal sigma 0.02, bell-weighted."""
+        return exponential_training_schedule(1000, TRAIN_SHIFT_MU, TRAIN_SHIFT_TERMINAL)
 
 
 QWEN_IMAGE = QwenImageFamily()

@@ -1,9 +1,10 @@
-"""A tiny random Qwen-Image pipeline built from config objects: the offline stand-in for Qwen/Qwen-Image in tests.
+"""Test support for Qwen-Image (never imported by the library): a tiny random pipeline built from config objects, the
+offline stand-in for Qwen/Qwen-Image.
 
 Every component is the real diffusers / transformers class at toy sizes (``AutoencoderKLQwenImage``,
 ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2Tokenizer``, ``QwenImageTransformer2DModel``,
 ``FlowMatchEulerDiscreteScheduler``), so ``QwenImagePipeline.from_pretrained`` on a directory written by
-:func:`save_tiny_qwen_image_pipeline` runs the same code as the full model.
+:func:`save_tiny_pipeline` runs the same code as the full model.
 
 Sizes with the default :class:`TinyQwenImageConfig` (Qwen-Image in brackets):
 
@@ -22,19 +23,26 @@ pipeline's drop of the first 34 hidden states removes the template and nothing o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from ..data.tiny_qwen2vl import SPECIAL_TOKENS, _text_config, _token_ids
-from .random_pipeline import _randomise
-from .tokenizers import DEFAULT_WORDS, _byte_symbols
+from ...data.tiny_qwen2vl import SPECIAL_TOKENS, _text_config, _token_ids
+from ...tiny.tokenizers import DEFAULT_WORDS, _byte_symbols
+from ..testing import randomise
+
+if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformer2DModel
+else:
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
 # QwenImagePipeline.prompt_template_encode (hard-coded in its __init__) and the number of its tokens before ``{}``.
 PROMPT_TEMPLATE = (
@@ -101,7 +109,8 @@ def build_qwen_image_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Qwen2Tok
             tokens = _bpe(tokens, ranks)
     for special in SPECIAL_TOKENS:
         vocab[special] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(ranks), model_max_length=32768)
+    # the tokenizers BPE takes merges as (left, right) pairs; transformers annotates them list[str]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(ranks), model_max_length=32768)  # type: ignore[arg-type]
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
     return tokenizer
 
@@ -126,9 +135,7 @@ def _text_encoder(tokenizer: Qwen2Tokenizer, config: TinyQwenImageConfig) -> Qwe
     ))
 
 
-def build_tiny_qwen_image_components(
-    seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig()
-) -> dict[str, Any]:
+def build_components(seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig()) -> dict[str, Any]:
     """The five QwenImagePipeline components at toy size, every parameter drawn deterministically from ``seed``."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -148,9 +155,9 @@ def build_tiny_qwen_image_components(
         guidance_embeds=False, axes_dims_rope=tuple(config.axes_dims_rope),
     )
     for model in (text_encoder, vae, transformer):
-        _randomise(model, generator)
+        randomise(model, generator)
         model.eval()
-    with torch.no_grad():  # the VAE's RMS-norm gains are (C, 1, 1) tensors, which _randomise takes for weights
+    with torch.no_grad():  # the VAE's RMS-norm gains are (C, 1, 1) tensors, which randomise takes for weights
         for name, param in vae.named_parameters():
             if name.endswith("gamma"):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
@@ -164,12 +171,15 @@ def build_tiny_qwen_image_components(
     }
 
 
-def save_tiny_qwen_image_pipeline(
-    path: str | Path, seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig()
-) -> Path:
-    """Save a random tiny pipeline as a diffusers QwenImagePipeline directory and return its path."""
+def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig(),
+                       layers: int | None = None) -> Path:
+    """Save a random tiny pipeline as a diffusers QwenImagePipeline directory and return its path; ``layers``
+    overrides the transformer's depth."""
     from diffusers import QwenImagePipeline
 
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers)
     path = Path(path)
-    QwenImagePipeline(**build_tiny_qwen_image_components(seed, config)).save_pretrained(path)
+    # mypy takes `from diffusers import QwenImagePipeline` for diffusers' torch-less dummy class, without the methods
+    QwenImagePipeline(**build_components(seed, config)).save_pretrained(path)  # type: ignore[attr-defined]
     return path

@@ -1,0 +1,79 @@
+"""Model names and what a model declares about itself (torch-free).
+
+``"eligen-tiny"`` names the pipeline directory shipped inside the package (the embedded default, trained by
+``eligen tiny build``). A model directory may declare its own defaults in ``eligen_defaults.json``: the sampling
+options of :class:`eligen.options.SamplingOptions` (``steps``, ``true_cfg``, ``guidance``,
+``max_sequence_length``), its ``native_size`` ``[width, height]`` and its EliGen ``lora`` (a file in the folder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TINY_MODEL_NAME = "eligen-tiny"
+TINY_MODEL_DIR = Path(__file__).parent / "tiny" / "model"
+DEFAULTS_FILE = "eligen_defaults.json"
+
+
+DECLARED = {"steps": int, "true_cfg": float, "guidance": float, "max_sequence_length": int, "native_size": list,
+            "lora": str}  # what eligen_defaults.json may hold
+
+
+def _check_declared(defaults: dict[str, Any], file: Path) -> None:
+    """Every declared default of the right kind (numbers finite, ``native_size`` two positive integers), each
+    error naming the file and the key."""
+    import math
+
+    for key, value in defaults.items():
+        kind = DECLARED.get(key)
+        if kind is None:
+            raise ValueError(f"{file}: unknown key {key!r}; a model declares {', '.join(DECLARED)}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and not (isinstance(value, int) and number and value >= 1):
+            raise ValueError(f"{file}: {key!r} must be a positive integer, got {value!r}")
+        if kind is float and not (number and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{file}: {key!r} must be a finite number >= 0, got {value!r}")
+        if kind is list and not (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise ValueError(f"{file}: {key!r} must be [width, height] in pixels, got {value!r}")
+        if kind is str and not (isinstance(value, str) and value):
+            raise ValueError(f"{file}: {key!r} must be the name of a file in the model folder, got {value!r}")
+
+
+def resolve_model(name_or_path: Any) -> Any:
+    """``"eligen-tiny"`` -> the shipped directory; anything else unchanged (a directory or a hub id)."""
+    if str(name_or_path) != TINY_MODEL_NAME:
+        return name_or_path
+    if not (TINY_MODEL_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"the shipped tiny model is missing from {TINY_MODEL_DIR}; rebuild it with "
+                                "`eligen tiny build -o <dir>` and pass --model <dir>")
+    return str(TINY_MODEL_DIR)
+
+
+def model_defaults(name_or_path: Any) -> dict[str, Any]:
+    """What a model directory declares in ``eligen_defaults.json`` (empty for other models and hub ids).
+
+    A ``lora`` entry is turned into a list holding its path inside the model directory.
+    """
+    path = Path(str(resolve_model(name_or_path)))
+    file = path / DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        defaults = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not a readable JSON object of model defaults ({exc}); fix or delete it") from None
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{file} must hold a JSON object of model defaults, got {type(defaults).__name__}")
+    _check_declared(defaults, file)
+    if "lora" in defaults:
+        defaults["lora"] = [str(path / defaults["lora"])]
+    return defaults
+
+
+def model_loras(name_or_path: Any) -> list[str]:
+    """The EliGen LoRA a model declares (a list of one path, or empty): what the commands load when no ``--lora``
+    is given, so a record that names none reproduces with the model's own anywhere."""
+    return list(model_defaults(name_or_path).get("lora", []))
