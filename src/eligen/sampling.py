@@ -63,9 +63,10 @@ def denoise(
             assert cfg_scale is not None  # v_neg exists only with a cfg_scale
             v = combine(v, v_neg, cfg_scale)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
-        if fusion is not None and fusion.order == "exact" and i == len(timesteps) - 1:
-            # the last step lands on sigma 0, where the background velocity leads exactly to z_init; float rounding
-            # leaves it ~1e-7 off, so the background is set to z_init itself (docs/design.md section 5)
+        if fusion is not None and (fusion.order == "exact" or v_neg is None) and i == len(timesteps) - 1:
+            # the last step lands on sigma 0, where the background velocity leads exactly to z_init (in both orders
+            # without CFG); float rounding leaves it ~1e-7 off, so the background is set to z_init itself
+            # (docs/design.md section 5)
             latents = torch.where(fusion.union == 0, fusion.z_init, latents)
         if on_step_end is not None:
             latents = on_step_end(i, t, latents)
