@@ -74,20 +74,10 @@ def test_regional_attention_mask_matches_loop_reference(layout):
 
 
 def test_regional_attention_mask_hand_written_example():
-    # e_1 (2 tokens) covers image tokens 0, 1; e_2 (1 token) covers 1, 2; global has 1 token; 3 image tokens.
-    cover = torch.tensor([[[True, True, False], [False, True, True]]])
-    T, F = True, False
-    expected = torch.tensor([
-        # e1 e1 e2  g  z0 z1 z2
-        [T, T, F, F, T, T, F],  # e1
-        [T, T, F, F, T, T, F],  # e1
-        [F, F, T, F, F, T, T],  # e2
-        [F, F, F, T, T, T, T],  # global
-        [T, T, F, T, T, T, T],  # z0
-        [T, T, T, T, T, T, T],  # z1
-        [F, F, T, T, T, T, T],  # z2
-    ])
-    mask = regional_attention_mask(cover, [2, 1], 1)
+    covers, lengths, global_length, _, rows = oracles.HAND_EXAMPLE
+    cover = torch.tensor([covers])
+    expected = torch.tensor(rows)
+    mask = regional_attention_mask(cover, lengths, global_length)
     assert tuple(mask.shape) == (1, 1, 7, 7)
     assert torch.equal(mask[0, 0], expected)
 

@@ -122,3 +122,18 @@ def regional_mask(covers: Sequence[Sequence[bool]], entity_lengths: Sequence[int
                 allowed = True if text_kind == "global" else bool(covers[text_id][z])
             out[q, k] = allowed
     return out
+
+
+# A hand-worked mask: e_1 (2 tokens) covers image tokens 0, 1; e_2 (1 token) covers 1, 2; the global prompt has 1
+# token; 3 image tokens. ``(covers, entity_lengths, global_length, n_img, expected (L, L) rows)``.
+_T, _F = True, False
+HAND_EXAMPLE = ([[_T, _T, _F], [_F, _T, _T]], [2, 1], 1, 3, [
+    # e1 e1  e2  g  z0  z1  z2
+    [_T, _T, _F, _F, _T, _T, _F],  # e1
+    [_T, _T, _F, _F, _T, _T, _F],  # e1
+    [_F, _F, _T, _F, _F, _T, _T],  # e2
+    [_F, _F, _F, _T, _T, _T, _T],  # global
+    [_T, _T, _F, _T, _T, _T, _T],  # z0
+    [_T, _T, _T, _T, _T, _T, _T],  # z1
+    [_F, _F, _T, _T, _T, _T, _T],  # z2
+])

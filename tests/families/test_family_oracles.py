@@ -62,24 +62,13 @@ def test_token_cover_by_hand():
 
 
 def test_regional_mask_by_hand():
-    # e_1 (2 tokens) covers image tokens 0, 1; e_2 (1 token) covers 1, 2; global has 1 token; 3 image tokens.
-    T, F = True, False
-    expected = np.array([
-        # e1 e1 e2  g  z0 z1 z2
-        [T, T, F, F, T, T, F],  # e1
-        [T, T, F, F, T, T, F],  # e1
-        [F, F, T, F, F, T, T],  # e2
-        [F, F, F, T, T, T, T],  # global
-        [T, T, F, T, T, T, T],  # z0
-        [T, T, T, T, T, T, T],  # z1
-        [F, F, T, T, T, T, T],  # z2
-    ])
-    mask = oracles.regional_mask([[T, T, F], [F, T, T]], [2, 1], 1, 3)
-    assert mask.dtype == bool and np.array_equal(mask, expected)
+    covers, lengths, global_length, n_img, expected = oracles.HAND_EXAMPLE
+    mask = oracles.regional_mask(covers, lengths, global_length, n_img)
+    assert mask.dtype == bool and np.array_equal(mask, np.array(expected))
     # no entities: all true; an empty cover: the entity sees only itself
     assert oracles.regional_mask([], [], 2, 3).all()
-    inert = oracles.regional_mask([[F, F]], [1], 1, 2)
-    assert inert[0].tolist() == [T, F, F, F] and inert[:, 0].tolist() == [T, F, F, F]
+    inert = oracles.regional_mask([[False, False]], [1], 1, 2)
+    assert inert[0].tolist() == [True, False, False, False] and inert[:, 0].tolist() == [True, False, False, False]
 
 
 def test_the_suite_entities_cover_tokens_apart(pipe):
