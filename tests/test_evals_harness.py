@@ -65,7 +65,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = next(p for p in body["messages"][0]["content"] if p["type"] == "text")["text"]
-        kind = next((k for k in ("color", "texture", "shape") if f"the {k} of" in text), "spatial")
+        kind = next((k for k in ("color", "texture", "shape") if f"with the {k} described" in text), "spatial")
         with self.server.lock:
             self.server.asked.append(kind)
         answer = self.server.answers[kind]
@@ -115,6 +115,34 @@ def tiny_grounding_dino(tmp_path_factory):
     processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
         size={"shortest_edge": 64, "longest_edge": 64}), tokenizer=BertTokenizer(str(folder / "vocab.txt")))
     processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    """A random SAM (a 64-pixel ViT with one block) saved like a user's local copy."""
+    import torch
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("sam")
+    vision = SamVisionConfig(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=64, patch_size=16, global_attn_indexes=[0], window_size=2, mlp_dim=16,
+                             num_pos_feats=4)
+    prompt = SamPromptEncoderConfig(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, mlp_dim=16,
+                                   iou_head_hidden_dim=8)
+    torch.manual_seed(0)
+    SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())).save_pretrained(folder)
+    SamProcessor(image_processor=SamImageProcessorPil(
+        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, mask_size={"longest_edge": 16},
+        mask_pad_size={"height": 16, "width": 16})).save_pretrained(folder)
     return folder
 
 
@@ -199,13 +227,18 @@ def test_an_unreachable_judge_keeps_the_images(tmp_path, tiny_pipeline_dir, caps
 # ---------------------------------------------------------------------------------------------------------- COCO-MIG
 
 
-def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, capsys):
+def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, tiny_sam, capsys):
     data, out = write_mig(tmp_path / "MIG"), tmp_path / "run"
     args = ["bench", "cocomig", "--data", str(data), "-o", str(out), "--model", str(tiny_pipeline_dir),
-            "--detector", str(tiny_grounding_dino), "--box-threshold", "0", "--text-threshold", "0", *SIZE, *FAST]
+            "--detector", str(tiny_grounding_dino), "--sam", str(tiny_sam), "--box-threshold", "0",
+            "--text-threshold", "0", *SIZE, *FAST]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| EliGen, published (ContextGen, ICLR 2026) | 64.12 | 26.00 | 59.23 |" in printed
+    assert "| EliGen, published | 64.12 | 26.00 | 59.23 | - | - |" in printed
+    assert "| ContextGen, released model | 64.91 | 28.00 | 60.25 | - | - |" in printed
+    assert "Published rows: EliGen, published: ContextGen (ICLR 2026)" in printed
+    assert "**Not comparable with the published numbers**" in printed and "--box-threshold 0.0" in printed
+    assert "is not ViT-H" in printed and "generation settings differ from EliGen's reference: steps 2" in printed
     record = json.loads((out / "cocomig.json").read_text())
     rows = record["entities"]
     assert [r["level"] for r in rows] == [3, 3, 3, 2, 2]  # mig_bench.txt's order
@@ -223,6 +256,7 @@ def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, ca
     assert Image.open(out / "contact_sheet.png").height > 0 and "I-SR" in (out / "table.md").read_text()
     # everything is done: a rerun renders nothing and never loads the detector
     config = CocoMigConfig(data=data, out=out, model=str(tiny_pipeline_dir), detector="/nonexistent",
-                           height=32, width=48, steps=2, max_sequence_length=16, progress=False, sheet=0)
+                           sam="/nonexistent", box_threshold=0, text_threshold=0, height=32, width=48, steps=2,
+                           max_sequence_length=16, progress=False, sheet=0)
     result = run_benchmark("cocomig", config)
     assert (result.generated, result.scored, result.reported) == (0, 0, 2)
