@@ -5,6 +5,7 @@ OverLayBench (its toolkit's prompts and metrics), plus the benchmarks' generatio
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -368,3 +369,25 @@ def test_overlaybench_metrics_worked_by_hand():
             {"miou": 1.0, "omiou": None, "entity_yes": 3, "entity_total": 3, "relation_yes": 0, "relation_total": 2}]
     assert overlaybench.summarise(rows) == {"miou": 75.0, "omiou": 25.0, "sr_e": pytest.approx(400 / 6),
                                             "sr_r": 50.0, "images": 2}
+
+
+def test_a_local_qwen_judge_takes_the_protocols_messages_and_decoding(tmp_path):
+    """The transformers judge (a tiny random Qwen2.5-VL): system message, text then image, as OverLayBench asks; the
+    protocol's sampling seeded (the same answer twice), greedy on request; a model that is not Qwen is refused."""
+    from eligen.data.tiny_qwen2vl import save_tiny_qwen2_5_vl
+    from eligen.evals.judges import load_local_judge
+
+    folder = save_tiny_qwen2_5_vl(tmp_path / "qwen25")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8))
+    sampled = load_local_judge(str(folder), dataclasses.replace(MINICPM_CHAT, max_tokens=6))
+    chat = overlaybench.messages("You are required to detect all the instances", image)
+    first = sampled.chat(chat)
+    assert isinstance(first, str) and sampled.chat(chat) == first
+    assert sampled.decoding.generate_kwargs() == {"max_new_tokens": 6, "do_sample": True, "temperature": 0.7,
+                                                  "top_p": 0.8, "top_k": 100, "repetition_penalty": 1.05}
+    greedy = load_local_judge(str(folder), dataclasses.replace(GREEDY, max_tokens=4))
+    assert greedy.ask("Is the subject there?", image) == greedy.ask("Is the subject there?", image)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="unsupported model type 'bert'"):
+        load_local_judge(str(tmp_path / "other"), GREEDY)
