@@ -8,6 +8,7 @@ import dataclasses
 import json
 import threading
 import types
+import typing
 from http.server import BaseHTTPRequestHandler
 
 import pyarrow as pa
@@ -65,7 +66,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = next(p for p in body["messages"][0]["content"] if p["type"] == "text")["text"]
-        kind = next((k for k in ("color", "texture", "shape") if f"the {k} of" in text), "spatial")
+        kind = next((k for k in ("color", "texture", "shape") if f"with the {k} described" in text), "spatial")
         with self.server.lock:
             self.server.asked.append(kind)
         answer = self.server.answers[kind]
@@ -115,6 +116,37 @@ def tiny_grounding_dino(tmp_path_factory):
     processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
         size={"shortest_edge": 64, "longest_edge": 64}), tokenizer=BertTokenizer(str(folder / "vocab.txt")))
     processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    return save_tiny_sam(tmp_path_factory.mktemp("sam"))
+
+
+def save_tiny_sam(folder):
+    """A random SAM (a 64-pixel ViT with one block) saved like a user's local copy."""
+    import torch
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    vision = SamVisionConfig(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=64, patch_size=16, global_attn_indexes=[0], window_size=2, mlp_dim=16,
+                             num_pos_feats=4)
+    prompt = SamPromptEncoderConfig(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, mlp_dim=16,
+                                   iou_head_hidden_dim=8)
+    torch.manual_seed(0)
+    SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())).save_pretrained(folder)
+    SamProcessor(image_processor=SamImageProcessorPil(
+        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, mask_size={"longest_edge": 16},
+        mask_pad_size={"height": 16, "width": 16})).save_pretrained(folder)
     return folder
 
 
@@ -199,13 +231,18 @@ def test_an_unreachable_judge_keeps_the_images(tmp_path, tiny_pipeline_dir, caps
 # ---------------------------------------------------------------------------------------------------------- COCO-MIG
 
 
-def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, capsys):
+def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, tiny_sam, capsys):
     data, out = write_mig(tmp_path / "MIG"), tmp_path / "run"
     args = ["bench", "cocomig", "--data", str(data), "-o", str(out), "--model", str(tiny_pipeline_dir),
-            "--detector", str(tiny_grounding_dino), "--box-threshold", "0", "--text-threshold", "0", *SIZE, *FAST]
+            "--detector", str(tiny_grounding_dino), "--sam", str(tiny_sam), "--box-threshold", "0",
+            "--text-threshold", "0", *SIZE, *FAST]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| EliGen, published (ContextGen, ICLR 2026) | 64.12 | 26.00 | 59.23 |" in printed
+    assert "| EliGen, published | 64.12 | 26.00 | 59.23 | - | - |" in printed
+    assert "| ContextGen, released model | 64.91 | 28.00 | 60.25 | - | - |" in printed
+    assert "Published rows: EliGen, published: ContextGen (ICLR 2026)" in printed
+    assert "**Not comparable with the published numbers**" in printed and "--box-threshold 0.0" in printed
+    assert "is not ViT-H" in printed and "generation settings differ from EliGen's reference: steps 2" in printed
     record = json.loads((out / "cocomig.json").read_text())
     rows = record["entities"]
     assert [r["level"] for r in rows] == [3, 3, 3, 2, 2]  # mig_bench.txt's order
@@ -223,6 +260,91 @@ def test_cocomig_whole_path(tmp_path, tiny_pipeline_dir, tiny_grounding_dino, ca
     assert Image.open(out / "contact_sheet.png").height > 0 and "I-SR" in (out / "table.md").read_text()
     # everything is done: a rerun renders nothing and never loads the detector
     config = CocoMigConfig(data=data, out=out, model=str(tiny_pipeline_dir), detector="/nonexistent",
-                           height=32, width=48, steps=2, max_sequence_length=16, progress=False, sheet=0)
+                           sam="/nonexistent", box_threshold=0, text_threshold=0, height=32, width=48, steps=2,
+                           max_sequence_length=16, progress=False, sheet=0)
     result = run_benchmark("cocomig", config)
     assert (result.generated, result.scored, result.reported) == (0, 0, 2)
+
+
+def test_layoutsam_indices_and_seeds(tmp_path, judge_server, tiny_pipeline_dir, capsys):
+    """--indices keeps the benchmark's own numbering; --seeds N makes N runs in OUT/seed_S and a table with the
+    spread; the report says what keeps it from being comparable."""
+    data, out = write_layoutsam(tmp_path / "data", count=3), tmp_path / "run"
+    (tmp_path / "subset.json").write_text(json.dumps([{"index": 2}, {"index": 1}]))
+    assert main(layoutsam_args(data, out, judge_server, tiny_pipeline_dir, "--indices", str(tmp_path / "subset.json"),
+                               "--seeds", "2")) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "seed_42" / "images").iterdir()) == ["000001.png", "000002.png"]
+    assert read_metadata(image_path(out / "seed_43", 1))["seed"] == 43
+    assert "| seed 42 | 100.00 | 100.00 | 0.00 | 100.00 | 3 |" in printed
+    assert ("| **mean ± std over 2 seeds** | 100.00 ± 0.00 | 100.00 ± 0.00 | 0.00 ± 0.00 | 100.00 ± 0.00 | - |"
+            in printed)
+    table = (out / "seed_42" / "table.md").read_text()
+    assert "2 of the benchmark's 3 layouts" in table and "'fake', not the protocol's MiniCPM-V-2_6" in table
+    assert "ContextGen, released model (its subset) | 94.13 |" in table
+    assert json.loads((out / "layoutsam.json").read_text())["runs"][1]["run"] == "seed 43"
+
+
+# ------------------------------------------------------------------------------------------------------ OverLayBench
+
+OVERLAY_ANNOTATION = {
+    "caption": "two cats on a sofa",
+    "annotations": {"cat_1": {"category": "cat", "bbox": [0, 0, 400, 400], "local_prompt": "a grey cat"},
+                    "cat_2": {"category": "cat", "bbox": [200, 200, 600, 600], "local_prompt": "a black cat"},
+                    "sofa_1": {"category": "sofa", "bbox": [0, 500, 1024, 1024], "local_prompt": "a red sofa"}},
+    "relations": {"(cat_1, cat_2)": "cat_1 is next to cat_2", "(cat_2, sofa_1)": "cat_2 sits on sofa_1"},
+    "valid_overlap": [{"overlap_box": [0, 1]}, {"overlap_box": [1, 2]}]}
+
+
+def write_overlaybench(folder):
+    """OverLayBench's evaluation set: data/{split}-*.parquet with image_id, annotation (a dict's text) and image."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split in ("simple", "medium", "hard"):
+        rows = [{"image": {"bytes": b"not read"}, "annotation": str(OVERLAY_ANNOTATION), "image_id": f"0000000{i}"}
+                for i in range(2)]
+        pq.write_table(pa.Table.from_pylist(rows), folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+class OverlayJudgeHandler(JudgeHandler):
+    """Qwen2.5-VL as the toolkit asks it: boxes exact at 64 pixels, 2 of 3 entities and 1 of 2 relations right."""
+
+    ANSWERS: typing.ClassVar[dict[str, str]] = {
+        "to detect": '```json\n{"cat": [[0, 0, 25, 25], [12.5, 12.5, 37.5, 37.5]], "sofa": [[0, 31.25, 64, 64]]}\n```',
+        "relationship between": '```json\n{"(cat_1, cat_2)": "Yes", "(cat_2, sofa_1)": "No"}\n```',
+        "whether the instances": '{"cat_1": "Yes", "cat_2": "No", "sofa_1": "yes"}'}
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["messages"][0]["role"] == "system" and "temperature" not in body
+        text = body["messages"][1]["content"][0]["text"]
+        answer = next(a for k, a in self.ANSWERS.items() if k in text)
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_overlaybench_whole_path(tmp_path, tiny_pipeline_dir, capsys):
+    httpd = QuietServer(("127.0.0.1", 0), OverlayJudgeHandler)
+    server = next(serve(httpd))
+    data, out = write_overlaybench(tmp_path / "OverLayBench_Eval"), tmp_path / "run"
+    args = ["bench", "overlaybench", "--data", str(data), "-o", str(out), "--model", str(tiny_pipeline_dir),
+            "--vlm-model", "Qwen/Qwen2.5-VL-32B-Instruct", "--base-url", server.base_url, "--height", "64",
+            "--width", "64", *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for split in ("simple", "medium", "hard"):
+        assert f"| {split} seed 42 | 100.00 | 100.00 | 66.67 | 50.00 | 2 |" in printed
+        assert (out / split / "images" / "000001.png").is_file()
+    assert "| EliGen, public leaderboard | 68.17 | 43.72 | - | - | - |" in printed
+    table = (out / "simple" / "table.md").read_text()
+    assert "the toolkit's CLIP scores and FID are not computed" in table and "not the protocol's" not in table
+    record = json.loads((out / "simple" / "overlaybench.json").read_text())
+    assert record["entities"][0]["instances"][1] == {"name": "cat_2", "box": [12.5, 12.5, 37.5, 37.5],
+                                                     "answer": "No"}
+    assert read_metadata(image_path(out / "hard", 0))["prompt"] == "two cats on a sofa"
+    assert main([*args, "--split", "medium", "--vlm-model", "other"]) == 0  # done: nothing is asked again
+    assert "the judge is 'other', not the protocol's Qwen2.5-VL-32B-Instruct" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from .data.annotate import AnnotateConfig
 from .data.generate import DataGenerateConfig
 from .data.plan import PlanConfig
 from .entities import LayoutError
-from .evals.harness import CocoMigConfig, LayoutSamConfig
+from .evals.harness import CocoMigConfig, LayoutSamConfig, OverLayBenchConfig
 from .families import cards, titles
 from .generate import GenerateConfig, InpaintConfig, checked_record, generate, read_metadata
 from .lora import (
@@ -133,20 +133,48 @@ def _add_bench_commands(commands) -> None:
              "irregular masks) rendered by (a) the base model, (b) train-free regional attention, (c) the EliGen "
              "LoRA; each entity segmented by its colour and scored against its mask. Prints a table, writes JSON "
              "and a contact sheet.")
+    raw = argparse.RawDescriptionHelpFormatter
     _command(bench, "layoutsam", LayoutSamConfig, partial(run_bench_harness, "layoutsam", LayoutSamConfig),
              "LayoutSAM-Eval: a VLM judges each box's crop (spatial, colour, texture, shape)",
-             f"LayoutSAM-Eval on any {titles()} model (with any --lora): layouts from the LayoutSAM-eval parquet "
-             "files (--data: a file or the dataset folder), rendered at the model's size with the boxes scaled "
-             "(sharded with --shard I/N, resumable), each box cropped and judged by a VLM (an OpenAI-compatible "
-             "server or a local Qwen2-VL / Qwen2.5-VL). Prints the table beside the published EliGen numbers, "
-             "writes per-entity JSON and a contact sheet.")
+             f"LayoutSAM-Eval on any {titles()} model (with any --lora), scored as CreatiLayout's "
+             "score_layoutsam_benchmark.py does: layouts from the LayoutSAM-eval parquet files (--data: a file or the "
+             "dataset folder; --indices FILE for a subset), rendered at the model's size with EliGen's reference "
+             "settings (sharded with --shard I/N, resumable), each box cropped and judged with the protocol's "
+             "questions and decoding by a VLM (MiniCPM-V 2.6 served by vLLM matches the protocol). Prints the table "
+             "beside the published numbers with their sources and what keeps the run from being comparable.",
+             epilog=_bench_epilog("layoutsam", "--data ./LayoutSAM-eval -o runs/layoutsam --indices subset.json "
+                                  "--vlm openai --base-url http://127.0.0.1:8000/v1 --vlm-model openbmb/MiniCPM-V-2_6",
+                                  "vllm serve openbmb/MiniCPM-V-2_6 --trust-remote-code --port 8000"),
+             formatter_class=raw)
     _command(bench, "cocomig", CocoMigConfig, partial(run_bench_harness, "cocomig", CocoMigConfig),
-             "COCO-MIG: Grounding DINO finds each instance; IoU, colour, I-SR / SR / mIoU per level",
-             f"COCO-MIG on any {titles()} model (with any --lora): layouts from MIG-Bench's mig_bench_anno.yaml "
-             "(--data: the file or its folder, with mig_bench.txt for the order), rendered at the model's size "
-             "with the boxes scaled (sharded, resumable), each instance detected with Grounding DINO "
-             "(transformers) and colour-checked. Prints I-SR, SR and mIoU per level L2-L6 beside the published "
-             "EliGen numbers, writes per-entity JSON and a contact sheet.")
+             "COCO-MIG: Grounding DINO finds each instance, SAM segments it; I-SR / SR / mIoU per level",
+             f"COCO-MIG on any {titles()} model (with any --lora), scored as MIG-Bench's eval_mig.py does: layouts "
+             "from mig_bench_anno.yaml (--data: the file or its folder, with mig_bench.txt for the order), rendered "
+             "with EliGen's reference settings (sharded, resumable), every image resized to 512x512 as OpenCV does, "
+             "each instance detected with Grounding DINO, its ground-truth box segmented with SAM (ViT-H) and the "
+             "mask's colour checked with the script's HSV table. Prints I-SR, SR and mIoU per level L2-L6 beside the "
+             "published numbers; --seeds N repeats the run and prints the spread.",
+             epilog=_bench_epilog("cocomig", "--data ./MIGC/bench_file -o runs/cocomig", ""), formatter_class=raw)
+    _command(bench, "overlaybench", OverLayBenchConfig, partial(run_bench_harness, "overlaybench", OverLayBenchConfig),
+             "OverLayBench: overlapping entities; a VLM predicts boxes and checks entities and relations",
+             f"OverLayBench on any {titles()} model (with any --lora), scored as its toolkit's OverLayBenchMeter does: "
+             "layouts from its evaluation set (--data: the dataset folder of parquet files; --split simple, medium, "
+             "hard or all), rendered with EliGen's reference settings, then Qwen2.5-VL (served or local) asked for "
+             "every instance's box (mIoU, overlap mIoU), whether each entity and each relation is right (SR_E, SR_R).",
+             epilog=_bench_epilog("overlaybench", "--data ./OverLayBench_Eval -o runs/overlaybench --vlm openai "
+                                  "--base-url http://127.0.0.1:8000/v1 --vlm-model Qwen/Qwen2.5-VL-32B-Instruct",
+                                  "vllm serve Qwen/Qwen2.5-VL-32B-Instruct --port 8000"),
+             formatter_class=raw)
+
+
+def _bench_epilog(name: str, arguments: str, server: str) -> str:
+    """The one command per family that reproduces the published setting (the model and its EliGen LoRA from the
+    family's card; every other setting is the protocol's and EliGen's reference by default)."""
+    lines = [f"  {server}"] if server else []
+    lines += [f"  eligen bench {name} {arguments} {cards()[family].example.replace(' --overlay', '')}"
+              for family in cards()]
+    heading = "reproduce the published setting on a GPU (one line per model family; the published numbers: the first)"
+    return heading + ":\n" + "\n".join(lines) + "\n"
 
 
 def run_train(given: dict) -> int:

@@ -5,6 +5,9 @@ the boxes the generator was given in pixels, the size, the seed and every settin
 PNG whose record matches this run is finished and never redone, a killed run restarts where it stopped, and
 ``--shard i/n`` (or RANK/WORLD_SIZE) processes render disjoint layouts into one folder. Boxes are scaled from the
 benchmark's normalised boxes to the size the model renders (its native size unless ``--width/--height``).
+
+The settings left unset are EliGen's reference ones for the model's family (:func:`eligen.options.resolve_sampling`;
+the negative prompt is the family card's ``reference_negative_prompt``), and every image records what it ran with.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .. import __version__
 from ..choices import DTYPE_NAMES
 from ..config import option
 from ..data.shards import parse_shard, shard_from_env
-from ..families import titles
+from ..families import card, model_family, titles
 from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
 from ..models import model_loras
 from ..options import (
@@ -57,10 +60,15 @@ class BenchRunConfig(SamplingOptions, EntityOptions):
     limit: int | None = option(None, "only the first N layouts (a quick subset)", metavar="N")
     stage: str = option("all", "run one stage only (all: generate, score, report)",
                         choices=("all", "generate", "score", "report"))
-    negative_prompt: str = option("", "negative prompt (used when the true CFG scale is above 1)")
+    negative_prompt: str | None = option(None, "negative prompt, used when the true CFG scale is above 1 (default: "
+                                         "the one of EliGen's reference examples for the model's family)")
     height: int | None = option(None, "image height (default: the model's native size); boxes are scaled to it")
     width: int | None = option(None, "image width (default: the model's native size); boxes are scaled to it")
     seed: int = option(42, "seed of every layout (the benchmarks' protocol: one fixed seed)")
+    seeds: int = option(1, "run the whole benchmark N times, with seeds SEED, SEED+1, ... (each in OUT/seed_S); the "
+                        "report gives each run and their mean and spread", metavar="N")
+    indices: Path | None = option(None, "score only these layouts: a file of their indices in the benchmark's file "
+                                  "(one per line, a JSON list, or JSON objects with an \"index\")", metavar="FILE")
     shard: str | None = option(None, "I/N: handle the layouts whose index is I mod N (default: from RANK and "
                                "WORLD_SIZE when WORLD_SIZE > 1, else 0/1)", metavar="I/N")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
@@ -75,7 +83,7 @@ class BenchRunConfig(SamplingOptions, EntityOptions):
         if self.data is None or self.out is None:
             raise ValueError("give the benchmark's files with --data PATH and an output folder with --out DIR")
         self.data, self.out = Path(self.data), Path(self.out)
-        for name in ("height", "width", "limit"):
+        for name in ("height", "width", "limit", "seeds"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -83,6 +91,8 @@ class BenchRunConfig(SamplingOptions, EntityOptions):
             raise ValueError(f"--sheet must be >= 0, got {self.sheet}")
         if self.shard is not None:
             parse_shard(self.shard)
+        if self.indices is not None:
+            self.indices = Path(self.indices)
 
     def shard_spec(self) -> tuple[int, int]:
         return parse_shard(self.shard) if self.shard is not None else shard_from_env()
@@ -116,6 +126,26 @@ def finished(path: Path, layout: BenchLayout, config: BenchRunConfig, benchmark:
     return same and sized
 
 
+def load_bench_pipeline(config: BenchRunConfig):
+    """The model the run benchmarks, with its LoRAs (the model's declared LoRA when no ``--lora``)."""
+    assert config.model is not None  # resolve_settings refuses a run without one
+    device = resolve_device(config.device)
+    return load_pipeline(config.model, device, config.dtype or default_dtype(device),
+                         config.lora or model_loras(config.model), config.lora_scale)
+
+
+class PipelineHolder:
+    """Loads the benchmark's pipeline on first use and keeps it for every later sub-run (seeds, splits)."""
+
+    def __init__(self, config: BenchRunConfig, pipe=None) -> None:
+        self.config, self.pipe = config, pipe
+
+    def load(self):
+        if self.pipe is None:
+            self.pipe = load_bench_pipeline(self.config)
+        return self.pipe
+
+
 def render_size(pipe, config: BenchRunConfig) -> tuple[int, int]:
     """``(width, height)``: the flags, else the model's native size, rounded down to the model's patch grid."""
     native_height, native_width = pipe.native_size()
@@ -147,25 +177,32 @@ def render_layout(pipe, layout: BenchLayout, config: BenchRunConfig, width: int,
     return image, boxes
 
 
-def generate_stage(layouts: list[BenchLayout], config: BenchRunConfig, benchmark: str, pipe=None) -> tuple[int, int]:
-    """Render this shard's unfinished layouts; ``(rendered, already there)``."""
+def resolve_settings(config: BenchRunConfig, pipe=None) -> BenchRunConfig:
+    """``config`` with every unset sampling option and the negative prompt filled from the model and its family
+    (EliGen's reference settings): what the images record."""
     if pipe is None and not config.model:
         raise ValueError(f"give the model to benchmark with --model (a {titles()} directory or hub id)")
-    defaults = (pipeline_sampling_defaults(pipe) if pipe is not None
-                else model_sampling_defaults(cast(str, config.model)))  # a model: refused above without one
-    config = dataclasses.replace(config, **resolve_sampling(config, defaults))  # as recorded, before comparing
+    if pipe is not None:
+        defaults, family = pipeline_sampling_defaults(pipe), pipe.family.card
+    else:  # a model: refused above without one
+        defaults, family = model_sampling_defaults(cast(str, config.model)), card(model_family(cast(str, config.model)))
+    negative = config.negative_prompt if config.negative_prompt is not None else family.reference_negative_prompt
+    return dataclasses.replace(config, negative_prompt=negative, **resolve_sampling(config, defaults))
+
+
+def generate_stage(layouts: list[BenchLayout], config: BenchRunConfig, benchmark: str, pipe=None) -> tuple[int, int]:
+    """Render this shard's unfinished layouts; ``(rendered, already there)``. ``pipe``: a loaded pipeline, or a
+    holder with ``load()`` (loaded only when there is something to render)."""
+    loaded = pipe.pipe if hasattr(pipe, "load") else pipe
+    config = resolve_settings(config, loaded)
     assert config.out is not None  # __post_init__ refuses a missing --out
     mine = my_layouts(layouts, config)
     todo = [layout for layout in mine if not finished(image_path(config.out, layout.index), layout, config, benchmark)]
     if not todo:
         return 0, len(mine)
-    if pipe is None:
-        assert config.model is not None  # refused above without a pipeline
-        device = resolve_device(config.device)
-        dtype = config.dtype or default_dtype(device)
-        pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale)
-    else:
-        dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
+    if pipe is None or hasattr(pipe, "load"):
+        pipe = pipe.load() if pipe is not None else load_bench_pipeline(config)
+    dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     width, height = render_size(pipe, config)

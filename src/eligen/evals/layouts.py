@@ -4,30 +4,40 @@
   ``global_caption``, ``bbox_list`` (pixel boxes on the source image, often stored as the text of a Python list),
   ``region_captions`` (short names), ``detail_region_captions`` (the full entity prompts), ``width``, ``height``
   and ``file_name``. The generator gets the detailed captions; the judge checks the short names and the details.
+  Boxes are normalised and rounded to 3 decimals, as the benchmark's own dataset class does.
 - **COCO-MIG** (MIG-Bench): ``mig_bench_anno.yaml`` maps each global prompt to its instance phrases ("a black
   airplane"), each with a list of normalised boxes, plus a ``coco_id``; ``mig_bench.txt`` beside it lists the
   prompts in order. The evaluation's JSON form (``{id: {"caption", "segment": [{"label", "bbox"}]}}``) is read too.
   The level of a layout is its number of instances (L2-L6).
+- **OverLayBench** (its evaluation dataset, parquet, splits ``simple``, ``medium``, ``hard``): one row per layout
+  with ``image_id`` and ``annotation``, the text of a Python dict: ``caption``, ``annotations`` (instance name ->
+  ``category``, ``bbox`` in pixels of a 1024x1024 canvas, and its description), ``relations`` and
+  ``valid_overlap``. The parsed dict is kept whole (:attr:`BenchLayout.annotation`): the judge's questions embed it.
 
 Boxes are kept normalised (:mod:`eligen.evals.boxes`): they become pixels only at the size an image is made at.
+:func:`read_indices` reads a subset (``--indices FILE``).
 """
 
 from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..files import read_utf8
 from .boxes import Box, check_normalised, normalise
 
+LAYOUTSAM_DECIMALS = 3  # the benchmark's dataset class rounds each normalised coordinate to 3 decimals
 LAYOUTSAM_FIELDS = ("global_caption", "bbox_list", "region_captions", "detail_region_captions", "width", "height")
 MIG_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown")
 MIG_ANNOTATION = "mig_bench_anno.yaml"
 MIG_PROMPTS = "mig_bench.txt"
 ARTICLES = ("a", "an", "the")
+OVERLAYBENCH_SPLITS = ("simple", "medium", "hard")
+OVERLAYBENCH_CANVAS = 1024  # OverLayBench's boxes are pixels of a 1024x1024 canvas
+OVERLAYBENCH_PROMPT_KEYS = ("local_prompt", "local_prompts", "description")  # an instance's description, if any
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class BenchEntity:
     name: str
     detail: str | None = None
     colour: str | None = None
+    category: str | None = None  # OverLayBench: the instance's category
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class BenchLayout:
     key: str  # the benchmark's own name for it (LayoutSAM: file_name; COCO-MIG: the prompt and coco_id)
     prompt: str
     entities: tuple[BenchEntity, ...]
+    annotation: dict[str, Any] | None = field(default=None, compare=False)  # OverLayBench: the parsed annotation
 
     @property
     def level(self) -> int:
@@ -90,14 +102,16 @@ def layoutsam_layout(index: int, row: dict[str, Any]) -> BenchLayout:
     if width <= 0 or height <= 0:
         raise ValueError(f"{where}: width and height must be positive, got {width}x{height}")
     entities = tuple(
-        BenchEntity(prompt=str(detail), box=check_normalised(normalise(box, width, height), f"{where}, box {i}"),
+        BenchEntity(prompt=str(detail), box=check_normalised(
+            [round(v, LAYOUTSAM_DECIMALS) for v in normalise(box, width, height)], f"{where}, box {i}"),
                     name=str(name), detail=str(detail))
         for i, (box, name, detail) in enumerate(zip(boxes, names, details, strict=True)))
     key = str(row.get("file_name") or f"{index:06d}")
     return BenchLayout(index=index, key=key, prompt=str(row["global_caption"]), entities=entities)
 
 
-def _parquet_rows(files: list[Path]) -> list[dict[str, Any]]:
+def _parquet_rows(files: list[Path], wanted: tuple[str, ...] = (*LAYOUTSAM_FIELDS, "file_name"),
+                  ) -> list[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -105,7 +119,7 @@ def _parquet_rows(files: list[Path]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for path in files:
         schema = pq.read_schema(path)
-        columns = [c for c in (*LAYOUTSAM_FIELDS, "file_name") if c in schema.names]  # never the image column
+        columns = [c for c in wanted if c in schema.names]  # never the image column
         rows.extend(pq.read_table(path, columns=columns).to_pylist())
     return rows
 
@@ -212,3 +226,86 @@ def read_cocomig(path: str | Path) -> list[BenchLayout]:
             raise ValueError(f"{path}: prompt {index} ({prompt[:40]!r}) has no instances")
         layouts.append(BenchLayout(index=index, key=key, prompt=prompt, entities=tuple(entities)))
     return layouts
+
+
+def read_indices(path: str | Path) -> list[int]:
+    """A subset of layouts by their index in the benchmark's file: a JSON list of integers, a JSON list of objects
+    with ``"index"`` (the form ContextGen's LayoutSAM-Eval pack lists its subset in) or one integer per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--indices file not found: {path}")
+    text = read_utf8(path, "layout indices")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of layout indices (JSON, or one integer per line)")
+    out = []
+    for number, item in enumerate(data):
+        value = item.get("index") if isinstance(item, dict) else item
+        try:
+            index = int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: entry {number} ({item!r}) is not a layout index") from None
+        if index < 0 or (isinstance(value, float) and value != index):
+            raise ValueError(f"{path}: entry {number} ({item!r}) is not a layout index")
+        out.append(index)
+    if not out:
+        raise ValueError(f"{path}: no layout index in it")
+    return sorted(set(out))
+
+
+def _annotation(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{where}: 'annotation' is not the text of a Python dict") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: 'annotation' must be a dict, got {type(value).__name__}")
+    for name, kind in (("caption", str), ("annotations", dict), ("relations", dict), ("valid_overlap", list)):
+        if not isinstance(value.get(name), kind):
+            raise ValueError(f"{where}: the annotation's {name!r} must be a {kind.__name__} (OverLayBench's format)")
+    return value
+
+
+def overlaybench_layout(index: int, row: dict[str, Any], where: str) -> BenchLayout:
+    """One OverLayBench row (``image_id``, ``annotation``) as a layout; errors name the row and the field."""
+    if row.get("image_id") is None or row.get("annotation") is None:
+        raise ValueError(f"{where}: missing field(s) image_id / annotation (OverLayBench's evaluation rows)")
+    annotation = _annotation(row["annotation"], where)
+    entities = []
+    for name, instance in annotation["annotations"].items():
+        if not isinstance(instance, dict) or "bbox" not in instance or "category" not in instance:
+            raise ValueError(f"{where}: instance {name!r} needs 'category' and 'bbox'")
+        prompt = next((str(instance[k]) for k in OVERLAYBENCH_PROMPT_KEYS if instance.get(k)),
+                      str(instance["category"]))
+        box = [float(v) / OVERLAYBENCH_CANVAS for v in instance["bbox"]]
+        entities.append(BenchEntity(prompt=prompt, box=check_normalised(box, f"{where}, instance {name!r}"),
+                                    name=str(name), category=str(instance["category"])))
+    if not entities:
+        raise ValueError(f"{where}: no instances")
+    return BenchLayout(index=index, key=str(row["image_id"]), prompt=annotation["caption"], entities=tuple(entities),
+                       annotation=annotation)
+
+
+def read_overlaybench(path: str | Path, split: str) -> list[BenchLayout]:
+    """One split of OverLayBench from a local copy of its evaluation dataset (the folder: every ``*.parquet`` below
+    it whose name starts with the split, in name order), one parquet file or a ``.jsonl`` of rows."""
+    if split not in OVERLAYBENCH_SPLITS:
+        raise ValueError(f"unknown OverLayBench split {split!r}; choose one of {', '.join(OVERLAYBENCH_SPLITS)}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"OverLayBench data not found: {path}")
+    if path.is_dir():
+        files = [f for f in sorted(path.rglob("*.parquet")) if f.name.startswith(split)]
+        if not files:
+            raise ValueError(f"{path}: no {split}-*.parquet inside; give the folder of OverLayBench's evaluation set")
+        rows = _parquet_rows(files, ("image_id", "annotation"))
+    elif path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in read_utf8(path, "OverLayBench rows").splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("split", split) == split]
+    else:
+        rows = _parquet_rows([path], ("image_id", "annotation"))
+    return [overlaybench_layout(i, row, f"OverLayBench {split} row {i}") for i, row in enumerate(rows)]

@@ -50,6 +50,7 @@ class FamilyCard:
     tiny_pipeline: str  # "module:function(path, seed=0, **sizes) -> Path": a tiny random pipeline, for tests
     defaults: SamplingDefaults  # the diffusers pipeline's own (the Python API keeps them: zero entities == stock)
     reference: SamplingDefaults  # EliGen's reference settings for the family (what the commands run by default)
+    reference_negative_prompt: str = ""  # the negative prompt of EliGen's reference examples (the benchmarks' default)
     default_cfg: str = "plain"  # the CFG combination (eligen.choices.CFG_MODES) its diffusers pipeline uses
     example: str = ""  # `eligen generate` arguments that run the family's model with its EliGen LoRA (help texts)
     hub_names: str = ""

@@ -17,6 +17,9 @@ CARD = FamilyCard(
     tiny_pipeline="eligen.families.flux.testing:save_tiny_pipeline",
     defaults=SamplingDefaults(steps=28, true_cfg=1.0, guidance=3.5, max_sequence_length=512),
     reference=SamplingDefaults(steps=50, true_cfg=3.0, guidance=3.5, max_sequence_length=512),  # the paper's
+    # the reference's FLUX.1 EliGen examples (entity control, styled entities)
+    reference_negative_prompt="worst quality, low quality, monochrome, zombie, interlocked fingers, Aissist, cleavage, "
+                              "nsfw",
     default_cfg="plain",
     example="--model black-forest-labs/FLUX.1-dev --lora modelscope/EliGen --overlay",
     hub_names="",  # an uncached hub id no other family claims is read as FLUX.1
