@@ -284,7 +284,7 @@ def test_speed_options(pipes, dirs):
     with pytest.raises(ValueError, match=r"first-block cache is not available for FLUX\.2: .*single-stream"):
         enable_first_block_cache(compiled, 0.0)
     compiled.compile_transformer(backend="eager")  # dynamo traces both regional processors (fullgraph)
-    one_step = {**call, "num_inference_steps": 1}
+    one_step = kwargs(num_inference_steps=1)  # one branch, one step: each block kind traced once
     out = compiled(**one_step, entities=ENTITIES, attention="segmented", compile=True, generator=gen(5)).images
     torch.testing.assert_close(out, ours(**one_step, entities=ENTITIES, generator=gen(5)).images, atol=1e-5,
                                rtol=1e-5)
