@@ -80,6 +80,14 @@ def test_klein_zero_entities_equal_stock(pipes, cfg, output_type):
         assert mine.shape == (1, 4, H // 2, W // 2)
 
 
+def test_dev_zero_entities_equal_stock_at_another_guidance(pipes):
+    """[dev]'s guidance is embedded (no negative branch in diffusers); the generic suite runs its default 4."""
+    ours, stock = pipes["dev"]
+    mine = ours(**kwargs(guidance_scale=2.5), generator=gen(1)).images
+    assert torch.equal(mine, stock(**kwargs(guidance_scale=2.5), generator=gen(1)).images)
+    assert not torch.equal(mine, stock(**kwargs(), generator=gen(1)).images)
+
+
 def test_klein_true_cfg_names_are_its_cfg(pipes):
     """EliGen's true_cfg_scale / negative_prompt (the commands' names) are [klein]'s CFG scale and negative."""
     ours, stock = pipes["klein"]
