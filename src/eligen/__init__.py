@@ -9,16 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from .entities import Entity, Layout, LayoutError, load_layout, save_layout
-from .families import cards, pipeline_class
+from .families import eligen_pipelines
+from .families.card import load
 
 __version__ = "0.1.0"
-_PIPELINES = {card.pipeline_class_name: card.name for card in cards().values()}
+_PIPELINES = {name: card.eligen_pipeline for name, card in eligen_pipelines().items()}
 __all__ = ["Entity", "Layout", "LayoutError", "load_layout", "reference_sigmas", "save_layout", *_PIPELINES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _PIPELINES:
-        return pipeline_class(_PIPELINES[name])
+        return load(_PIPELINES[name])
     if name == "reference_sigmas":
         from .schedules import reference_sigmas
 

@@ -79,11 +79,15 @@ class KeyFormats:
     """A family's own LoRA key styles (its ``diffsynth`` and ``kohya`` forms); the family's card names one.
 
     ``markers``: module-name parts that only this family's transformer has (they tell a diffusers-named file's
-    family). ``hub_files``: the released LoRA repos and the file in each. ``block_names``: the transformer's block
-    lists as ``eligen lora info`` calls them (``double`` / ``single``).
+    family); a marker with dots (``ff.net``) is a run of consecutive parts, in which ``*`` stands for any one part
+    (``single_transformer_blocks.*.proj_out``). ``hub_files``: the released LoRA repos
+    and the file in each. ``block_names``: the transformer's block lists as ``eligen lora info`` calls them
+    (``double`` / ``single``). ``forms``: the family's own formats it writes (a trained LoRA is saved in these and
+    in diffusers form).
     """
 
     markers: ClassVar[frozenset[str]] = frozenset()
+    forms: ClassVar[tuple[str, ...]] = ("diffsynth", "kohya")
     hub_files: ClassVar[dict[str, str]] = {}
     block_names: ClassVar[dict[str, str]] = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
 
@@ -131,6 +135,13 @@ def _check_family(family: str) -> str:
     return family
 
 
+@cache
+def _marker(marker: str) -> re.Pattern:
+    """A dotted marker as a pattern over a dotted module name (``*``: any one part)."""
+    parts = (r"[^.]+" if p == "*" else re.escape(p) for p in marker.split("."))
+    return re.compile(r"(?:^|\.)" + r"\.".join(parts) + r"(?:\.|$)")
+
+
 def _named_family(modules) -> str | None:
     """The family that module names such as ``transformer_blocks.0.img_mod.1`` belong to; None if they are
     common to several (``attn.to_q``, ``proj_out``, ...). Raises for names of several families at once."""
@@ -138,7 +149,7 @@ def _named_family(modules) -> str | None:
     for module in modules:
         parts = set(module.split("."))
         for family, formats in key_formats().items():
-            if parts & formats.markers:
+            if any(m in parts if "." not in m else _marker(m).search(module) for m in formats.markers):
                 found.setdefault(family, []).append(module)
     if len(found) > 1:
         raise LoraFormatError("the LoRA mixes layers of several model families: " + "; ".join(
@@ -226,14 +237,16 @@ def read_diffusers(state_dict: Mapping[str, torch.Tensor]) -> LoraWeights:
     return checked_layers(grouped, "diffusers")
 
 
-def _styles(keys: list[str]) -> dict[str, tuple[str, str]]:
-    """``key -> (family, style)`` for every key some family's own style claims."""
+def _styles(keys: list[str], family: str | None = None) -> dict[str, tuple[str, str]]:
+    """``key -> (family, style)`` for every key some family's own style claims: ``family``'s style first (two
+    families' forms can share key names), then in registry order."""
     out = {}
+    order = sorted(key_formats().items(), key=lambda item: item[0] != family)
     for key in keys:
-        for family, formats in key_formats().items():
+        for owner, formats in order:
             style = formats.style(key)
             if style is not None:
-                out[key] = (family, style)
+                out[key] = (owner, style)
                 break
     return out
 
@@ -242,7 +255,7 @@ def _detect(keys: list[str], family: str | None) -> tuple[str, str | None]:
     """``(format, family the key style names or None)``; raises :class:`LoraFormatError` for anything else."""
     if not keys:
         raise LoraFormatError("the LoRA file holds no tensors")
-    claimed = _styles(keys)
+    claimed = _styles(keys, family)
     kinds = set(claimed.values())
     owner: str | None
     if len(claimed) == len(keys) and len(kinds) == 1:

@@ -96,10 +96,10 @@ def sampling_defaults(card: Any, declared: dict[str, Any], baseline: str = "refe
 
 def model_sampling_defaults(model: str, baseline: str = "reference") -> dict[str, Any]:
     """:func:`sampling_defaults` of a model directory or hub id, read from its files (torch-free)."""
-    from .families import card, model_family
+    from .families import model_card
     from .models import model_defaults
 
-    return sampling_defaults(card(model_family(model)), model_defaults(model), baseline)
+    return sampling_defaults(model_card(model), model_defaults(model), baseline)
 
 
 def pipeline_sampling_defaults(pipe: Any, baseline: str = "reference") -> dict[str, Any]:

@@ -72,11 +72,18 @@ def resolution_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, ba
     return image_seq_len * m + b
 
 
+def scheduler_resolution_shift(config, image_seq_len: int) -> float:
+    """:func:`resolution_shift` with the anchors of a scheduler's config (diffusers' defaults where it has none)."""
+    return resolution_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                            config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
 def flow_timesteps(scheduler, num_inference_steps: int, sigmas, shift_sigmas: bool, image_seq_len: int,
-                   device: torch.device):
+                   device: torch.device, mu: float | None = None):
     """Set up a flow-matching scheduler exactly as diffusers' flow-matching pipelines do (a
-    resolution-dependent shift ``mu``); ``shift_sigmas=False`` uses ``sigmas`` verbatim. Returns the scheduler used
-    (a copy for verbatim sigmas), its timesteps and their number (given sigmas set the number of steps)."""
+    resolution-dependent shift ``mu``: by default :func:`scheduler_resolution_shift`, or the family's own);
+    ``shift_sigmas=False`` uses ``sigmas`` verbatim. Returns the scheduler used (a copy for verbatim sigmas), its
+    timesteps and their number (given sigmas set the number of steps)."""
     if not shift_sigmas:
         if sigmas is None:
             raise ValueError("`shift_sigmas=False` needs explicit `sigmas`, e.g. eligen.reference_sigmas(50)")
@@ -85,9 +92,8 @@ def flow_timesteps(scheduler, num_inference_steps: int, sigmas, shift_sigmas: bo
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
     if getattr(scheduler.config, "use_flow_sigmas", False):
         sigmas = None
-    config = scheduler.config
-    mu = resolution_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                          config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    if mu is None:
+        mu = scheduler_resolution_shift(scheduler.config, image_seq_len)
     if sigmas is None:  # as diffusers' retrieve_timesteps: given sigmas set the number of steps
         scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
     else:

@@ -43,6 +43,13 @@ def enable_first_block_cache(pipe, threshold: float = 0.05) -> None:
         raise ValueError(f"the first-block cache threshold is a number >= 0 (0: exact), got {threshold!r}")
     if getattr(pipe.transformer, "_eligen_compiled", False):
         raise ValueError("enable the first-block cache before compiling the transformer (compile=True)")
+    from .families import family_of_transformer, get_family
+
+    name = family_of_transformer(pipe.transformer)  # an EliGen pipeline's family, or a stock pipeline's
+    family = get_family(name) if name is not None else None
+    why = family.unsupported.get("first_block_cache") if family is not None else None
+    if why is not None:
+        raise ValueError(f"the first-block cache is not available for {family.card.title}: {why}")
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold)))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from .card import FamilyCard, load
 
-FAMILIES = ("flux", "qwen_image")  # a new family: its package, and its name here
+FAMILIES = ("flux", "qwen_image", "flux2")  # a new family: its package, and its name here
 
 
 class UnknownFamilyError(ValueError):
@@ -52,20 +52,27 @@ def family_of_transformer(transformer: Any) -> str | None:
     return next((c.name for c in cards().values() if names & set(c.transformers)), None)
 
 
-def family_of_index(index: dict[str, Any], where: str) -> str:
+def card_of_index(index: dict[str, Any], where: str) -> FamilyCard:
+    """The card serving a checkpoint whose ``model_index.json`` is ``index`` (a family's, or one of its variants')."""
     name = index.get("_class_name")
     found = family_of_pipeline_class(name)
     if found is None:
         known = ", ".join(p for c in cards().values() for p in c.pipelines if not p.startswith("EliGen"))
         raise UnknownFamilyError(f"{where} is a {name or 'unnamed'} checkpoint; eligen runs these pipelines: {known}")
-    return found
+    return cards()[found].serving(name)
 
 
-def model_family(model: str | Path) -> str:
-    """The family of a pipeline directory or hub id, from its ``model_index.json``.
+def family_of_index(index: dict[str, Any], where: str) -> str:
+    return card_of_index(index, where).name
+
+
+def model_card(model: str | Path) -> FamilyCard:
+    """The card serving a pipeline directory or hub id, from its ``model_index.json``: its family's, or the
+    variant's whose pipeline class the checkpoint names (a family serving several diffusers pipelines).
 
     A hub id is looked up in the local cache only (nothing downloads here); one that is not cached is read as the
-    family its name says (each card's ``hub_names``) and left to ``from_pretrained`` to fetch.
+    family its name says (each card's ``hub_names``, a family's variants before the family) and left to
+    ``from_pretrained`` to fetch.
     """
     from ..models import resolve_model
 
@@ -74,7 +81,7 @@ def model_family(model: str | Path) -> str:
     if path.is_dir():
         if not index_file.is_file():
             raise UnknownFamilyError(f"{path} has no model_index.json: not a diffusers pipeline directory")
-        return family_of_index(json.loads(index_file.read_text()), str(path))
+        return card_of_index(json.loads(index_file.read_text()), str(path))
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -82,10 +89,15 @@ def model_family(model: str | Path) -> str:
     except Exception:  # not a valid repo id
         cached = None
     if isinstance(cached, str):
-        return family_of_index(json.loads(Path(cached).read_text()), str(model))
-    named = [c.name for c in cards().values() if c.matches_hub_id(str(model))]
-    fallback = [c.name for c in cards().values() if not c.hub_names]
-    return (named or fallback or list(FAMILIES))[0]
+        return card_of_index(json.loads(Path(cached).read_text()), str(model))
+    named = [c for main in cards().values() for c in main.all_cards() if c.matches_hub_id(str(model))]
+    fallback = [c for c in cards().values() if not c.hub_names]
+    return (named or fallback or list(cards().values()))[0]
+
+
+def model_family(model: str | Path) -> str:
+    """The family of a pipeline directory or hub id, from its ``model_index.json`` (see :func:`model_card`)."""
+    return model_card(model).name
 
 
 def get_family(name: str):
@@ -94,9 +106,16 @@ def get_family(name: str):
 
 
 def pipeline_class(name: str) -> type[Any]:
-    """The EliGen pipeline class of a family (imports torch and diffusers)."""
+    """The EliGen pipeline class of a family (imports torch and diffusers); a family serving several diffusers
+    pipelines: that of its own card (its variants' are :func:`model_card` ``(...).eligen_pipeline``)."""
     return load(card(name).eligen_pipeline)
 
 
-__all__ = ["FAMILIES", "FamilyCard", "UnknownFamilyError", "card", "cards", "family_of_index",
-           "family_of_transformer", "get_family", "model_family", "pipeline_class", "titles"]
+def eligen_pipelines() -> dict[str, FamilyCard]:
+    """Every EliGen pipeline class name (variants included) -> the card whose ``eligen_pipeline`` it is."""
+    return {c.pipeline_class_name: c for main in cards().values() for c in main.all_cards()}
+
+
+__all__ = ["FAMILIES", "FamilyCard", "UnknownFamilyError", "card", "card_of_index", "cards", "eligen_pipelines",
+           "family_of_index", "family_of_transformer", "get_family", "model_card", "model_family", "pipeline_class",
+           "titles"]

@@ -18,7 +18,7 @@ import torch
 from ..choices import CFG_MODES
 from ..inpaint import plain_cfg  # N_neg + s (N_pos - N_neg): FLUX's true CFG, the reference's Qwen one
 from ..regional.sequence import TokenSequence
-from ..schedules import TrainingSchedule
+from ..schedules import TrainingSchedule, scheduler_resolution_shift
 from .card import FamilyCard
 
 
@@ -60,6 +60,8 @@ class ModelFamily:
     block_kwargs: ClassVar[str] = "joint_attention_kwargs"  # the block argument that carries the mask
     processors: ClassVar[dict[type, type]]  # diffusers' stock attention processor -> the family's regional one
     has_pooled: ClassVar[bool] = False  # the transformer takes a pooled text vector
+    # options the architecture cannot have -> why (eligen.speedups and the pipelines refuse them by name)
+    unsupported: ClassVar[dict[str, str]] = {}
 
     @property
     def name(self) -> str:
@@ -132,6 +134,12 @@ class ModelFamily:
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
         """One forward: packed latents ``(B, n_img, C)`` and ``timestep`` (B,) in [0, 1] -> velocity."""
         raise NotImplementedError
+
+    def schedule_mu(self, scheduler_config, image_seq_len: int, num_inference_steps: int) -> float:
+        """The scheduler's dynamic shift ``mu`` for a call of ``num_inference_steps`` steps over ``image_seq_len``
+        image tokens, as the family's diffusers pipeline computes it; by default diffusers' resolution shift (linear
+        in the token count between the scheduler's anchors)."""
+        return scheduler_resolution_shift(scheduler_config, image_seq_len)
 
     # -- training --------------------------------------------------------------------------------------------
 

@@ -38,6 +38,12 @@ class FamilyCard:
     transformer classes. ``hub_names``: a case-insensitive regex that an uncached hub id of this family matches (the
     first family whose regex matches wins; a family with ``""`` is the fallback). ``features``: optional abilities
     (``"ip_adapter"``).
+
+    ``variants``: a family that serves more than one diffusers pipeline on the same transformer (FLUX.2 [dev] and
+    [klein]) gives each further pipeline a card of its own, with the same ``name``: its ``pipelines`` (the stock
+    class and its EliGen class), ``eligen_pipeline``, ``family``, defaults and hub-id pattern. The family's own card
+    then lists every class in ``pipelines``; :meth:`serving` picks the card of a checkpoint's class. A family
+    without variants is one card, as before.
     """
 
     name: str
@@ -55,10 +61,19 @@ class FamilyCard:
     example: str = ""  # `eligen generate` arguments that run the family's model with its EliGen LoRA (help texts)
     hub_names: str = ""
     features: frozenset[str] = field(default_factory=frozenset)
+    variants: tuple[FamilyCard, ...] = ()  # further diffusers pipelines of the family, one card each
 
     @property
     def pipeline_class_name(self) -> str:
         return self.eligen_pipeline.partition(":")[2]
+
+    def all_cards(self) -> tuple[FamilyCard, ...]:
+        """This card and its variants' (each variant's hub-id pattern is tried before the family's own)."""
+        return (*self.variants, self)
+
+    def serving(self, class_name: str | None) -> FamilyCard:
+        """The card (a variant's, else this one) whose pipelines include ``class_name``."""
+        return next((v for v in self.variants if class_name in v.pipelines), self)
 
     def matches_hub_id(self, hub_id: str) -> bool:
         return bool(self.hub_names) and re.search(self.hub_names, hub_id, re.IGNORECASE) is not None

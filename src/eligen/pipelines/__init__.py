@@ -15,11 +15,12 @@ def load_eligen_pipeline(model: str, **kwargs: Any):
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled
 
-    from ..families import model_family, pipeline_class
+    from ..families import model_card
+    from ..families.card import load
 
     if are_progress_bars_disabled():
         diffusers_logging.disable_progress_bar()
-    cls = pipeline_class(model_family(model))
+    cls = load(model_card(model).eligen_pipeline)
     try:
         return cls.from_pretrained(model, **kwargs)
     except OSError as exc:  # a hub id that is not cached while offline, a broken download, a missing file

@@ -243,8 +243,9 @@ class EliGenCallMixin(EliGenMixin):
             raise ValueError(f"`latents` hold {latents.shape[1]} tokens but the entity masks were rasterised for "
                              f"{ents.cover.shape[-1]} ({size[1]}x{size[0]}); pass matching height/width")
         assert call.num_inference_steps is not None  # filled by _fill_defaults
+        mu = self.family.schedule_mu(self.scheduler.config, latents.shape[1], call.num_inference_steps)
         scheduler, timesteps, steps = flow_timesteps(self.scheduler, call.num_inference_steps, call.sigmas,
-                                                     call.shift_sigmas, latents.shape[1], latents.device)
+                                                     call.shift_sigmas, latents.shape[1], latents.device, mu)
         lat_h, lat_w = latent_grid_size(*size, self.vae_scale_factor, self.family.patch_size)
         geometry = self.family.geometry(self, latents.shape[0], lat_h, lat_w, latents.device, latents.dtype)
         plan = None

@@ -15,7 +15,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ..entities import LayoutError
-from ..families import card, family_of_index
+from ..families import card_of_index
 from ..families.base import ModelFamily
 from ..lora import load_lora_adapter, set_adapter_scale
 from ..masks import token_cover
@@ -48,11 +48,11 @@ class EliGenMixin:
         """
         path = resolve_model(pretrained_model_name_or_path)
         index = Path(str(path)) / "model_index.json"
-        if index.is_file():
-            family = family_of_index(json.loads(index.read_text()), str(path))
-            if family != cls.family.name:
-                raise ValueError(f"{path} is a {card(family).title} checkpoint; load it with "
-                                 f"eligen.{card(family).pipeline_class_name}")
+        if index.is_file():  # the family's, or the variant's card whose pipeline class the checkpoint names
+            serving = card_of_index(json.loads(index.read_text()), str(path))
+            if serving.name != cls.family.name or serving.eligen_pipeline != cls.family.card.eligen_pipeline:
+                raise ValueError(f"{path} is a {serving.title} checkpoint; load it with "
+                                 f"eligen.{serving.pipeline_class_name}")
         pipe = super().from_pretrained(path, **kwargs)  # type: ignore[misc]
         pipe.eligen_defaults = model_defaults(path)
         if load_default_lora:

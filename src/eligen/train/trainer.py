@@ -97,12 +97,13 @@ def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
 
 
 def save_lora_files(weights, output_dir: Path, family: str | None = None) -> dict[str, Path]:
-    """The LoRA in all three key formats: ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
-    from ..lora import save_state_dict, write_lora
+    """The LoRA in the diffusers key format and the family's own ones (its ``KeyFormats.forms``; all three when no
+    family is named): ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
+    from ..lora import key_formats, save_state_dict, write_lora
 
-    files = {"diffusers": output_dir / "eligen_lora.safetensors",
-             "diffsynth": output_dir / "eligen_lora_diffsynth.safetensors",
-             "kohya": output_dir / "eligen_lora_kohya.safetensors"}
+    forms = key_formats()[family].forms if family is not None else ("diffsynth", "kohya")
+    files: dict[str, Path] = {"diffusers": output_dir / "eligen_lora.safetensors"}
+    files.update({fmt: output_dir / f"eligen_lora_{fmt}.safetensors" for fmt in ("diffsynth", "kohya") if fmt in forms})
     for fmt, path in files.items():
         with atomic_path(path) as tmp:
             save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)

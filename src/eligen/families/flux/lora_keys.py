@@ -200,9 +200,12 @@ def write_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
 
 
 class FluxKeyFormats(KeyFormats):
-    # module-name parts of FLUX.1's transformer that no other family's has
-    markers = frozenset({"ff", "ff_context", "norm1", "norm1_context", "single_transformer_blocks", "proj_mlp",
-                         "x_embedder", "context_embedder", "text_embedder", "guidance_embedder"})
+    # module-name parts (or runs of parts) of FLUX.1's transformer that no other family's has; FLUX.2 shares
+    # ff / ff_context, single_transformer_blocks, x_embedder, context_embedder and guidance_embedder
+    markers = frozenset({"ff.net", "ff_context.net", "norm1", "norm1_context", "norm.linear", "proj_mlp",
+                         "text_embedder", "time_text_embed.guidance_embedder",
+                         *(f"single_transformer_blocks.*.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v",
+                                                                          "proj_out"))})
     hub_files = {"modelscope/EliGen": "model_bf16.safetensors"}  # noqa: RUF012  (read only)
 
     def style(self, key: str) -> str | None:
