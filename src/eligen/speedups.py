@@ -48,7 +48,7 @@ def enable_first_block_cache(pipe, threshold: float = 0.05) -> None:
     name = family_of_transformer(pipe.transformer)  # an EliGen pipeline's family, or a stock pipeline's
     family = get_family(name) if name is not None else None
     why = family.unsupported.get("first_block_cache") if family is not None else None
-    if why is not None:
+    if family is not None and why is not None:
         raise ValueError(f"the first-block cache is not available for {family.card.title}: {why}")
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold)))
 
