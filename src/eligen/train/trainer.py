@@ -97,16 +97,25 @@ def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
 
 
 def save_lora_files(weights, output_dir: Path, family: str | None = None) -> dict[str, Path]:
-    """The LoRA in all three key formats: ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
-    from ..lora import save_state_dict, write_lora
+    """The LoRA in every key format its family has: ``eligen_lora{,_diffsynth,_kohya}.safetensors`` (diffusers
+    always; a family without a DiffSynth or kohya form gets no such file)."""
+    from ..lora import LoraFormatError, save_state_dict, write_lora
 
     files = {"diffusers": output_dir / "eligen_lora.safetensors",
              "diffsynth": output_dir / "eligen_lora_diffsynth.safetensors",
              "kohya": output_dir / "eligen_lora_kohya.safetensors"}
+    written = {}
     for fmt, path in files.items():
+        try:
+            state = write_lora(weights, fmt, family=family)
+        except LoraFormatError:
+            if fmt == "diffusers":
+                raise
+            continue
         with atomic_path(path) as tmp:
-            save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)
-    return files
+            save_state_dict(state, tmp, fmt)
+        written[fmt] = path
+    return written
 
 
 @dataclass
@@ -356,7 +365,7 @@ class Trainer:
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
         x_t = noisy_latents(x0, noise, sigmas)
         guidance = None  # only guidance-distilled transformers take the embedded guidance value
-        if self.transformer.config.guidance_embeds:
+        if getattr(self.transformer.config, "guidance_embeds", False):  # a config without the key has none
             guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
         with self.accelerator.autocast():
             prediction = self.family.forward(self.model, x_t, sigmas, branch, geometry, guidance)
