@@ -126,6 +126,7 @@ HOLDER = "_eligen_regional"
 ATTENTION_MASK_ARG = 3  # a block's positional arguments under gradient checkpointing: hidden, modulation, rope, mask
 
 
+@torch.compiler.disable  # a few dict entries; traced, it would guard on every block argument and recompile
 def _carry(block, args, kwargs):
     """The block's ``attention_mask`` -> ``{"model": it, ...the forward's context}`` for eligen's processor."""
     holder = block.__dict__.get(HOLDER)
