@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -126,22 +127,42 @@ HOLDER = "_eligen_regional"
 ATTENTION_MASK_ARG = 3  # a block's positional arguments under gradient checkpointing: hidden, modulation, rope, mask
 
 
-@torch.compiler.disable  # a few dict entries; traced, it would guard on every block argument and recompile
-def _carry(block, args, kwargs):
-    """The block's ``attention_mask`` -> ``{"model": it, ...the forward's context}`` for eligen's processor."""
+def _carried(block, mask) -> dict[str, Any] | None:
+    """``{"model": mask, ...the forward's context}`` for eligen's processor; None where the block's processor is
+    another or the mask is carried already."""
     holder = block.__dict__.get(HOLDER)
-    if holder is None or not isinstance(block.attn.processor, RegionalQwenImage21AttnProcessor):
+    if holder is None or isinstance(mask, dict) or not isinstance(block.attn.processor,
+                                                                   RegionalQwenImage21AttnProcessor):
         return None
-    positional = "attention_mask" not in kwargs and len(args) > ATTENTION_MASK_ARG
-    carried: dict[str, Any] = {"model": args[ATTENTION_MASK_ARG] if positional else kwargs.get("attention_mask")}
+    carried: dict[str, Any] = {"model": mask}
     context = holder.context
     if context is not None:
         carried.update(rotary=context.rotary, sequence=context.sequence, attention_mask=context.mask)
+    return carried
+
+
+@torch.compiler.disable  # a few dict entries; traced, it would guard on every block argument and recompile
+def _carry(block, args, kwargs):
+    """The block's ``attention_mask`` (a keyword, or the fourth positional argument) -> :func:`_carried`."""
+    positional = "attention_mask" not in kwargs and len(args) > ATTENTION_MASK_ARG
+    carried = _carried(block, args[ATTENTION_MASK_ARG] if positional else kwargs.get("attention_mask"))
+    if carried is None:
+        return None
     if positional:
         args = (*args[:ATTENTION_MASK_ARG], carried, *args[ATTENTION_MASK_ARG + 1:])
     else:
         kwargs["attention_mask"] = carried
     return args, kwargs
+
+
+def _checkpoint_carrying(checkpoint, block, *args):
+    """Gradient checkpointing of a block with the context bound into its arguments: the backward pass recomputes the
+    block after the forward has cleared the context, from these same arguments."""
+    if len(args) > ATTENTION_MASK_ARG:
+        carried = _carried(block, args[ATTENTION_MASK_ARG])
+        if carried is not None:
+            args = (*args[:ATTENTION_MASK_ARG], carried, *args[ATTENTION_MASK_ARG + 1:])
+    return checkpoint(block, *args)
 
 
 class RegionalQwenImage21AttnProcessor(RegionalProcessor, QwenImage21AttnProcessor):
@@ -316,6 +337,10 @@ class QwenImage21Family(ModelFamily):
             if state.context is None or state.geometry != geometry:
                 state.context, state.geometry = self._context(inner, branch, geometry, device), geometry
             context = state.context
+        checkpoint = None
+        if context is not None and getattr(inner, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            checkpoint = inner._gradient_checkpointing_func
+            inner._gradient_checkpointing_func = partial(_checkpoint_carrying, checkpoint)
         holder.context = context
         try:
             out = transformer(
@@ -325,6 +350,8 @@ class QwenImage21Family(ModelFamily):
             )[0]
         finally:
             holder.context = None
+            if checkpoint is not None:
+                inner._gradient_checkpointing_func = checkpoint
         return out[:, -n_img:]
 
     @staticmethod
