@@ -23,5 +23,5 @@ CARD = FamilyCard(
     reference=SamplingDefaults(steps=40, true_cfg=1.0, guidance=None, max_sequence_length=512),
     default_cfg="plain",
     example="--model Qwen/Qwen-Image-2.1 --lora my-qwen-image-2.1-eligen.safetensors",
-    hub_names=r"qwen.*image.*2\.?1",
+    hub_names=r"qwen.*image.*\b2\.1\b",  # Qwen/Qwen-Image-2.1 (not Qwen-Image-2512)
 )
