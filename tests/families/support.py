@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ from eligen.families import card, pipeline_class
 from eligen.families.card import load
 from families import oracles
 
-# Every call of the suite: 32x32 pixels, a few steps, short padded text (families that pad text pad to this).
+# Every call of the suite: 32x32 pixels (at least 4x4 tokens, image_size), a few steps, short padded text (families
+# that pad text pad to this).
 HEIGHT, WIDTH = 32, 32
+MIN_TOKENS = 4  # tokens per side at least, so the suite's entities leave some tokens uncovered
 STEPS = 2
 MAX_SEQUENCE_LENGTH = 16
 PROMPT = "a red circle on a gray background"
@@ -61,9 +64,17 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def call_kwargs(**overrides) -> dict[str, Any]:
-    """The suite's call: 32x32, ``STEPS`` steps, packed latents out."""
-    kwargs = dict(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+def image_size(pipe) -> tuple[int, int]:
+    """``(height, width)`` of the suite's image for ``pipe``'s family: 32x32, or 4x4 tokens where a token is wider
+    than 8 pixels."""
+    token = pipe.vae_scale_factor * pipe.family.patch_size
+    return max(HEIGHT, MIN_TOKENS * token), max(WIDTH, MIN_TOKENS * token)
+
+
+def call_kwargs(pipe, **overrides) -> dict[str, Any]:
+    """The suite's call for ``pipe``'s family: :func:`image_size`, ``STEPS`` steps, packed latents out."""
+    height, width = image_size(pipe)
+    kwargs = dict(prompt=PROMPT, height=height, width=width, num_inference_steps=STEPS,
                   max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="latent")
     kwargs.update(overrides)
     return kwargs
@@ -77,7 +88,7 @@ def box_mask(box: tuple[int, int, int, int], height: int, width: int) -> np.ndar
     return mask
 
 
-# Entity masks drawn at 48x40 (height x width), not the image's 32x32, so the NEAREST resize to the latent grid is
+# Entity masks drawn at 48x40 (height x width), not the image's size, so the NEAREST resize to the latent grid is
 # a real resampling; boxes off the token grid, so the any-pixel rule matters. Pairwise disjoint.
 MASK_HEIGHT, MASK_WIDTH = 48, 40
 ENTITY_PROMPTS = ("a dog", "a blue square", "a green tree")
@@ -93,9 +104,17 @@ def entity_kwargs(count: int = 2, prompts=None) -> dict[str, Any]:
     return {"entity_prompts": list(prompts or ENTITY_PROMPTS[:count]), "entity_masks": list(ENTITY_MASKS[:count])}
 
 
-def token_covers(pipe, masks, height: int = HEIGHT, width: int = WIDTH) -> list[list[bool]]:
-    """The oracle's token cover of each mask, on ``pipe``'s latent grid (its VAE scale factor, its family's patch)."""
-    return [oracles.token_cover(m, height, width, pipe.vae_scale_factor, pipe.family.patch_size) for m in masks]
+def accepted(pipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``kwargs`` that ``pipe``'s ``__call__`` takes (a stock pipeline without
+    ``max_sequence_length`` gets none)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def token_covers(pipe, masks) -> list[list[bool]]:
+    """The oracle's token cover of each mask, on ``pipe``'s latent grid (its VAE scale factor, its family's patch)
+    for the suite's image (:func:`image_size`)."""
+    return [oracles.token_cover(m, *image_size(pipe), pipe.vae_scale_factor, pipe.family.patch_size) for m in masks]
 
 
 def spy_velocity(pipe, monkeypatch) -> list[dict[str, Any]]:

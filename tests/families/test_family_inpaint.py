@@ -10,20 +10,21 @@ import torch
 
 from eligen.inpaint import pack_mask
 from families import oracles
-from families.support import HEIGHT, NEGATIVE, TRUE_CFG, WIDTH, call_kwargs, entity_kwargs, gen
+from families.support import NEGATIVE, TRUE_CFG, call_kwargs, entity_kwargs, gen, image_size
 
 CFG = pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "true-cfg"])
 
 
 def inpaint(pipe, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, z_init, inside)``: the call's packed latents, the input's, and the oracle's union packed like them."""
-    rgb = np.random.default_rng(4).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    height, width = image_size(pipe)
+    rgb = np.random.default_rng(4).integers(0, 256, (height, width, 3), dtype=np.uint8)
     ents = entity_kwargs(2)
     extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG) if cfg else {}
-    out = pipe(**call_kwargs(**extra), image=rgb, inpaint=True, **ents, generator=gen(5)).images
+    out = pipe(**call_kwargs(pipe, **extra), image=rgb, inpaint=True, **ents, generator=gen(5)).images
     z_init = pipe.encode_image_latents(rgb, out.device, out.dtype).expand_as(out)
     patch = pipe.family.patch_size
-    union = oracles.latent_union(ents["entity_masks"], HEIGHT, WIDTH, pipe.vae_scale_factor, patch)
+    union = oracles.latent_union(ents["entity_masks"], height, width, pipe.vae_scale_factor, patch)
     inside = pack_mask(torch.from_numpy(union), out.shape[-1] // patch**2, patch).bool().expand_as(out)
     assert inside.any() and not inside.all()
     return out, z_init, inside

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from families import oracles
-from families.support import ENTITY_MASKS, HEIGHT, WIDTH, token_covers
+from families.support import ENTITY_MASKS, image_size, token_covers
 
 
 def pil_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def test_the_suite_entities_cover_tokens_apart(pipe):
     layout the locality, inpainting and mask tests need, on this family's token grid."""
     covers = np.array(token_covers(pipe, ENTITY_MASKS))
     f, p = pipe.vae_scale_factor, pipe.family.patch_size
-    h, w = oracles.latent_grid(HEIGHT, WIDTH, f, p)
+    h, w = oracles.latent_grid(*image_size(pipe), f, p)
     assert covers.shape == (len(ENTITY_MASKS), (h // p) * (w // p))
     assert covers.any(axis=1).all()
     assert (covers.sum(axis=0) <= 1).all()

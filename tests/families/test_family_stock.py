@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from families.support import NEGATIVE, TRUE_CFG, call_kwargs, gen
+from families.support import NEGATIVE, TRUE_CFG, accepted, call_kwargs, gen
 
 
 @pytest.mark.parametrize("output_type", ["latent", "pt"], ids=["latents", "decoded"])
@@ -19,11 +19,12 @@ def test_zero_entities_equal_the_stock_pipeline(pipe, stock_pipe, cfg, output_ty
         pytest.skip(f"{type(stock_pipe).__name__} takes no negative_prompt / true_cfg_scale: the family's own tests "
                     "compare its CFG with the stock pipeline's")
     extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG) if cfg else {}
-    ours = pipe(**call_kwargs(output_type=output_type, **extra), generator=gen(1)).images
-    theirs = stock_pipe(**call_kwargs(output_type=output_type, **extra), generator=gen(1)).images
+    ours = pipe(**call_kwargs(pipe, output_type=output_type, **extra), generator=gen(1)).images
+    theirs = stock_pipe(**accepted(stock_pipe, call_kwargs(pipe, output_type=output_type, **extra)),
+                        generator=gen(1)).images
     assert isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     assert torch.equal(ours, theirs)
     if cfg:  # the negative branch ran: without it the stock pipeline gives something else
-        plain = stock_pipe(**call_kwargs(output_type=output_type), generator=gen(1)).images
+        plain = stock_pipe(**accepted(stock_pipe, call_kwargs(pipe, output_type=output_type)), generator=gen(1)).images
         assert not torch.equal(plain, theirs)

@@ -321,7 +321,8 @@ class EliGenCallMixin(EliGenMixin):
             f = self.vae_scale_factor
             keep = soft_union(ents.pixel_union(*source.size)[None], options.mask_dilate * f,
                               options.mask_blur * f).numpy()
-        images = self.image_processor.postprocess(image, output_type="np")
+        # the input is RGB: a decoder that gives RGBA has its alpha dropped
+        images = self.image_processor.postprocess(image, output_type="np")[..., :3]
         images = restore((images * 255).round().astype(np.uint8), source, keep)  # as diffusers makes PIL images
         if call.output_type == "pil":
             return [Image.fromarray(im) for im in images]

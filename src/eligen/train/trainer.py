@@ -357,7 +357,7 @@ class Trainer:
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
         x_t = noisy_latents(x0, noise, sigmas)
         guidance = None  # only guidance-distilled transformers take the embedded guidance value
-        if self.transformer.config.guidance_embeds:
+        if getattr(self.transformer.config, "guidance_embeds", False):  # a config without the key has none
             guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
         with self.accelerator.autocast():
             prediction = self.family.forward(self.model, x_t, sigmas, branch, geometry, guidance)

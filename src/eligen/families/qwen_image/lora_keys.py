@@ -72,8 +72,9 @@ def write_kohya(weights: LoraWeights) -> dict[str, torch.Tensor]:
 
 
 class QwenImageKeyFormats(KeyFormats):
-    # module-name parts of Qwen-Image's transformer that no other family's has
-    markers = frozenset({"img_mlp", "txt_mlp", "img_mod", "txt_mod", "img_in", "txt_in"})
+    # module-name parts of Qwen-Image's transformer that no other family's has (Qwen-Image 2.1 has img_mlp, img_in
+    # and txt_in too)
+    markers = frozenset({"txt_mlp", "img_mod", "txt_mod"})
     hub_files = {name: "model.safetensors" for name in (  # noqa: RUF012  (read only)
         "DiffSynth-Studio/Qwen-Image-EliGen", "DiffSynth-Studio/Qwen-Image-EliGen-V2",
         "DiffSynth-Studio/Qwen-Image-EliGen-Poster")}
