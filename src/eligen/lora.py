@@ -80,10 +80,12 @@ class KeyFormats:
 
     ``markers``: module-name parts that only this family's transformer has (they tell a diffusers-named file's
     family). ``hub_files``: the released LoRA repos and the file in each. ``block_names``: the transformer's block
-    lists as ``eligen lora info`` calls them (``double`` / ``single``).
+    lists as ``eligen lora info`` calls them (``double`` / ``single``). ``forms``: the family's own formats it writes
+    (a trained LoRA is saved in these and in diffusers form).
     """
 
     markers: ClassVar[frozenset[str]] = frozenset()
+    forms: ClassVar[tuple[str, ...]] = ("diffsynth", "kohya")
     hub_files: ClassVar[dict[str, str]] = {}
     block_names: ClassVar[dict[str, str]] = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
 

@@ -43,6 +43,9 @@ def enable_first_block_cache(pipe, threshold: float = 0.05) -> None:
         raise ValueError(f"the first-block cache threshold is a number >= 0 (0: exact), got {threshold!r}")
     if getattr(pipe.transformer, "_eligen_compiled", False):
         raise ValueError("enable the first-block cache before compiling the transformer (compile=True)")
+    why = pipe.family.unsupported.get("first_block_cache")
+    if why is not None:
+        raise ValueError(f"the first-block cache is not available for {pipe.family.card.title}: {why}")
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold)))
 
 
