@@ -54,7 +54,7 @@ class RegionalProcessor:
 
 def attention_processors(transformer) -> dict[str, Any]:
     """``transformer.attn_processors`` (``"<module>.processor" -> processor``); a transformer without diffusers'
-    ``AttentionMixin`` (Z-Image's, for one) gets the same walk over its attention modules."""
+    ``AttentionMixin`` gets the same walk over its attention modules."""
     if hasattr(transformer, "attn_processors"):
         return transformer.attn_processors
     return {f"{name}.processor": module.get_processor() for name, module in transformer.named_modules()
