@@ -64,6 +64,19 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+NO_CFG = {"true_cfg_scale": 1.0}  # no negative branch, said explicitly: some diffusers pipelines run CFG by default
+
+
+def packed(latents: torch.Tensor) -> torch.Tensor:
+    """A pipeline's ``output_type="latent"`` output in the shared loop's packed layout ``(B, n_img, C)``: a family
+    whose diffusers pipeline returns spatial latents ``(B, C, h, w)`` has them packed as ``_pack_latents`` packs (2x2
+    patches, tokens row-major, channels ``(c, p1, p2)``)."""
+    if latents.ndim == 3:
+        return latents
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
 def image_size(pipe) -> tuple[int, int]:
     """``(height, width)`` of the suite's image for ``pipe``'s family: 32x32, or 4x4 tokens where a token is wider
     than 8 pixels."""

@@ -10,7 +10,17 @@ import torch
 
 import eligen.regional.sequence as sequence_module
 from families import oracles
-from families.support import NEGATIVE, STEPS, TRUE_CFG, call_kwargs, entity_kwargs, gen, spy_velocity, token_covers
+from families.support import (
+    NEGATIVE,
+    NO_CFG,
+    STEPS,
+    TRUE_CFG,
+    call_kwargs,
+    entity_kwargs,
+    gen,
+    spy_velocity,
+    token_covers,
+)
 
 BUILDERS = {"dense": "regional_attention_mask", "flex": "regional_block_mask", "segmented": "segmented_mask"}
 
@@ -55,7 +65,7 @@ def test_the_mask_is_built_once_per_branch_with_entities(pipe, builds, monkeypat
 def test_the_mask_equals_the_oracle(pipe, monkeypatch, count, cfg):
     seen = spy_velocity(pipe, monkeypatch)
     ents = entity_kwargs(count)
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, entities_on_negative=True) if cfg else {}
+    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, entities_on_negative=True) if cfg else NO_CFG
     pipe(**call_kwargs(pipe, num_inference_steps=1, **extra), **ents, attention="dense", generator=gen(3))
     assert len(seen) == (2 if cfg else 1)
     covers = token_covers(pipe, ents["entity_masks"])

@@ -147,7 +147,7 @@ class Call:
         """Prompts in the call (before ``num_images_per_prompt``)."""
         if self.prompt is not None:
             return 1 if isinstance(self.prompt, str) else len(self.prompt)
-        return self.prompt_embeds.shape[0]
+        return len(self.prompt_embeds)  # a (B, T, D) tensor, or a list of (T_b, D) (some pipelines take one)
 
 
 def check_finite(**values: Any) -> None:

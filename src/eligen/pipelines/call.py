@@ -13,6 +13,7 @@ A pipeline supplies the family hooks below (``_check_parent_inputs``, ``_encode_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -37,6 +38,13 @@ from .mixin import EliGenMixin, logger
 # eligen_defaults.json keys -> the call fields they fill when a call leaves them out
 DECLARED_ARGUMENTS = {"steps": "num_inference_steps", "true_cfg": "true_cfg_scale", "guidance": "guidance_scale",
                       "max_sequence_length": "max_sequence_length"}
+
+
+def cache_context(transformer, name: str):
+    """diffusers' ``transformer.cache_context(name)`` (a step cache's state per CFG branch); a transformer without
+    cache support (not a diffusers ``CacheMixin``) runs every branch without one."""
+    context = getattr(transformer, "cache_context", None)
+    return context(name) if context is not None else contextlib.nullcontext()
 
 
 class EliGenCallMixin(EliGenMixin):
@@ -257,7 +265,7 @@ class EliGenCallMixin(EliGenMixin):
         def velocity(z: torch.Tensor, t: torch.Tensor, name: str) -> torch.Tensor:
             self._current_timestep = t
             timestep = t.expand(z.shape[0]).to(z.dtype)
-            with self.transformer.cache_context(name):
+            with cache_context(self.transformer, name):
                 return self._velocity(z, timestep / 1000, branches[name], geometry, guidance)
 
         cfg = call.true_cfg_scale if "uncond" in branches else None

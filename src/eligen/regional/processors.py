@@ -15,6 +15,7 @@ Without a mask the processors compute exactly what diffusers' stock processors c
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
@@ -51,10 +52,29 @@ class RegionalProcessor:
     Each model family defines its own (in its family module) and names the stock processor it replaces."""
 
 
+def attention_processors(transformer) -> dict[str, Any]:
+    """``transformer.attn_processors`` (``"<module>.processor" -> processor``); a transformer without diffusers'
+    ``AttentionMixin`` gets the same walk over its attention modules."""
+    if hasattr(transformer, "attn_processors"):
+        return transformer.attn_processors
+    return {f"{name}.processor": module.get_processor() for name, module in transformer.named_modules()
+            if hasattr(module, "get_processor")}
+
+
+def set_attention_processors(transformer, processors: dict[str, Any]) -> None:
+    """``transformer.set_attn_processor(processors)``, or the same per attention module without ``AttentionMixin``."""
+    if hasattr(transformer, "set_attn_processor"):
+        transformer.set_attn_processor(processors)
+        return
+    for name, module in transformer.named_modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(processors[f"{name}.processor"])
+
+
 def install_regional_processors(transformer, replacements: dict[type, type]) -> None:
     """Replace the stock processors of ``transformer`` by the family's regional ones (``replacements``: stock class
     -> regional class); a backend pinned on a layer is kept. Other processors (user-made) stay; idempotent."""
-    current = transformer.attn_processors
+    current = attention_processors(transformer)
     if not any(type(p) in replacements for p in current.values()):
         return
     processors = {}
@@ -67,7 +87,7 @@ def install_regional_processors(transformer, replacements: dict[type, type]) -> 
                     setattr(replacement, pinned, vars(processor)[pinned])
             processor = replacement
         processors[name] = processor
-    transformer.set_attn_processor(processors)
+    set_attention_processors(transformer, processors)
 
 
 def _backend_of(processor: object) -> AttentionBackendName:
@@ -85,7 +105,7 @@ def check_regional_attention_support(transformer, backend: str = "dense") -> Non
     another backend is refused rather than silently overridden).
     """
     required = {"flex": AttentionBackendName.FLEX, "segmented": AttentionBackendName.NATIVE}.get(backend)
-    for name, processor in transformer.attn_processors.items():
+    for name, processor in attention_processors(transformer).items():
         if not isinstance(processor, RegionalProcessor):
             params = inspect.signature(processor.__call__).parameters
             if "attention_mask" not in params:

@@ -1,0 +1,27 @@
+"""Z-Image: diffusers' ``ZImagePipeline`` (Z-Image and Z-Image-Turbo) with EliGen (docs/design.md section 18). The
+card is torch-free; the model is :mod:`.model`, the pipeline :mod:`.pipeline`, the LoRA key formats
+:mod:`.lora_keys` and the tiny random test pipeline :mod:`.testing`."""
+
+from __future__ import annotations
+
+from ..card import FamilyCard, SamplingDefaults
+
+CARD = FamilyCard(
+    name="z_image",
+    title="Z-Image",
+    pipelines=("ZImagePipeline", "EliGenZImagePipeline"),
+    transformers=("ZImageTransformer2DModel",),
+    eligen_pipeline="eligen.families.z_image.pipeline:EliGenZImagePipeline",
+    family="eligen.families.z_image.model:Z_IMAGE",
+    lora_keys="eligen.families.z_image.lora_keys:KEY_FORMATS",
+    tiny_pipeline="eligen.families.z_image.testing:save_tiny_pipeline",
+    # ZImagePipeline's own: 50 steps, guidance_scale 5 (its CFG, pos + 5 (pos - neg): true CFG 6), the empty
+    # negative prompt
+    defaults=SamplingDefaults(steps=50, true_cfg=6.0, guidance=None, max_sequence_length=512),
+    # no EliGen reference exists for Z-Image: DiffSynth-Studio's Z-Image examples (50 steps, CFG 4); Z-Image-Turbo
+    # is distilled: run it with --steps 9 --true-cfg 1, or declare them in its eligen_defaults.json
+    reference=SamplingDefaults(steps=50, true_cfg=4.0, guidance=None, max_sequence_length=512),
+    default_cfg="plain",
+    example="--model Tongyi-MAI/Z-Image-Turbo --steps 9 --true-cfg 1",
+    hub_names=r"z-image",
+)
