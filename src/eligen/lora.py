@@ -80,10 +80,12 @@ class KeyFormats:
 
     ``markers``: module-name parts that only this family's transformer has (they tell a diffusers-named file's
     family). ``hub_files``: the released LoRA repos and the file in each. ``block_names``: the transformer's block
-    lists as ``eligen lora info`` calls them (``double`` / ``single``).
+    lists as ``eligen lora info`` calls them (``double`` / ``single``). ``forms``: the family's own key formats
+    that it reads and writes (``eligen train`` writes the LoRA in each, and in ``diffusers``).
     """
 
     markers: ClassVar[frozenset[str]] = frozenset()
+    forms: ClassVar[tuple[str, ...]] = ("diffsynth", "kohya")
     hub_files: ClassVar[dict[str, str]] = {}
     block_names: ClassVar[dict[str, str]] = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
 
@@ -133,13 +135,14 @@ def _check_family(family: str) -> str:
 
 def _named_family(modules) -> str | None:
     """The family that module names such as ``transformer_blocks.0.img_mod.1`` belong to; None if they are
-    common to several (``attn.to_q``, ``proj_out``, ...). Raises for names of several families at once."""
+    common to several (``attn.to_q``, ``proj_out``, ...). A name that carries markers of several families tells
+    nothing either (``ff`` and ``gate`` in ``ff.gate``). Raises for names of several families at once."""
     found: dict[str, list[str]] = {}
     for module in modules:
         parts = set(module.split("."))
-        for family, formats in key_formats().items():
-            if parts & formats.markers:
-                found.setdefault(family, []).append(module)
+        hits = [family for family, formats in key_formats().items() if parts & formats.markers]
+        if len(hits) == 1:
+            found.setdefault(hits[0], []).append(module)
     if len(found) > 1:
         raise LoraFormatError("the LoRA mixes layers of several model families: " + "; ".join(
             f"{card(f).title} ({few(names, 2)})" for f, names in found.items()))

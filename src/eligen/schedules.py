@@ -73,10 +73,11 @@ def resolution_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, ba
 
 
 def flow_timesteps(scheduler, num_inference_steps: int, sigmas, shift_sigmas: bool, image_seq_len: int,
-                   device: torch.device):
+                   device: torch.device, mu: float | None = None):
     """Set up a flow-matching scheduler exactly as diffusers' flow-matching pipelines do (a
-    resolution-dependent shift ``mu``); ``shift_sigmas=False`` uses ``sigmas`` verbatim. Returns the scheduler used
-    (a copy for verbatim sigmas), its timesteps and their number (given sigmas set the number of steps)."""
+    resolution-dependent shift ``mu``, unless ``mu`` is given); ``shift_sigmas=False`` uses ``sigmas`` verbatim.
+    Returns the scheduler used (a copy for verbatim sigmas), its timesteps and their number (given sigmas set the
+    number of steps)."""
     if not shift_sigmas:
         if sigmas is None:
             raise ValueError("`shift_sigmas=False` needs explicit `sigmas`, e.g. eligen.reference_sigmas(50)")
@@ -86,8 +87,10 @@ def flow_timesteps(scheduler, num_inference_steps: int, sigmas, shift_sigmas: bo
     if getattr(scheduler.config, "use_flow_sigmas", False):
         sigmas = None
     config = scheduler.config
-    mu = resolution_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                          config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    if mu is None:
+        mu = resolution_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                              config.get("max_shift", 1.15))
     if sigmas is None:  # as diffusers' retrieve_timesteps: given sigmas set the number of steps
         scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
     else:

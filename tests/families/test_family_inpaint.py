@@ -10,7 +10,7 @@ import torch
 
 from eligen.inpaint import pack_mask
 from families import oracles
-from families.support import HEIGHT, NEGATIVE, TRUE_CFG, WIDTH, call_kwargs, entity_kwargs, gen
+from families.support import HEIGHT, WIDTH, call_kwargs, cfg_kwargs, entity_kwargs, gen
 
 CFG = pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "true-cfg"])
 
@@ -19,7 +19,7 @@ def inpaint(pipe, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, z_init, inside)``: the call's packed latents, the input's, and the oracle's union packed like them."""
     rgb = np.random.default_rng(4).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
     ents = entity_kwargs(2)
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG) if cfg else {}
+    extra = cfg_kwargs(pipe, cfg)
     out = pipe(**call_kwargs(**extra), image=rgb, inpaint=True, **ents, generator=gen(5)).images
     z_init = pipe.encode_image_latents(rgb, out.device, out.dtype).expand_as(out)
     patch = pipe.family.patch_size

@@ -8,7 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families.support import ENTITY_PROMPTS, OTHER_PROMPTS, call_kwargs, entity_kwargs, gen, spy_velocity, token_covers
+from families.support import (
+    ENTITY_PROMPTS,
+    OTHER_PROMPTS,
+    call_kwargs,
+    cfg_kwargs,
+    entity_kwargs,
+    gen,
+    spy_velocity,
+    token_covers,
+)
 
 
 @pytest.mark.parametrize("attention", ["dense", "flex", "segmented"])
@@ -21,7 +30,8 @@ def test_an_entity_prompt_moves_only_the_tokens_it_covers(one_layer_pipe, monkey
     def one_step(prompts):
         """``(packed latents (n_img, C), the branch's TokenSequence)`` of one step with these entity prompts."""
         seen.clear()
-        out = pipe(**call_kwargs(num_inference_steps=1), **entity_kwargs(len(prompts), prompts), attention=attention,
+        out = pipe(**call_kwargs(num_inference_steps=1, **cfg_kwargs(pipe, False)),
+                   **entity_kwargs(len(prompts), prompts), attention=attention,
                    generator=gen(6)).images
         assert len(seen) == 1  # no true CFG: one forward
         return out[0], seen[0]["sequence"]

@@ -6,19 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families.support import NEGATIVE, TRUE_CFG, call_kwargs, gen
+from families.support import call_kwargs, cfg_kwargs, gen
 
 
 @pytest.mark.parametrize("output_type", ["latent", "pt"], ids=["latents", "decoded"])
 @pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "true-cfg"])
 def test_zero_entities_equal_the_stock_pipeline(pipe, stock_pipe, cfg, output_type):
     assert isinstance(pipe, type(stock_pipe)) and type(pipe) is not type(stock_pipe)  # EliGen subclasses stock
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG) if cfg else {}
+    extra = cfg_kwargs(pipe, cfg)
     ours = pipe(**call_kwargs(output_type=output_type, **extra), generator=gen(1)).images
     theirs = stock_pipe(**call_kwargs(output_type=output_type, **extra), generator=gen(1)).images
     assert isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor)
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     assert torch.equal(ours, theirs)
     if cfg:  # the negative branch ran: without it the stock pipeline gives something else
-        plain = stock_pipe(**call_kwargs(output_type=output_type), generator=gen(1)).images
+        plain = stock_pipe(**call_kwargs(output_type=output_type, **cfg_kwargs(pipe, False)),
+                           generator=gen(1)).images
         assert not torch.equal(plain, theirs)

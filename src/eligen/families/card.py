@@ -37,7 +37,9 @@ class FamilyCard:
     EliGen pipeline classes count too: a saved EliGen pipeline names its own class). ``transformers``: the diffusers
     transformer classes. ``hub_names``: a case-insensitive regex that an uncached hub id of this family matches (the
     first family whose regex matches wins; a family with ``""`` is the fallback). ``features``: optional abilities
-    (``"ip_adapter"``).
+    (``"ip_adapter"``). ``cfg_argument``: the diffusers pipeline's own argument for its CFG scale, whose value is
+    eligen's true-CFG scale ``s`` (``uncond + s (cond - uncond)``) minus ``cfg_offset`` (a pipeline whose scale ``g``
+    means ``cond + g (cond - uncond)`` has offset 1); the EliGen pipeline takes that argument too, as its parent does.
     """
 
     name: str
@@ -54,6 +56,8 @@ class FamilyCard:
     example: str = ""  # `eligen generate` arguments that run the family's model with its EliGen LoRA (help texts)
     hub_names: str = ""
     features: frozenset[str] = field(default_factory=frozenset)
+    cfg_argument: str = "true_cfg_scale"
+    cfg_offset: float = 0.0
 
     @property
     def pipeline_class_name(self) -> str:

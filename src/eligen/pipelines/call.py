@@ -8,11 +8,12 @@
 4. decode (and for inpainting restore the input's size and paste its pixels back).
 
 A pipeline supplies the family hooks below (``_check_parent_inputs``, ``_encode_branch``, ``_negative_given``,
-``_initial_latents``, and optionally ``_image_prompts``); everything else is shared.
+``_initial_latents``, and optionally ``_image_prompts`` and ``_timestep_shift``); everything else is shared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -37,6 +38,12 @@ from .mixin import EliGenMixin, logger
 # eligen_defaults.json keys -> the call fields they fill when a call leaves them out
 DECLARED_ARGUMENTS = {"steps": "num_inference_steps", "true_cfg": "true_cfg_scale", "guidance": "guidance_scale",
                       "max_sequence_length": "max_sequence_length"}
+
+
+def cache_context(transformer, name: str):
+    """diffusers' ``transformer.cache_context(name)`` (one step-cache state per CFG branch); nothing for a
+    transformer without diffusers' cache support."""
+    return transformer.cache_context(name) if hasattr(transformer, "cache_context") else contextlib.nullcontext()
 
 
 class EliGenCallMixin(EliGenMixin):
@@ -65,6 +72,11 @@ class EliGenCallMixin(EliGenMixin):
                          device: torch.device) -> torch.Tensor:
         """The parent's ``prepare_latents``: packed latents ``(B, n_img, C)``."""
         raise NotImplementedError
+
+    def _timestep_shift(self, image_seq_len: int) -> float | None:
+        """The schedule's shift ``mu`` when the parent fixes it (a distilled checkpoint's); None: diffusers'
+        resolution-dependent shift from the scheduler's config."""
+        return None
 
     def _image_prompts(self, call: Call, branches: dict[str, Branch], ents: ResolvedEntities | None, batch: int,
                        size: tuple[int, int], device: torch.device) -> None:
@@ -244,7 +256,8 @@ class EliGenCallMixin(EliGenMixin):
                              f"{ents.cover.shape[-1]} ({size[1]}x{size[0]}); pass matching height/width")
         assert call.num_inference_steps is not None  # filled by _fill_defaults
         scheduler, timesteps, steps = flow_timesteps(self.scheduler, call.num_inference_steps, call.sigmas,
-                                                     call.shift_sigmas, latents.shape[1], latents.device)
+                                                     call.shift_sigmas, latents.shape[1], latents.device,
+                                                     self._timestep_shift(latents.shape[1]))
         lat_h, lat_w = latent_grid_size(*size, self.vae_scale_factor, self.family.patch_size)
         geometry = self.family.geometry(self, latents.shape[0], lat_h, lat_w, latents.device, latents.dtype)
         plan = None
@@ -256,7 +269,7 @@ class EliGenCallMixin(EliGenMixin):
         def velocity(z: torch.Tensor, t: torch.Tensor, name: str) -> torch.Tensor:
             self._current_timestep = t
             timestep = t.expand(z.shape[0]).to(z.dtype)
-            with self.transformer.cache_context(name):
+            with cache_context(self.transformer, name):
                 return self._velocity(z, timestep / 1000, branches[name], geometry, guidance)
 
         cfg = call.true_cfg_scale if "uncond" in branches else None

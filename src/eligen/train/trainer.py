@@ -97,12 +97,15 @@ def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
 
 
 def save_lora_files(weights, output_dir: Path, family: str | None = None) -> dict[str, Path]:
-    """The LoRA in all three key formats: ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
-    from ..lora import save_state_dict, write_lora
+    """The LoRA in the diffusers key format and in each of the family's own (its ``KeyFormats.forms``):
+    ``eligen_lora{,_diffsynth,_kohya}.safetensors``."""
+    from ..lora import key_formats, save_state_dict, write_lora
 
     files = {"diffusers": output_dir / "eligen_lora.safetensors",
              "diffsynth": output_dir / "eligen_lora_diffsynth.safetensors",
              "kohya": output_dir / "eligen_lora_kohya.safetensors"}
+    forms = key_formats()[family].forms if family is not None else ("diffsynth", "kohya")
+    files = {fmt: path for fmt, path in files.items() if fmt == "diffusers" or fmt in forms}
     for fmt, path in files.items():
         with atomic_path(path) as tmp:
             save_state_dict(write_lora(weights, fmt, family=family), tmp, fmt)
@@ -356,7 +359,7 @@ class Trainer:
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
         x_t = noisy_latents(x0, noise, sigmas)
         guidance = None  # only guidance-distilled transformers take the embedded guidance value
-        if self.transformer.config.guidance_embeds:
+        if getattr(self.transformer.config, "guidance_embeds", False):
             guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
         with self.accelerator.autocast():
             prediction = self.family.forward(self.model, x_t, sigmas, branch, geometry, guidance)
