@@ -16,7 +16,7 @@ from typing import Any
 
 from .card import FamilyCard, load
 
-FAMILIES = ("flux", "qwen_image")  # a new family: its package, and its name here
+FAMILIES = ("flux", "qwen_image", "krea2")  # a new family: its package, and its name here
 
 
 class UnknownFamilyError(ValueError):
