@@ -207,12 +207,20 @@ def test_entities_on_negative_equal_the_reference(pipe, stock, attention):
 def test_the_refiner_keeps_the_segments_apart(pipe, stock):
     """With a stock refiner (attention across all text under the padding mask only) the segments mix: the result
     leaves the reference."""
+    class StockRefiner(RegionalKrea2AttnProcessor):
+        def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+            self.regional = None  # the segments handed over are ignored
+            return super().__call__(attn, hidden_states, attention_mask, image_rotary_emb)
+
     expected = reference_run(stock, ENTITIES, 3)
     refiners = [block.attn for block in pipe.transformer.text_fusion.refiner_blocks]
     try:
         for attn in refiners:
-            attn.processor = ReferenceProcessor()
+            attn.processor = StockRefiner()
         mixed = pipe(**kwargs(**NO_CFG), entities=ENTITIES, generator=gen(3)).images
+        attn.processor = ReferenceProcessor()  # a processor that cannot take the segments: refused by name
+        with pytest.raises(ValueError, match=r"ReferenceProcessor at text_fusion\.refiner_blocks\.1 cannot"):
+            pipe(**kwargs(**NO_CFG), entities=ENTITIES, generator=gen(3))
     finally:
         for attn in refiners:
             attn.processor = RegionalKrea2AttnProcessor()

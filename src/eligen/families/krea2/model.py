@@ -133,8 +133,19 @@ def unwrap(model: torch.nn.Module) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-def _processors(blocks) -> list[RegionalKrea2AttnProcessor]:
-    return [b.attn.processor for b in blocks if isinstance(b.attn.processor, RegionalKrea2AttnProcessor)]
+def _processors(blocks, where: str, needed: bool) -> list[RegionalKrea2AttnProcessor]:
+    """The blocks' eligen processors; with ``needed`` another processor is refused by name (the transformer gives the
+    blocks only its padding mask, so any other processor would drop the regional state silently)."""
+    found = []
+    for i, block in enumerate(blocks):
+        processor = block.attn.processor
+        if isinstance(processor, RegionalKrea2AttnProcessor):
+            found.append(processor)
+        elif needed:
+            raise ValueError(f"attention processor {type(processor).__name__} at {where}.{i} cannot take the EliGen "
+                             "regional mask (Krea2Transformer2DModel passes its blocks only the text padding mask); "
+                             "call `pipe.transformer.set_default_attn_processor()`")
+    return found
 
 
 def hand_over(module: Any, args: tuple, kwargs: dict) -> None:
@@ -144,9 +155,10 @@ def hand_over(module: Any, args: tuple, kwargs: dict) -> None:
     that recomputes the blocks: gradient checkpointing)."""
     extra = kwargs.get("attention_kwargs") or {}
     regional, segments = extra.get("attention_mask"), extra.get(TEXT_SEGMENTS)
-    for processor in _processors(module.transformer_blocks):
+    for processor in _processors(module.transformer_blocks, "transformer_blocks", regional is not None):
         processor.regional = regional
-    for processor in _processors(module.text_fusion.refiner_blocks):
+    for processor in _processors(module.text_fusion.refiner_blocks, "text_fusion.refiner_blocks",
+                                 segments is not None):
         processor.regional = segments
 
 
