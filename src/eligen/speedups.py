@@ -44,9 +44,8 @@ def enable_first_block_cache(pipe, threshold: float = 0.05) -> None:
     if getattr(pipe.transformer, "_eligen_compiled", False):
         raise ValueError("enable the first-block cache before compiling the transformer (compile=True)")
     if not hasattr(pipe.transformer, "enable_cache"):
-        raise ValueError(f"diffusers' {type(pipe.transformer).__name__} has no step cache (it is not a CacheMixin and "
-                         "its blocks are not in diffusers' block registry), so the first-block cache cannot be put on "
-                         "it")
+        raise ValueError(f"diffusers' {type(pipe.transformer).__name__} has no step cache (it is not a CacheMixin: no "
+                         "enable_cache, no cache_context), so the first-block cache cannot be put on it")
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold)))
 
 
