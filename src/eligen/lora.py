@@ -144,13 +144,15 @@ def _marker(marker: str) -> re.Pattern:
 
 def _named_family(modules) -> str | None:
     """The family that module names such as ``transformer_blocks.0.img_mod.1`` belong to; None if they are
-    common to several (``attn.to_q``, ``proj_out``, ...). Raises for names of several families at once."""
+    common to several (``attn.to_q``, ``proj_out``, ...). A name that carries markers of several families tells
+    nothing either (``ff`` and ``gate`` in ``ff.gate``). Raises for names of several families at once."""
     found: dict[str, list[str]] = {}
     for module in modules:
         parts = set(module.split("."))
-        for family, formats in key_formats().items():
-            if any(m in parts if "." not in m else _marker(m).search(module) for m in formats.markers):
-                found.setdefault(family, []).append(module)
+        hits = [family for family, formats in key_formats().items()
+                if any(m in parts if "." not in m else _marker(m).search(module) for m in formats.markers)]
+        if len(hits) == 1:
+            found.setdefault(hits[0], []).append(module)
     if len(found) > 1:
         raise LoraFormatError("the LoRA mixes layers of several model families: " + "; ".join(
             f"{card(f).title} ({few(names, 2)})" for f, names in found.items()))

@@ -50,6 +50,9 @@ def enable_first_block_cache(pipe, threshold: float = 0.05) -> None:
     why = family.unsupported.get("first_block_cache") if family is not None else None
     if family is not None and why is not None:
         raise ValueError(f"the first-block cache is not available for {family.card.title}: {why}")
+    if not hasattr(pipe.transformer, "enable_cache"):
+        raise ValueError(f"diffusers' {type(pipe.transformer).__name__} has no step cache (it is not a CacheMixin: no "
+                         "enable_cache, no cache_context), so the first-block cache cannot be put on it")
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold)))
 
 
@@ -144,7 +147,7 @@ class MaskedBlocks:
         self.handles.clear()
 
 
-def _mask_dropper(block_kwargs: str):
+def mask_dropper(block_kwargs: str):
     """A forward pre-hook that takes the regional mask out of a block's ``block_kwargs`` (the family's
     :attr:`~eligen.families.base.ModelFamily.block_kwargs`)."""
 
@@ -182,10 +185,8 @@ def mask_only_in_blocks(pipe, blocks: Sequence[str]) -> MaskedBlocks:
                          f"{known[-1]}")
     unmasked = [name for name in known if name not in set(blocks)]
     hooks = MaskedBlocks([n for n in known if n in set(blocks)], unmasked)
-    drop_mask = _mask_dropper(pipe.family.block_kwargs)
-    for name in unmasked:
-        hooks.handles.append(pipe.transformer.get_submodule(name).register_forward_pre_hook(drop_mask,
-                                                                                             with_kwargs=True))
+    for name in unmasked:  # the family says how (by default a forward pre-hook from mask_dropper)
+        hooks.handles.append(pipe.family.drop_mask_in(pipe.transformer.get_submodule(name)))
     return hooks
 
 

@@ -60,6 +60,14 @@ class Tiny:
         return self._pipes[key]
 
 
+def cfg_kwargs(pipe, on: bool) -> dict[str, Any]:
+    """The call arguments that switch the family's CFG on (at eligen's true-CFG scale ``TRUE_CFG``, with ``NEGATIVE``)
+    or off, in its diffusers pipeline's own terms (the card's ``cfg_argument``), which its EliGen pipeline takes too."""
+    family = pipe.family.card
+    scale = TRUE_CFG if on else 1.0
+    return {family.cfg_argument: scale - family.cfg_offset, **({"negative_prompt": NEGATIVE} if on else {})}
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

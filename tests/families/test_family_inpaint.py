@@ -10,7 +10,7 @@ import torch
 
 from eligen.inpaint import pack_mask
 from families import oracles
-from families.support import NEGATIVE, NO_CFG, TRUE_CFG, call_kwargs, entity_kwargs, gen, image_size, packed
+from families.support import call_kwargs, cfg_kwargs, entity_kwargs, gen, image_size, packed
 
 CFG = pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "true-cfg"])
 
@@ -20,8 +20,8 @@ def inpaint(pipe, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     height, width = image_size(pipe)
     rgb = np.random.default_rng(4).integers(0, 256, (height, width, 3), dtype=np.uint8)
     ents = entity_kwargs(2)
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG) if cfg else NO_CFG
-    out = packed(pipe(**call_kwargs(pipe, **extra), image=rgb, inpaint=True, **ents, generator=gen(5)).images)
+    out = packed(pipe(**call_kwargs(pipe, **cfg_kwargs(pipe, cfg)), image=rgb, inpaint=True, **ents,
+                      generator=gen(5)).images)
     z_init = pipe.encode_image_latents(rgb, out.device, out.dtype).expand_as(out)
     patch = pipe.family.patch_size
     union = oracles.latent_union(ents["entity_masks"], height, width, pipe.vae_scale_factor, patch)

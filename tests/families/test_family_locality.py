@@ -10,9 +10,9 @@ import torch
 
 from families.support import (
     ENTITY_PROMPTS,
-    NO_CFG,
     OTHER_PROMPTS,
     call_kwargs,
+    cfg_kwargs,
     entity_kwargs,
     gen,
     packed,
@@ -31,8 +31,8 @@ def test_an_entity_prompt_moves_only_the_tokens_it_covers(one_layer_pipe, monkey
     def one_step(prompts):
         """``(packed latents (n_img, C), the branch's TokenSequence)`` of one step with these entity prompts."""
         seen.clear()
-        out = packed(pipe(**call_kwargs(pipe, num_inference_steps=1, **NO_CFG), **entity_kwargs(len(prompts), prompts),
-                          attention=attention, generator=gen(6)).images)
+        out = packed(pipe(**call_kwargs(pipe, num_inference_steps=1, **cfg_kwargs(pipe, False)),
+                          **entity_kwargs(len(prompts), prompts), attention=attention, generator=gen(6)).images)
         assert len(seen) == 1  # no true CFG: one forward
         return out[0], seen[0]["sequence"]
 

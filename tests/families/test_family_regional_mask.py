@@ -10,17 +10,7 @@ import torch
 
 import eligen.regional.sequence as sequence_module
 from families import oracles
-from families.support import (
-    NEGATIVE,
-    NO_CFG,
-    STEPS,
-    TRUE_CFG,
-    call_kwargs,
-    entity_kwargs,
-    gen,
-    spy_velocity,
-    token_covers,
-)
+from families.support import STEPS, call_kwargs, cfg_kwargs, entity_kwargs, gen, spy_velocity, token_covers
 
 BUILDERS = {"dense": "regional_attention_mask", "flex": "regional_block_mask", "segmented": "segmented_mask"}
 
@@ -44,8 +34,8 @@ def builds(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("attention", list(BUILDERS))
 def test_the_mask_is_built_once_per_branch_with_entities(pipe, builds, monkeypatch, attention, entities_on_negative):
     seen = spy_velocity(pipe, monkeypatch)
-    pipe(**call_kwargs(pipe, negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG), **entity_kwargs(2),
-         attention=attention, entities_on_negative=entities_on_negative, generator=gen(2))
+    pipe(**call_kwargs(pipe, **cfg_kwargs(pipe, True)), **entity_kwargs(2), attention=attention,
+         entities_on_negative=entities_on_negative, generator=gen(2))
     assert len(seen) == 2 * STEPS  # both branches ran at every step
     branches = {id(s["branch"]): s for s in seen}
     assert len(branches) == 2
@@ -65,7 +55,7 @@ def test_the_mask_is_built_once_per_branch_with_entities(pipe, builds, monkeypat
 def test_the_mask_equals_the_oracle(pipe, monkeypatch, count, cfg):
     seen = spy_velocity(pipe, monkeypatch)
     ents = entity_kwargs(count)
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, entities_on_negative=True) if cfg else NO_CFG
+    extra = {**cfg_kwargs(pipe, cfg), **({"entities_on_negative": True} if cfg else {})}
     pipe(**call_kwargs(pipe, num_inference_steps=1, **extra), **ents, attention="dense", generator=gen(3))
     assert len(seen) == (2 if cfg else 1)
     covers = token_covers(pipe, ents["entity_masks"])

@@ -8,17 +8,18 @@ import inspect
 import pytest
 import torch
 
-from families.support import NEGATIVE, TRUE_CFG, accepted, call_kwargs, gen
+from families.support import accepted, call_kwargs, cfg_kwargs, gen
 
 
 @pytest.mark.parametrize("output_type", ["latent", "pt"], ids=["latents", "decoded"])
 @pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "true-cfg"])
 def test_zero_entities_equal_the_stock_pipeline(pipe, stock_pipe, cfg, output_type):
     assert isinstance(pipe, type(stock_pipe)) and type(pipe) is not type(stock_pipe)  # EliGen subclasses stock
-    if cfg and not {"negative_prompt", "true_cfg_scale"} <= set(inspect.signature(stock_pipe.__call__).parameters):
-        pytest.skip(f"{type(stock_pipe).__name__} takes no negative_prompt / true_cfg_scale: the family's own tests "
-                    "compare its CFG with the stock pipeline's")
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG) if cfg else {}
+    card = pipe.family.card
+    if cfg and not {"negative_prompt", card.cfg_argument} <= set(inspect.signature(stock_pipe.__call__).parameters):
+        pytest.skip(f"{type(stock_pipe).__name__} takes no negative_prompt / {card.cfg_argument}: the family's own "
+                    "tests compare its CFG with the stock pipeline's")
+    extra = cfg_kwargs(pipe, cfg)
     ours = pipe(**call_kwargs(pipe, output_type=output_type, **extra), generator=gen(1)).images
     theirs = stock_pipe(**accepted(stock_pipe, call_kwargs(pipe, output_type=output_type, **extra)),
                         generator=gen(1)).images
@@ -26,5 +27,6 @@ def test_zero_entities_equal_the_stock_pipeline(pipe, stock_pipe, cfg, output_ty
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     assert torch.equal(ours, theirs)
     if cfg:  # the negative branch ran: without it the stock pipeline gives something else
-        plain = stock_pipe(**accepted(stock_pipe, call_kwargs(pipe, output_type=output_type)), generator=gen(1)).images
+        off = call_kwargs(pipe, output_type=output_type, **cfg_kwargs(pipe, False))
+        plain = stock_pipe(**accepted(stock_pipe, off), generator=gen(1)).images
         assert not torch.equal(plain, theirs)

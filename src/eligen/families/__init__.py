@@ -16,8 +16,9 @@ from typing import Any
 
 from .card import FamilyCard, load
 
-FAMILIES = ("flux", "qwen_image21", "qwen_image", "flux2", "z_image")  # a new family: its package, and its name
-# here (an uncached hub id takes the first family whose card's hub_names match it: Qwen-Image 2.1's before Qwen-Image's)
+# A new family: its package, and its name here. An uncached hub id takes the first family whose card's hub_names
+# match it: Qwen-Image 2.1's before Qwen-Image's.
+FAMILIES = ("flux", "qwen_image21", "qwen_image", "flux2", "z_image", "krea2")
 
 
 class UnknownFamilyError(ValueError):

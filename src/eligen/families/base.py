@@ -86,6 +86,14 @@ class ModelFamily:
         """The linear layers ``eligen train`` adapts (the family's recipe; by default every block linear)."""
         return self.block_linear_names(transformer)
 
+    def drop_mask_in(self, block: torch.nn.Module) -> Any:
+        """:func:`eligen.speedups.mask_only_in_blocks`: let ``block`` attend without the regional mask; returns a
+        handle whose ``remove()`` undoes it. By default a forward pre-hook takes ``attention_mask`` out of the block's
+        :attr:`block_kwargs`; a family whose blocks get the mask otherwise overrides this."""
+        from ..speedups import mask_dropper
+
+        return block.register_forward_pre_hook(mask_dropper(self.block_kwargs), with_kwargs=True)
+
     # -- text ------------------------------------------------------------------------------------------------
 
     def encode_entities(self, pipe, prompts: Sequence[str], max_sequence_length: int,

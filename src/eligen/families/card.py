@@ -44,6 +44,10 @@ class FamilyCard:
     class and its EliGen class), ``eligen_pipeline``, ``family``, defaults and hub-id pattern. The family's own card
     then lists every class in ``pipelines``; :meth:`serving` picks the card of a checkpoint's class. A family
     without variants is one card, as before.
+
+    ``cfg_argument``: the diffusers pipeline's own argument for its CFG scale, whose value is
+    eligen's true-CFG scale ``s`` (``uncond + s (cond - uncond)``) minus ``cfg_offset`` (a pipeline whose scale ``g``
+    means ``cond + g (cond - uncond)`` has offset 1); the EliGen pipeline takes that argument too, as its parent does.
     """
 
     name: str
@@ -62,6 +66,8 @@ class FamilyCard:
     hub_names: str = ""
     features: frozenset[str] = field(default_factory=frozenset)
     variants: tuple[FamilyCard, ...] = ()  # further diffusers pipelines of the family, one card each
+    cfg_argument: str = "true_cfg_scale"
+    cfg_offset: float = 0.0
 
     @property
     def pipeline_class_name(self) -> str:

@@ -24,4 +24,6 @@ CARD = FamilyCard(
     default_cfg="plain",
     example="--model Tongyi-MAI/Z-Image-Turbo --steps 9 --true-cfg 1",
     hub_names=r"z-image",
+    cfg_argument="guidance_scale",  # ZImagePipeline: cond + g (cond - uncond), CFG when g > 0
+    cfg_offset=1.0,
 )
