@@ -540,10 +540,20 @@ async function setBackground(ref, url, name) {
   changed();
 }
 
+function fileBody(file) {
+  // A file as the server takes it: its bytes as a data URI inside JSON (every request that changes state is JSON).
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve({ name: file.name, data: reader.result });
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
 async function upload(file) {
   notice("");
   $("background-status").textContent = "uploading...";
-  const { ok, data } = await api("POST", "/api/upload", file, true);
+  const { ok, data } = await api("POST", "/api/upload", await fileBody(file));
   if (!ok) {
     $("background-status").textContent = state.background ? state.background.name : "no image yet";
     notice(data.errors.map(errorText).join("; "));
@@ -554,7 +564,7 @@ async function upload(file) {
 
 async function loadFile(file) {
   notice("");
-  const { ok, data } = await api("POST", "/api/load", file, true);
+  const { ok, data } = await api("POST", "/api/load", await fileBody(file));
   if (!ok) {
     notice(data.errors.map(errorText).join("; "));
     return;
