@@ -370,3 +370,34 @@ def test_the_page_script_is_served_and_names_every_control(client):
 def test_static_files_ship_with_the_package():
     static = Path(eligen.ui.__file__).with_name("static")
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
+
+
+def test_reference_images_reach_the_pipeline_when_the_app_has_an_ip_adapter(tiny_pipeline_dir, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from eligen.families.flux.testing import save_tiny_ip_adapter
+
+    transformer = FluxTransformer2DModel.load_config(tiny_pipeline_dir, subfolder="transformer")
+    folder = tmp_path / "ip-adapter"
+    folder.mkdir()
+    save_tiny_ip_adapter(folder, type("Config", (), transformer))
+    app = make_app(UIConfig(model=str(tiny_pipeline_dir), ip_adapter=str(folder), max_steps=4), tmp_path / "work")
+    try:
+        assert app.info()["ip_adapter"] is True
+        picture = png_bytes(Image.new("RGB", (40, 40), (200, 9, 9)))
+        reference = "data:image/png;base64," + base64.b64encode(picture).decode()
+        layout = {"prompt": "a red circle", "width": 48, "height": 32, "ip_adapter_image": reference,
+                  "entities": [{"prompt": "a dog", "mask": mask_to_png_data_uri(np.ones((32, 48), bool)),
+                                "image": reference, "image_scale": 0.5}]}
+        assert app.check({"layout": layout})["errors"] == []
+        job = app.jobs.get(app.submit({"layout": layout, "params": {"steps": 2, "max_sequence_length": 16}})["id"])
+        deadline = time.monotonic() + 120
+        while job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.state == "done", job.error
+        record = read_metadata(job.files["image.png"])
+        assert record["layout"]["ip_adapter_image"] == reference
+        entity = record["layout"]["entities"][0]
+        assert entity["image"] == reference and entity["image_scale"] == 0.5
+    finally:
+        app.jobs.close()
