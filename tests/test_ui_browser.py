@@ -99,7 +99,7 @@ def no_job_left_running(app_url, browser):
     """A failing test leaves no long job in the queue for the next one."""
     yield
     try:
-        running = browser.execute_script("return window.state ? state.running : null")
+        running = browser.execute_script("return typeof state !== 'undefined' && state.running ? state.running : null")
     except Exception:
         return
     if running:
@@ -281,16 +281,17 @@ def test_draw_generate_download_and_reload(app_url, browser, screenshots, tmp_pa
     assert browser.find_element("id", "download-png").get_attribute("download") == "eligen_5.png"
     assert fetch(browser.find_element("id", "download-overlay").get_attribute("href")).startswith(b"\x89PNG")
 
-    # the page survives a reload as it was
-    open_app(browser, app_url, fresh=False)
+    png = tmp_path / "eligen_5.png"
+    png.write_bytes(fetch(browser.find_element("id", "download-png").get_attribute("href")))
+    reload_keeps_the_page_and_a_png_restores_it(browser, app_url, masks, png)
+
+
+def reload_keeps_the_page_and_a_png_restores_it(browser, app_url: str, masks: list[np.ndarray], png: Path) -> None:
+    open_app(browser, app_url, fresh=False)  # the page survives a reload as it was
     assert [e.get_attribute("value") for e in browser.find_elements("css selector", ".entity-prompt")] == \
         ["a red circle", "a blue square"]
     assert all((r == m).all() for r, m in zip(page_masks(browser), masks, strict=True))
-
-    # reload the downloaded PNG into a fresh page: the layout comes back exactly
-    png = tmp_path / "eligen_5.png"
-    png.write_bytes(fetch(browser.find_element("id", "download-png").get_attribute("href")))
-    open_app(browser, app_url)
+    open_app(browser, app_url)  # the downloaded PNG into a fresh page: the layout comes back exactly
     assert len(browser.find_elements("css selector", ".entity")) == 1
     browser.find_element("id", "load-file").send_keys(str(png))
     wait_for(browser, lambda d: body_data(d, "loaded"), "the PNG to load")
