@@ -232,6 +232,17 @@ def fixed_seed(driver, seed: int) -> None:
     set_value(driver, "seed", seed)
 
 
+def two_entities(driver) -> None:
+    """A layout drawn by hand: two rectangles with their prompts."""
+    driver.find_element("id", "prompt").send_keys("a red circle and a blue square on a gray background")
+    driver.find_element("id", "tool-rect").click()
+    drag(driver, [(4, 6), (30, 32)])
+    driver.find_elements("css selector", ".entity-prompt")[0].send_keys("a red circle")
+    driver.find_element("id", "add-entity").click()
+    drag(driver, [(34, 30), (60, 58)])
+    driver.find_elements("css selector", ".entity-prompt")[1].send_keys("a blue square")
+
+
 RECT = (4, 6, 30, 32)  # x0, y0, x1, y1 in image pixels
 STROKE, BRUSH = ((40, 38), (56, 54)), 12
 
@@ -396,8 +407,7 @@ def test_a_png_loaded_in_inpaint_mode_renders_again_byte_for_byte(app_url, brows
     from PIL import Image
 
     open_app(browser, app_url)
-    browser.find_element("id", "load-example").click()
-    wait_for(browser, lambda d: len(d.find_elements("css selector", ".entity")) == 2, "the example")
+    two_entities(browser)
     fixed_seed(browser, 9)
     set_value(browser, "steps", 2)
     generate_and_wait(browser)
@@ -418,16 +428,16 @@ def test_a_png_loaded_in_inpaint_mode_renders_again_byte_for_byte(app_url, brows
 
 def test_use_as_background_during_a_running_job_takes_the_image_shown(app_url, browser):
     open_app(browser, app_url)
-    browser.find_element("id", "load-example").click()
-    wait_for(browser, lambda d: len(d.find_elements("css selector", ".entity")) == 2, "the example")
+    two_entities(browser)
     set_value(browser, "steps", 2)
     shown = generate_and_wait(browser)
     set_value(browser, "steps", 200)
     browser.find_element("id", "generate").click()
-    wait_for(browser, lambda d: d.find_element("id", "cancel").is_enabled(), "the second job")
+    wait_for(browser, lambda d: any(w in d_text(d, "status") for w in ("queued", "generating", "waiting")),
+             "the second job")
     browser.find_element("id", "use-background").click()
     wait_for(browser, lambda d: "eligen_" in d_text(d, "background-status"), "the background")
-    assert browser.execute_script("return state.background.ref") == f"job:{shown}"
+    assert browser.execute_script("return state.background.ref") == f"job:{shown}"  # not the running job's
     assert browser.execute_script("return state.running") not in (None, shown)
     browser.find_element("id", "cancel").click()
     wait_for(browser, lambda d: "cancelled" in d_text(d, "status"), "the cancelled job")
