@@ -45,12 +45,13 @@ from .layouts import (
     preview,
     read_upload_record,
 )
-from .messages import page_problem, refusal
+from .messages import label, page_problem, refusal
 from .uploads import UploadError, UploadStore, decode_image, file_bytes
 
 if TYPE_CHECKING:
     from ..data.vlm import VLMBackend
 
+PLAN_MIN_SIDE = 16  # `eligen plan`'s smallest side
 REQUEST_SLACK = 2**16  # a request body may be this much larger than the upload cap's base64 form (the JSON around it)
 
 
@@ -354,10 +355,7 @@ class App:
         from ..data.vlm import make_backend
 
         text = body.get("text") if isinstance(body, dict) else None
-        width, height = (body.get("width"), body.get("height")) if isinstance(body, dict) else (None, None)
-        if isinstance(width, int) and isinstance(height, int) and width * height > self.limits.max_pixels:
-            raise refused(f"{width}x{height} is above this app's limit of {self.limits.max_pixels} pixels; choose a "
-                          "smaller size", "width")
+        width, height = self._plan_size(body)
         if self._planner is None:
             self._planner = make_backend(self.config.plan_vlm, self.config.plan_model, self.config.plan_base_url,
                                          self.config.plan_api_key_env, 60.0)
@@ -368,6 +366,28 @@ class App:
         except (LayoutError, ValueError) as exc:
             raise RequestError(HTTPStatus.BAD_REQUEST, page_problem(exc)) from None
         return {"layout": layout_for_page(layout)}
+
+    def _plan_size(self, body: Any) -> tuple[int, int]:
+        """The planner's canvas: the page's width and height (the model's native size where left out), each a whole
+        number of pixels, together within the pixel cap; refused before the planner is asked."""
+        native_height, native_width = self.pipe.native_size()
+        given = body if isinstance(body, dict) else {}
+        size, problems = {"width": native_width, "height": native_height}, []
+        for name in size:
+            value = given.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < PLAN_MIN_SIDE:
+                problems.append(refusal(f"{label(name)}: a whole number of pixels, at least {PLAN_MIN_SIDE}", name))
+            else:
+                size[name] = value
+        width, height = size["width"], size["height"]
+        if not problems and width * height > self.limits.max_pixels:
+            problems.append(refusal(f"{width}x{height} is above this app's limit of {self.limits.max_pixels} pixels; "
+                                    "choose a smaller size", "width"))
+        if problems:
+            raise RequestError(HTTPStatus.BAD_REQUEST, *problems)
+        return width, height
 
 
 def make_app(config: UIConfig, workdir: Path) -> App:
