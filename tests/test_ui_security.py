@@ -418,6 +418,62 @@ def test_listening_beyond_loopback_warns_prints_the_address_and_needs_the_key(ap
         assert client.get("/api/info").status_code == 401
 
 
+def test_every_interface_finds_this_machines_address_when_its_name_resolves_to_loopback(monkeypatch):
+    from eligen.ui.server import _route_address
+
+    routed = _route_address(socket.AF_INET)
+    if routed is None or routed.startswith("127."):
+        pytest.skip("this machine has no IPv4 route beyond loopback")
+    monkeypatch.setattr(socket, "gethostname", lambda: "localhost")  # as /etc/hosts says in most containers
+    hosts, reachable = served_hosts(UIConfig(host="0.0.0.0", port=0))
+    assert routed in reachable and routed in hosts
+    assert all(":" not in address for address in reachable)  # 0.0.0.0 listens on IPv4 only
+
+
+def test_eligen_ui_on_every_interface_warns_and_prints_an_address_that_works(tmp_path):
+    import re
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # the default route's source (nothing is sent)
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            pytest.skip("this machine has no IPv4 route beyond loopback")
+        routed = probe.getsockname()[0]
+    if routed.startswith("127."):
+        pytest.skip("this machine has no IPv4 route beyond loopback")
+    err = (tmp_path / "stderr.txt").open("w+")
+    process = subprocess.Popen([sys.executable, "-m", "eligen.cli", "ui", "--host", "0.0.0.0", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=err, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        lines: list[str] = []
+        while not any("Ctrl-C stops it" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, "eligen ui stopped: " + (tmp_path / "stderr.txt").read_text()
+            lines.append(line)
+        out = "".join(lines)
+        assert "WARNING: listening on 0.0.0.0" in (tmp_path / "stderr.txt").read_text()
+        assert "0.0.0.0" not in out, out
+        found = re.search(r"from other machines: (http://([0-9.]+):(\d+)/)\?key=(\S+)", out)
+        assert found is not None and found.group(2) == routed, out
+        base, key = found.group(1), found.group(4)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "api/info", timeout=10)
+        assert refused.value.code == 401  # the address alone is not enough: the key is needed
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())  # keeps the key's cookie
+        with browser.open(f"{base}?key={key}", timeout=10) as page:  # the printed address, as a browser opens it
+            assert page.url == base and b'id="canvas"' in page.read()
+        with browser.open(base + "api/info", timeout=10) as answer:
+            assert json.loads(answer.read())["model"] == "eligen-tiny"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        err.close()
+
+
 def test_a_busy_port_or_a_wrong_address_is_told_before_the_model_loads(capsys):
     from eligen.cli import main
 

@@ -7,6 +7,7 @@ at once."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import secrets
 import socket
@@ -200,13 +201,36 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def machine_addresses() -> list[str]:
-    """This machine's own non-loopback addresses, as its name resolves (no traffic is sent)."""
+ROUTE_PROBES = {socket.AF_INET: "192.0.2.1", socket.AF_INET6: "2001:db8::1"}  # documentation addresses
+
+
+def _route_address(family: socket.AddressFamily) -> str | None:
+    """The address this machine sends from towards the wider network: a UDP socket's source once "connected" (a
+    route lookup; nothing is sent). None without such a route."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((ROUTE_PROBES[family], 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return None
+
+
+def machine_addresses(families: tuple[socket.AddressFamily, ...] = (socket.AF_INET, socket.AF_INET6)) -> list[str]:
+    """This machine's own non-loopback, non-link-local addresses of ``families``: what its name resolves to and the
+    source address of its default route (a name often resolves to loopback alone, as in most containers)."""
+    found: set[str] = set()
     try:
-        found = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)}
+        found |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)
+                  if info[0] in families}
     except OSError:
-        return []
-    return sorted(str(a) for a in found if not is_loopback(str(a).split("%")[0]))
+        pass
+    found |= {a for a in (_route_address(f) for f in families) if a is not None}
+    usable = []
+    for address in found:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+            usable.append(address)
+    return sorted(usable)
 
 
 def served_hosts(config: UIConfig) -> tuple[set[str], list[str]]:
@@ -216,7 +240,8 @@ def served_hosts(config: UIConfig) -> tuple[set[str], list[str]]:
         hosts = set(LOOPBACK_NAMES) | ({config.host} if not wildcard else set())
     else:
         hosts = {config.host}
-    reachable = machine_addresses() if wildcard else ([] if is_loopback(config.host) else [config.host])
+    families = (socket.AF_INET,) if config.host == "0.0.0.0" else (socket.AF_INET, socket.AF_INET6)
+    reachable = machine_addresses(families) if wildcard else ([] if is_loopback(config.host) else [config.host])
     if wildcard:
         hosts |= set(reachable) | {socket.gethostname().lower()}
     return hosts | {h.lower() for h in config.allowed_host}, reachable
