@@ -297,6 +297,28 @@ def test_the_pixel_cap_holds_for_uploads_masks_and_reference_images_before_decod
     assert fits.status_code == 200  # at the cap exactly: taken
 
 
+def test_images_in_other_formats_reach_no_decoder(app, http):
+    """Only PNG, JPEG and WebP are parsed, whatever a data URI's type says (Pillow has decoders that run programs,
+    such as EPS through Ghostscript, or parse rarer formats)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="GIF")
+    gif = buffer.getvalue()
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    for raw in (gif, eps):
+        answer = http.post("/api/upload", json=file_body(raw))
+        assert answer.status_code == 400 and "PNG, JPEG or WebP" in answer.text, answer.text
+        for kind, field in (("png", "image"), ("jpeg", "image"), ("webp", "image"), ("png", "mask")):
+            layout = page_layout()
+            layout["entities"][1][field] = data_uri(raw, kind)
+            errors = http.post("/api/check", json={"layout": layout}).json()["errors"]
+            assert [(e["entity"], e["field"]) for e in errors] == [(1, field)], errors
+            assert "could not be read as an image" in errors[0]["message"], errors
+    layout = page_layout()
+    layout["entities"][0]["image"] = data_uri(gif, "gif")
+    errors = http.post("/api/check", json={"layout": layout}).json()["errors"]
+    assert "not a PNG, JPEG or WebP file" in errors[0]["message"], errors  # not "never paths": it is a file
+
+
 def test_the_pixel_cap_holds_for_the_planner_before_it_is_asked(app, vlm_server, tmp_path):  # noqa: F811
     from starlette.testclient import TestClient
 

@@ -60,9 +60,8 @@ def _header_size(data_uri: str, prefix: str, what: str, index: int | None, field
     """The declared ``(width, height)`` of an image data URI, read from its header (nothing decoded yet)."""
     try:
         raw = base64.b64decode(data_uri[len(prefix):], validate=True)
-        with Image.open(io.BytesIO(raw)) as image:
-            if prefix == DATA_URI_PREFIX and image.format != "PNG":
-                raise ValueError("not a PNG")
+        formats = ["PNG"] if prefix == DATA_URI_PREFIX else [f.upper() for f in REFERENCE_FORMATS]
+        with Image.open(io.BytesIO(raw), formats=formats) as image:  # no other decoder is ever reached
             return image.size
     except (binascii.Error, OSError, ValueError):
         raise LayoutError(f"the {what} could not be read as an image", entity=index, field=field) from None
@@ -73,6 +72,9 @@ def check_reference_image(value: Any, limits: Limits, index: int | None, field: 
     Anything else is refused without being opened, with one message that never repeats what was sent."""
     prefix = next((f"data:image/{fmt};base64," for fmt in REFERENCE_FORMATS
                    if isinstance(value, str) and value.startswith(f"data:image/{fmt};base64,")), None)
+    if prefix is None and isinstance(value, str) and value.startswith("data:"):
+        raise LayoutError("the reference image is not a PNG, JPEG or WebP file; choose one of those",
+                          entity=index, field=field)
     if prefix is None:
         raise LayoutError(NOT_A_PATH, entity=index, field=field)
     width, height = _header_size(value, prefix, "reference image", index, field)

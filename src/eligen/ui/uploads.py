@@ -22,6 +22,7 @@ from .messages import refusal
 
 KEPT_UPLOADS = 8  # images to inpaint kept at once; older ones are dropped (a queued job keeps its own copy)
 UPLOAD_TTL_S = 3600.0
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what the page may send as an image
 
 
 class UploadError(ValueError):
@@ -58,7 +59,7 @@ def too_large(size: int, cap: int) -> str:
 def decode_image(raw: bytes, max_pixels: int) -> Image.Image:
     """An uploaded image decoded in memory as RGB, refused by its declared size before decoding."""
     try:
-        with Image.open(io.BytesIO(raw)) as probe:
+        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as probe:  # no other decoder is ever reached
             width, height = probe.size
             if width * height > max_pixels:
                 raise UploadError(f"the image is {width}x{height} ({width * height} pixels), above this app's limit "
