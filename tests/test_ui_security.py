@@ -1,6 +1,9 @@
-"""`eligen ui` against other web pages and hostile clients: foreign hosts and origins, non-JSON writes, framing,
-server paths named in any field (refused unopened, with no oracle), bodies whose Content-Length lies, the pixel cap
-on every image, and listening beyond loopback (a warning, the real address, an access key)."""
+"""`eligen ui` against other web pages and hostile clients, each test written to fail on the hand-written server it
+replaced: foreign hosts and origins, non-JSON writes, framing; server paths named in any field (refused unopened, by
+the process's audit events, with no oracle, a FIFO never blocking); bodies whose Content-Length is negative, malformed,
+lying or missing; the pixel cap on every image and on the planner; only PNG, JPEG and WebP decoders; the step limit;
+IPv6 loopback, a busy port told before the model loads, and listening beyond loopback (a warning, an address other
+machines reach, an access key)."""
 
 from __future__ import annotations
 
