@@ -35,3 +35,15 @@ def test_training_without_its_extra_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ValueError, match=r"pip install 'eligen\[train\]'"):
         require_training_extra()
+
+
+def test_the_web_app_without_its_extra_names_the_fix(monkeypatch, capsys):
+    import importlib.util
+
+    from eligen.cli import main
+
+    assert {"starlette", "uvicorn"} <= requirements("ui") and "eligen" in requirements("dev")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["ui", "--port", "0"]) == 2
+    assert "pip install 'eligen[ui]'" in capsys.readouterr().err

@@ -1,16 +1,16 @@
-"""`eligen ui`'s server through its HTTP API (the page itself: tests/test_ui_browser.py): the app renders exactly what
-the CLI renders, one job at a time with visible queue positions, every layout checked by the CLI's code with errors
-naming the entity and the field, and nothing a client sends reaching a file outside the app's folder."""
+"""`eligen ui`'s server through its HTTP API, with Starlette's TestClient (the page itself: tests/test_ui_browser.py;
+the security checks: tests/test_ui_security.py): the app renders exactly what the CLI renders, one job at a time with
+visible queue positions, every layout checked by the CLI's code with every problem listed in the page's words,
+cancellable jobs, a history of results, and limits on steps, pixels, entities and the queue."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,9 @@ import eligen.ui
 from eligen.cli import main
 from eligen.entities import DATA_URI_PREFIX, binarize_mask, mask_to_png_data_uri
 from eligen.generate import read_metadata
+from eligen.ui.app import App, make_app
 from eligen.ui.config import UIConfig
-from eligen.ui.server import make_app, make_server
+from eligen.ui.server import make_asgi
 from test_annotate import server as vlm_server  # noqa: F401 - the fake OpenAI-compatible server fixture
 from test_plan import PLAN
 
@@ -41,78 +42,109 @@ def page_layout(prompts=("a red circle", "a blue square"), masks=None) -> dict:
             "entities": [{"prompt": p, "mask": mask_to_png_data_uri(m)} for p, m in zip(prompts, masks, strict=True)]}
 
 
+def file_body(raw: bytes, kind: str = "image/png", name: str = "file.png") -> dict:
+    """A file as the page sends it: its bytes as a data URI inside JSON."""
+    return {"name": name, "data": f"data:{kind};base64," + base64.b64encode(raw).decode()}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 class Client:
-    def __init__(self, base: str):
-        self.base = base
+    """The app's API as the page uses it (JSON in, JSON out), through Starlette's TestClient."""
 
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
-        request = urllib.request.Request(self.base + path, data=body, method=method,
-                                         headers={"Content-Type": content_type} if body is not None else {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
+    def __init__(self, test_client):
+        self.http = test_client
 
-    def json(self, method: str, path: str, data=None):
-        status, raw = self.request(method, path, None if data is None else json.dumps(data).encode())
-        return status, json.loads(raw)
+    def json(self, method: str, path: str, data=None, **kwargs):
+        response = self.http.request(method, path, json=data, **kwargs)
+        return response.status_code, response.json()
+
+    def get(self, path: str):
+        response = self.http.get(path)
+        return response.status_code, response.content
 
     def wait(self, job_id: str, timeout: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status, job = self.json("GET", f"/api/jobs/{job_id}")
             assert status == 200
-            if job["state"] in ("done", "error"):
+            if job["state"] in ("done", "error", "cancelled"):
                 return job
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} did not finish")
 
 
 @pytest.fixture(scope="module")
-def app_server(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ui")
-    config = UIConfig(port=0, max_upload_mb=1, max_pixels=512 * 512)
-    app = make_app(config, workdir)
-    httpd = make_server(app)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield app, Client(f"http://127.0.0.1:{httpd.server_address[1]}"), workdir
+def app(tmp_path_factory):
+    config = UIConfig(port=0, max_upload_mb=1, max_pixels=512 * 512, max_steps=60, max_queue=4)
+    app = make_app(config, tmp_path_factory.mktemp("ui"))
+    yield app
     app.jobs.close()
-    httpd.shutdown()
-    httpd.server_close()
 
 
-@pytest.fixture
-def client(app_server) -> Client:
-    return app_server[1]
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    from starlette.testclient import TestClient
+
+    with TestClient(make_asgi(app, {"testserver"})) as test_client:
+        yield Client(test_client)
+
+
+class Gate:
+    """Holds the pipeline at its first step until opened (the app's own step callback runs after the gate)."""
+
+    def __init__(self, app: App, monkeypatch):
+        self.started, self.opened, self.active, self.most = threading.Event(), threading.Event(), 0, 0
+        original = type(app.pipe).__call__
+
+        def held(pipe, *args, callback_on_step_end=None, **kwargs):
+            self.active += 1
+            self.most = max(self.most, self.active)
+
+            def step(pipe_, i, t, tensors):
+                self.started.set()
+                self.opened.wait(30)
+                return callback_on_step_end(pipe_, i, t, tensors) if callback_on_step_end else {}
+
+            try:
+                return original(pipe, *args, callback_on_step_end=step, **kwargs)
+            finally:
+                self.active -= 1
+
+        monkeypatch.setattr(type(app.pipe), "__call__", held)
 
 
 def test_the_app_listens_on_loopback_unless_told_and_refuses_bad_flags(capsys):
     assert UIConfig().host == "127.0.0.1" and UIConfig().port == 7860
     for argv, says in ([["ui", "--host", "my laptop"], "not an IP address"], [["ui", "--port", "70000"], "--port"],
-                       [["ui", "--plan-vlm", "openai"], "--plan-base-url"], [["ui", "--max-upload-mb", "0"], ">"]):
+                       [["ui", "--plan-vlm", "openai"], "--plan-base-url"], [["ui", "--max-upload-mb", "0"], ">"],
+                       [["ui", "--max-steps", "0"], "--max-steps"], [["ui", "--allowed-host", "a.b:80"], "port"]):
         assert main(argv) == 2
         assert says in capsys.readouterr().err
 
 
-def test_info_fills_in_the_models_defaults(client):
+def test_info_fills_in_the_models_defaults_and_limits(client):
     status, info = client.json("GET", "/api/info")
     assert status == 200
     assert info["native_size"] == [SIZE, SIZE] and info["defaults"]["steps"] == 20  # eligen_defaults.json
     assert info["defaults"]["true_cfg"] == 3.0 and info["loras"] == ["eligen_lora.safetensors"]
-    assert info["token_pixels"] == 4 and info["max_entities"] >= 8 and info["plan"] is False
-    status, page = client.request("GET", "/")
+    assert info["token_pixels"] == 4 and info["max_entities"] == 16 and info["plan"] is False
+    assert (info["max_steps"], info["max_pixels"], info["ip_adapter"]) == (60, 512 * 512, False)
+    assert {o["name"] for o in info["options"]} >= {"steps", "true_cfg", "fusion", "paste_back"}
+    status, page = client.get("/")
     assert status == 200 and b'id="canvas"' in page
 
 
-def test_the_preview_names_entity_and_field_and_shows_the_token_grid(client):
+def test_the_preview_names_entity_and_field_in_the_pages_words(client):
     layout = page_layout(prompts=("a red circle", "  "), masks=[box_mask(4, 6, 30, 32), box_mask(40, 40, 41, 41)])
     status, answer = client.json("POST", "/api/check", {"layout": layout})
     assert status == 200
-    fields = {(e["entity"], e["field"]) for e in answer["errors"]}
-    assert fields == {(1, "prompt")}, answer["errors"]  # one pixel still covers one 4x4-pixel token
-    assert "entity 1, field 'prompt'" in answer["errors"][0]["message"]
+    assert [(e["entity"], e["field"], e["todo"]) for e in answer["errors"]] == [(1, "prompt", True)]
+    assert answer["errors"][0]["message"].startswith("Entity 2, prompt: ")  # counted from 1, as the page shows
     grid = answer["grid"]
     assert (grid["rows"], grid["cols"], grid["token_pixels"]) == (16, 16, 4)
     cover = np.array(grid["covers"][0]).reshape(16, 16).astype(bool)
@@ -123,7 +155,9 @@ def test_the_preview_names_entity_and_field_and_shows_the_token_grid(client):
     empty["prompt"] = ""
     _, answer = client.json("POST", "/api/check", {"layout": empty})
     assert {(e["entity"], e["field"]) for e in answer["errors"]} == {(None, "prompt"), (1, "mask")}
-    assert any("covers no token" in e["message"] for e in answer["errors"])
+    assert all(e["todo"] for e in answer["errors"])  # a fresh page's to-dos, not errors
+    no_token = next(e["message"] for e in answer["errors"] if e["field"] == "mask")
+    assert "16×16 tokens" in no_token and "latent" not in no_token, no_token
 
 
 def test_a_generation_equals_the_cli_and_carries_its_record(client, tmp_path):
@@ -132,7 +166,7 @@ def test_a_generation_equals_the_cli_and_carries_its_record(client, tmp_path):
     assert status == 200, job
     done = client.wait(job["id"])
     assert done["state"] == "done", done
-    status, png = client.request("GET", done["result"]["image"])
+    status, png = client.get(done["result"]["image"])
     assert status == 200
     app_png = tmp_path / "app.png"
     app_png.write_bytes(png)
@@ -147,54 +181,84 @@ def test_a_generation_equals_the_cli_and_carries_its_record(client, tmp_path):
     status, saved = client.json("GET", done["result"]["layout"])
     assert [e["prompt"] for e in saved["entities"]] == ["a red circle", "a blue square"]
     assert (binarize_mask(saved["entities"][1]["mask"]) == box_mask(34, 30, 60, 58)).all()
-    status, overlay = client.request("GET", done["result"]["overlay"])
+    status, overlay = client.get(done["result"]["overlay"])
     assert status == 200 and Image.open(io.BytesIO(overlay)).size[0] >= 512  # enlarged, labelled
+    _, history = client.json("GET", "/api/jobs")
+    assert history["jobs"][0]["id"] == job["id"] and history["jobs"][0]["mode"] == "generate"  # newest first
 
 
-def test_one_job_runs_at_a_time_and_the_queue_position_shows(app_server, client):
-    app = app_server[0]
-    gate, started = threading.Event(), threading.Event()
-    original = app.pipe.__class__.__call__
-    active, most = [0], [0]
-
-    def slow_call(pipe, *args, **kwargs):
-        active[0] += 1
-        most[0] = max(most[0], active[0])
-        started.set()
-        gate.wait(30)
-        try:
-            return original(pipe, *args, **kwargs)
-        finally:
-            active[0] -= 1
-
-    app.pipe.__class__.__call__ = slow_call
+def test_one_job_runs_at_a_time_and_the_queue_position_shows(app, client, monkeypatch):
+    gate = Gate(app, monkeypatch)
+    ids = []
     try:
-        ids = []
         for seed in (1, 2, 3):
             status, job = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"seed": seed,
                                                                                               "steps": 2}})
             assert status == 200 and job["position"] == seed - 1
             ids.append(job["id"])
-        assert started.wait(30)
+        assert gate.started.wait(30)
         states = [client.json("GET", f"/api/jobs/{i}")[1] for i in ids]
         assert [s["state"] for s in states] == ["running", "queued", "queued"]
         assert [s["position"] for s in states[1:]] == [1, 2]
-        gate.set()
-        finished = [client.wait(i) for i in ids]
     finally:
-        app.pipe.__class__.__call__ = original
-        gate.set()
-    assert [f["state"] for f in finished] == ["done"] * 3 and most[0] == 1
+        gate.opened.set()
+    finished = [client.wait(i) for i in ids]
+    assert [f["state"] for f in finished] == ["done"] * 3 and gate.most == 1
     assert [f["result"]["seed"] for f in finished] == [1, 2, 3]
+
+
+def test_cancel_removes_a_queued_job_and_stops_a_running_one_at_its_next_step(app, client, monkeypatch):
+    gate = Gate(app, monkeypatch)
+    try:
+        _, running = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 40}})
+        _, queued = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 2}})
+        assert gate.started.wait(30)
+        status, answer = client.json("POST", f"/api/jobs/{queued['id']}/cancel", {})
+        assert status == 200 and answer["state"] == "cancelled"
+        status, answer = client.json("POST", f"/api/jobs/{running['id']}/cancel", {})
+        assert status == 200 and answer["state"] == "running"  # it stops at its next step
+    finally:
+        gate.opened.set()
+    stopped = client.wait(running["id"])
+    assert stopped["state"] == "cancelled" and stopped["step"] == 1 and stopped["result"] is None
+    assert client.json("GET", f"/api/jobs/{queued['id']}")[1]["step"] == 0  # never started
+    status, job = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 2}})
+    assert status == 200 and client.wait(job["id"])["state"] == "done"  # the queue goes on
+
+
+def test_the_queue_has_a_limit(app, client, monkeypatch):
+    gate = Gate(app, monkeypatch)
+    ids = []
+    try:
+        for _ in range(1 + app.config.max_queue):  # one running, max_queue waiting
+            status, job = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 1}})
+            assert status == 200, job
+            ids.append(job["id"])
+        status, answer = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 1}})
+        assert status == 429 and "already waiting" in answer["errors"][0]["message"]
+    finally:
+        for job_id in ids[1:]:
+            client.json("POST", f"/api/jobs/{job_id}/cancel", {})
+        gate.opened.set()
+    client.wait(ids[0])
+
+
+def test_every_problem_of_a_request_is_listed_in_the_pages_words(client):
+    body = {"layout": page_layout(prompts=("a red circle", "")), "params": {"steps": 0, "true_cfg": 0.5,
+                                                                            "output": "/tmp/x.png"}}
+    status, answer = client.json("POST", "/api/jobs", body)
+    assert status == 400
+    assert {(e["entity"], e["field"]) for e in answer["errors"]} == {(1, "prompt"), (None, "steps"),
+                                                                      (None, "true_cfg"), (None, "output")}
+    text = " | ".join(e["message"] for e in answer["errors"])
+    assert "Steps must be at least 1" in text and "True CFG must be at least 1" in text and "--" not in text, text
 
 
 def test_bad_layouts_and_options_are_refused_naming_the_problem(client):
     cases = [
-        ({"layout": page_layout(prompts=("a red circle", ""))}, (1, "prompt")),
         ({"layout": {**page_layout(), "width": 10**5}}, (None, "width")),
         ({"layout": page_layout(prompts=["a"] * 17, masks=[box_mask(0, 0, 8, 8)] * 17)}, (None, "entities")),
-        ({"layout": page_layout(), "params": {"steps": 0}}, (None, None)),
-        ({"layout": page_layout(), "params": {"output": "/tmp/x.png"}}, (None, "output")),
+        ({"layout": page_layout(), "params": {"steps": 1_000_000}}, (None, "steps")),  # about 14 hours
         ({"layout": page_layout(), "params": {"fusion": "paper"}}, (None, "fusion")),  # not an inpainting job
         ({"layout": page_layout(), "mode": "inpaint"}, (None, "image")),  # no input chosen
         ({"layout": page_layout(), "mode": "inpaint", "background": "upload:../../etc/passwd"}, (None, "image")),
@@ -204,48 +268,28 @@ def test_bad_layouts_and_options_are_refused_naming_the_problem(client):
         assert status == 400, (body.get("params"), answer)
         error = answer["errors"][0]
         assert (error["entity"], error["field"]) == (entity, field), error
-    status, answer = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 0}})
-    assert "--steps must be >= 1" in answer["errors"][0]["message"]
+    _, answer = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"steps": 61}})
+    assert "at most 60" in answer["errors"][0]["message"]
 
 
-def test_nothing_a_client_sends_reaches_a_server_file(client, tmp_path):
-    secret = tmp_path / "secret.png"
-    Image.new("L", (SIZE, SIZE), 255).save(secret)
-    layout = page_layout()
-    layout["entities"][0]["mask"] = str(secret)  # a path the server could read
-    for route in ("/api/check", "/api/jobs"):
-        status, answer = client.json("POST", route, {"layout": layout})
-        error = answer["errors"][0]
-        assert (error["entity"], error["field"]) == (0, "mask") and "never file paths" in error["message"]
-    layout["entities"][0] = {"prompt": "x", "mask": "mask.png", "image": "/etc/hostname"}
-    _, answer = client.json("POST", "/api/check", {"layout": layout})
-    assert answer["errors"][0]["field"] == "image"  # keys beyond the page's own are refused
-    for path in ("/api/jobs/../../../../etc/passwd", "/api/uploads/..%2F..%2Fetc%2Fpasswd.png", "/../README.md",
-                 "/api/jobs/0123456789abcdef/image.png", "/static/../server.py"):
-        status, _ = client.request("GET", path)
-        assert status == 404, path
-
-
-def test_uploads_are_capped_by_bytes_and_pixels(client):
-    big = b"\0" * (2 * 2**20)  # the fixture's cap is 1 MiB
-    status, raw = client.request("POST", "/api/upload", big, "image/png")
-    assert status == 413 and "above this app's limit of 1 MiB" in json.loads(raw)["errors"][0]["message"]
-    bomb = io.BytesIO()
-    Image.new("L", (600, 600)).save(bomb, format="PNG")  # 360000 pixels, above the fixture's 512x512
-    status, raw = client.request("POST", "/api/upload", bomb.getvalue(), "image/png")
-    assert status == 400 and "--max-pixels" in json.loads(raw)["errors"][0]["message"]
-    status, raw = client.request("POST", "/api/upload", b"not an image at all", "image/png")
-    assert status == 400 and json.loads(raw)["errors"][0]["field"] == "image"
+def test_the_default_pixel_cap_follows_the_model(app, tmp_path):
+    """A 1024x1024 layout on the 64x64 tiny model (which the CLI cannot render in this machine's memory) is
+    refused before it is queued: the default cap is 16 times the model's native area."""
+    default = App(UIConfig(), app.pipe, tmp_path, app.device, app.dtype, app.loras)
+    try:
+        assert default.limits.max_pixels == 16 * SIZE * SIZE
+        big = {**page_layout(masks=[box_mask(0, 0, 8, 8)] * 2), "width": 1024, "height": 1024}
+        with pytest.raises(Exception, match="above this app's limit of 65536"):
+            default.submit({"layout": big})
+    finally:
+        default.jobs.close()
 
 
 def test_inpainting_an_upload_keeps_the_background(client):
     photo = np.zeros((SIZE, SIZE, 3), np.uint8)
     photo[..., 1] = 200
-    buffer = io.BytesIO()
-    Image.fromarray(photo).save(buffer, format="PNG")
-    status, raw = client.request("POST", "/api/upload", buffer.getvalue(), "image/png")
+    status, upload = client.json("POST", "/api/upload", file_body(png_bytes(Image.fromarray(photo))))
     assert status == 200
-    upload = json.loads(raw)
     assert upload["id"].startswith("upload:") and (upload["width"], upload["height"]) == (SIZE, SIZE)
     layout = page_layout(prompts=("a red circle",), masks=[box_mask(8, 8, 40, 40)])
     status, job = client.json("POST", "/api/jobs", {"layout": layout, "mode": "inpaint", "background": upload["id"],
@@ -253,45 +297,41 @@ def test_inpainting_an_upload_keeps_the_background(client):
     assert status == 200, job
     done = client.wait(job["id"])
     assert done["state"] == "done", done
-    _, png = client.request("GET", done["result"]["image"])
+    _, png = client.get(done["result"]["image"])
     out = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     outside = ~box_mask(8, 8, 40, 40)
     assert (out[outside] == photo[outside]).all()  # paste-back: untouched outside the entity
     record = json.loads(Image.open(io.BytesIO(png)).text["eligen"])
     assert record["command"] == "inpaint" and record["params"]["image"] == "uploaded image"  # no server path
+    assert done["result"]["mode"] == "inpaint"
     status, again = client.json("POST", "/api/jobs", {"layout": layout, "mode": "inpaint",
                                                      "background": f"job:{job['id']}", "params": {"steps": 2}})
     assert status == 200 and client.wait(again["id"])["state"] == "done"
 
 
-def test_loading_a_png_or_a_layout_restores_it(client, tmp_path):
+def test_loading_a_png_or_a_layout_restores_it(client):
     status, job = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"seed": 11, "steps": 2,
                                                                                        "true_cfg": 2.0}})
     done = client.wait(job["id"])
-    _, png = client.request("GET", done["result"]["image"])
-    status, raw = client.request("POST", "/api/load", png, "image/png")
+    _, png = client.get(done["result"]["image"])
+    status, loaded = client.json("POST", "/api/load", file_body(png))
     assert status == 200
-    loaded = json.loads(raw)
-    assert loaded["params"]["seed"] == 11 and loaded["params"]["true_cfg"] == 2.0
+    assert loaded["params"]["seed"] == 11 and loaded["params"]["true_cfg"] == 2.0 and loaded["command"] == "generate"
     assert [e["prompt"] for e in loaded["layout"]["entities"]] == ["a red circle", "a blue square"]
     assert (binarize_mask(loaded["layout"]["entities"][0]["mask"]) == box_mask(4, 6, 30, 32)).all()
     boxes = {"prompt": "p", "width": 64, "height": 48, "entities": [{"prompt": "a", "box": [0, 0, 16, 8]}]}
-    status, raw = client.request("POST", "/api/load", json.dumps(boxes).encode())
-    entity = json.loads(raw)["layout"]["entities"][0]
+    status, loaded = client.json("POST", "/api/load", file_body(json.dumps(boxes).encode(), "application/json"))
+    entity = loaded["layout"]["entities"][0]
     assert entity["mask"].startswith(DATA_URI_PREFIX)  # the page edits masks: a box arrives as one
     mask = binarize_mask(entity["mask"])
     assert mask.shape == (48, 64) and mask[:8, :16].all() and mask.sum() == 16 * 8
-    plain = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(plain, format="PNG")
-    status, raw = client.request("POST", "/api/load", plain.getvalue(), "image/png")
-    assert status == 400 and "no eligen record" in json.loads(raw)["errors"][0]["message"]
-    status, raw = client.request("POST", "/api/load", b'{"prompt": "p", "width": 8, "height": 8, "entities": '
-                                 b'[{"prompt": "a", "mask": "/etc/passwd"}]}')
-    assert status == 400 and json.loads(raw)["errors"][0]["field"] == "mask"
+    status, answer = client.json("POST", "/api/load", file_body(png_bytes(Image.new("RGB", (8, 8)))))
+    assert status == 400 and "no eligen record" in answer["errors"][0]["message"]
 
 
-def test_the_planner_fills_the_editor(vlm_server, tmp_path):  # noqa: F811
-    config = UIConfig(port=0, plan_vlm="openai", plan_base_url=vlm_server.base_url, plan_model="m")
+def test_the_planner_fills_the_editor_within_the_pixel_cap(vlm_server, tmp_path):  # noqa: F811
+    config = UIConfig(port=0, plan_vlm="openai", plan_base_url=vlm_server.base_url, plan_model="m",
+                      max_pixels=1024 * 1024)
     app = make_app(config, tmp_path)
     vlm_server.fake.text_answers = [PLAN]
     answer = app.plan({"text": "a cat and a dog on a sofa", "width": 512, "height": 384})
@@ -300,12 +340,28 @@ def test_the_planner_fills_the_editor(vlm_server, tmp_path):  # noqa: F811
     masks = [binarize_mask(e["mask"]) for e in layout["entities"]]
     assert masks[1].shape == (384, 512) and masks[1][60:330, 220:500].all() and masks[1].sum() == 270 * 280
     assert app.info()["plan"] is True
+    with pytest.raises(Exception, match="above this app's limit") as refused:
+        app.plan({"text": "a cat", "width": 12000, "height": 12000})  # 1.4 GB of masks, before this fix
+    assert refused.value.status == 400 and vlm_server.fake.text_answers == []  # the planner was never asked
     app.jobs.close()
 
 
+def test_history_lists_results_and_uploads_expire(app, tmp_path):
+    from eligen.ui.uploads import UploadStore
+
+    store = UploadStore(tmp_path / "uploads", keep=3, ttl_s=3600)
+    ids = [store.add(Image.new("RGB", (8, 8))) for _ in range(5)]
+    assert len(store) == 3 and len(list((tmp_path / "uploads").iterdir())) == 3
+    assert store.get(ids[0]) is None and store.get(ids[-1]) is not None
+    old = UploadStore(tmp_path / "old", ttl_s=0.0)
+    first = old.add(Image.new("RGB", (8, 8)))
+    time.sleep(0.01)
+    assert old.get(first) is None and not list((tmp_path / "old").iterdir())
+
+
 def test_the_page_script_is_served_and_names_every_control(client):
-    _, page = client.request("GET", "/")
-    _, script = client.request("GET", "/app.js")
+    _, page = client.get("/")
+    _, script = client.get("/app.js")
     ids = set(re.findall(rb'\$\("([a-z-]+)"\)', script))
     missing = [i.decode() for i in ids if b'id="' + i + b'"' not in page]
     assert not missing, f"app.js uses ids the page lacks: {missing}"
@@ -314,3 +370,34 @@ def test_the_page_script_is_served_and_names_every_control(client):
 def test_static_files_ship_with_the_package():
     static = Path(eligen.ui.__file__).with_name("static")
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
+
+
+def test_reference_images_reach_the_pipeline_when_the_app_has_an_ip_adapter(tiny_pipeline_dir, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from eligen.families.flux.testing import save_tiny_ip_adapter
+
+    transformer = FluxTransformer2DModel.load_config(tiny_pipeline_dir, subfolder="transformer")
+    folder = tmp_path / "ip-adapter"
+    folder.mkdir()
+    save_tiny_ip_adapter(folder, type("Config", (), transformer))
+    app = make_app(UIConfig(model=str(tiny_pipeline_dir), ip_adapter=str(folder), max_steps=4), tmp_path / "work")
+    try:
+        assert app.info()["ip_adapter"] is True
+        picture = png_bytes(Image.new("RGB", (40, 40), (200, 9, 9)))
+        reference = "data:image/png;base64," + base64.b64encode(picture).decode()
+        layout = {"prompt": "a red circle", "width": 48, "height": 32, "ip_adapter_image": reference,
+                  "entities": [{"prompt": "a dog", "mask": mask_to_png_data_uri(np.ones((32, 48), bool)),
+                                "image": reference, "image_scale": 0.5}]}
+        assert app.check({"layout": layout})["errors"] == []
+        job = app.jobs.get(app.submit({"layout": layout, "params": {"steps": 2, "max_sequence_length": 16}})["id"])
+        deadline = time.monotonic() + 120
+        while job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.state == "done", job.error
+        record = read_metadata(job.files["image.png"])
+        assert record["layout"]["ip_adapter_image"] == reference
+        entity = record["layout"]["entities"][0]
+        assert entity["image"] == reference and entity["image_scale"] == 0.5
+    finally:
+        app.jobs.close()

@@ -249,9 +249,13 @@ def run_bench_shapes(given: dict) -> int:
 
 
 def run_ui(given: dict) -> int:
+    from .ui.config import require_ui_extra
+
+    config = config_from_mapping(UIConfig, given)
+    require_ui_extra()
     from .ui.server import serve
 
-    serve(config_from_mapping(UIConfig, given))
+    serve(config)
     return 0
 
 

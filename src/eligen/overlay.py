@@ -43,7 +43,7 @@ def render_overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequ
         base[_edges(mask)] = colour
     canvas = Image.fromarray(base.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(12, height // 40))
+    font = ImageFont.load_default(size=max(12, height // 24))  # readable where the page shows it
     x: float  # textbbox's right edge may be fractional
     for i, (mask, label) in enumerate(zip(resized, labels, strict=True)):
         rows, cols = np.nonzero(mask)

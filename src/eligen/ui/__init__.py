@@ -1,1 +1,2 @@
-"""`eligen ui`: a local web app to draw entities, generate and inpaint (a stdlib HTTP server and one page)."""
+"""`eligen ui`: a local web app to draw entities, generate and inpaint (Starlette on uvicorn, the ``ui`` extra, and
+one page)."""

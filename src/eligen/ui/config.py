@@ -11,6 +11,27 @@ from ..data.vlm import VLM_KINDS
 from ..families import titles
 
 MAX_ENTITIES = 16  # the reference app has 8 brush layers; the regional mask has no limit of its own
+NATIVE_AREAS = 16  # the default pixel cap: this many times the model's native image area
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def require_ui_extra() -> None:
+    """The web app runs on Starlette and uvicorn (the ``ui`` extra): say how to get them when they are missing."""
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"eligen ui needs {' and '.join(missing)}: pip install 'eligen[ui]'")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -22,13 +43,23 @@ class UIConfig:
     lora: list[str] = option([], "LoRA file, folder or hub id (repeat to stack; default: the model's own EliGen "
                              "LoRA if it declares one); each gets a scale in the page", repeat=True, metavar="PATH")
     host: str = option("127.0.0.1", "address to listen on (loopback by default: only this machine can connect; "
-                       "0.0.0.0 opens the app to your network)")
+                       "0.0.0.0 or :: opens the app to your network, behind an access key printed at start)")
+    allowed_host: list[str] = option([], "a further name the page may be reached by (the Host header; repeat for "
+                                     "more), e.g. a DNS name of this machine; requests naming any other host are "
+                                     "refused", repeat=True, metavar="NAME")
     port: int = option(7860, "port to listen on (0: any free port; the address is printed)")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
     dtype: str | None = option(None, "weights dtype (default: bfloat16 on cuda, float32 elsewhere)",
                                choices=DTYPE_NAMES)
-    max_upload_mb: float = option(20.0, "largest upload (an input image, a layout or PNG to load) in MiB")
-    max_pixels: int = option(16 * 2**20, "largest image (uploaded, or a layout's width x height) in pixels")
+    ip_adapter: str | None = option(None, "IP-Adapter of the model's family, where diffusers has one: the page then "
+                                    "offers a reference image per entity and for the whole image", metavar="PATH")
+    ip_scale: float = option(1.0, "IP-Adapter scale of every double-stream block")
+    max_upload_mb: float = option(20.0, "largest request or upload (an input image, a layout or PNG to load) in MiB")
+    max_pixels: int | None = option(None, "largest image in pixels: a layout's width x height, an upload, a mask or "
+                                    f"a reference image (default: {NATIVE_AREAS}x the model's native image area)")
+    max_steps: int = option(200, "most denoising steps one job may ask for")
+    max_entities: int = option(MAX_ENTITIES, "most entities one layout may have")
+    max_queue: int = option(16, "most jobs waiting behind the running one; more are refused until one finishes")
     plan_vlm: str | None = option(None, "show the layout planner: the grounding MLLM backend `eligen plan` uses "
                                   "(openai or transformers); hidden when not given", choices=VLM_KINDS)
     plan_model: str | None = option(None, "the planner's model (server model name, or a local path for "
@@ -47,12 +78,18 @@ class UIConfig:
             except ValueError:
                 raise ValueError(f"--host {self.host}: not an IP address; use 127.0.0.1 (this machine only), "
                                  "0.0.0.0 (every interface) or one of this machine's addresses") from None
+        for name in self.allowed_host:
+            if not name or (any(c in name for c in "/:@ ") and not _is_ipv6(name)):
+                raise ValueError(f"--allowed-host {name!r}: give a host name or address, without a port or scheme")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if not self.max_upload_mb > 0:
             raise ValueError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
-        if self.max_pixels < 64 * 64:
+        if self.max_pixels is not None and self.max_pixels < 64 * 64:
             raise ValueError(f"--max-pixels must be at least 4096 (64x64), got {self.max_pixels}")
+        for name in ("max_steps", "max_entities", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.plan_vlm is not None and self.plan_vlm not in VLM_KINDS:
@@ -66,3 +103,10 @@ class UIConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name.strip("[]")).version == 6
+    except ValueError:
+        return False

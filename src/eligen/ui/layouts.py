@@ -1,5 +1,7 @@
-"""The page's layouts and the library's: every layout the page sends is checked by the CLI's own code, and masks
-arrive only as PNG data URIs drawn in the page, never as paths (nothing a client sends names a server file)."""
+"""The page's layouts and the library's: every layout the page sends is checked by the CLI's own code. Masks
+arrive only as PNG data URIs drawn in the page and reference images only as image data URIs, never as paths:
+nothing a client sends names a server file, and every image's size is read from its header and held to the app's
+pixel cap before anything decodes it."""
 
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ from ..entities import (
 from ..entities import resize_nearest as resize_mask
 from ..generate import METADATA_KEY, checked_record
 from ..options import INPAINT_FIELDS, EntityOptions, InpaintOptions, SamplingOptions
-from .config import MAX_ENTITIES
+from .messages import page_problem
 
-PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon"})
+PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
+REFERENCE_FORMATS = ("png", "jpeg", "webp")
+NOT_A_PATH = ("the web app takes reference images as files chosen in the page, never as paths on the server; "
+              "choose the image in the page")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What a page may set for one generation (the option classes it renders its controls from, a seed and the LoRA
 # scales); the model, LoRA files, device and outputs belong to the server.
@@ -38,23 +43,74 @@ INPAINT_PARAMS = frozenset(INPAINT_FIELDS)
 
 
 def problem(error: Exception) -> dict[str, Any]:
-    """An error as the page shows it: the message, and the entity and field it names (None when it names none)."""
-    return {"message": str(error), "entity": getattr(error, "entity", None), "field": getattr(error, "field", None)}
+    """An error as the page shows it (:func:`eligen.ui.messages.page_problem`)."""
+    return page_problem(error)
 
 
-def _image_size(data_uri: str, index: int) -> tuple[int, int]:
-    """The declared ``(width, height)`` of a PNG data URI, read from its header (nothing decoded yet)."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: pixels of any image (a layout's size, a mask, an upload, a reference image)
+    and entities per layout."""
+
+    max_pixels: int
+    max_entities: int = 16
+
+
+def _header_size(data_uri: str, prefix: str, what: str, index: int | None, field: str) -> tuple[int, int]:
+    """The declared ``(width, height)`` of an image data URI, read from its header (nothing decoded yet)."""
     try:
-        raw = base64.b64decode(data_uri[len(DATA_URI_PREFIX):], validate=True)
-        with Image.open(io.BytesIO(raw)) as image:
+        raw = base64.b64decode(data_uri[len(prefix):], validate=True)
+        formats = ["PNG"] if prefix == DATA_URI_PREFIX else [f.upper() for f in REFERENCE_FORMATS]
+        with Image.open(io.BytesIO(raw), formats=formats) as image:  # no other decoder is ever reached
             return image.size
-    except (binascii.Error, OSError, ValueError) as exc:
-        raise LayoutError(f"the mask is not a readable PNG data URI ({exc})", entity=index, field="mask") from None
+    except (binascii.Error, OSError, ValueError):
+        raise LayoutError(f"the {what} could not be read as an image", entity=index, field=field) from None
 
 
-def check_page_layout(data: Any, max_pixels: int) -> dict[str, Any]:
+def check_reference_image(value: Any, limits: Limits, index: int | None, field: str) -> None:
+    """A reference image as the page sends it: a ``data:image/<png|jpeg|webp>;base64,`` URI within the pixel cap.
+    Anything else is refused without being opened, with one message that never repeats what was sent."""
+    prefix = next((f"data:image/{fmt};base64," for fmt in REFERENCE_FORMATS
+                   if isinstance(value, str) and value.startswith(f"data:image/{fmt};base64,")), None)
+    if prefix is None and isinstance(value, str) and value.startswith("data:"):
+        raise LayoutError("the reference image is not a PNG, JPEG or WebP file; choose one of those",
+                          entity=index, field=field)
+    if prefix is None:
+        raise LayoutError(NOT_A_PATH, entity=index, field=field)
+    width, height = _header_size(value, prefix, "reference image", index, field)
+    if width * height > limits.max_pixels:
+        raise LayoutError(f"the reference image is {width}x{height}, above this app's {limits.max_pixels} pixels; "
+                          "choose a smaller one", entity=index, field=field)
+
+
+def _check_page_entity(entity: Any, i: int, limits: Limits, pixels: int) -> None:
+    """One entity of the page's layout: known keys, a mask that is a PNG data URI, a reference image that is an
+    image data URI, neither above the pixel cap (``pixels``: the layout's own size)."""
+    if not isinstance(entity, Mapping):
+        raise LayoutError(f"each entity is a JSON object, got {type(entity).__name__}", entity=i)
+    unknown = sorted(set(entity) - PAGE_ENTITY_KEYS)
+    if unknown:
+        raise LayoutError(f"unknown key(s) {unknown}; an entity has 'prompt' and one of 'mask', 'box', "
+                          "'polygon'", entity=i, field=unknown[0])
+    if entity.get("image") is not None:
+        check_reference_image(entity["image"], limits, i, "image")
+    mask = entity.get("mask")
+    if mask is None:
+        return
+    if not isinstance(mask, str) or not mask.startswith(DATA_URI_PREFIX):
+        raise LayoutError("the web app takes masks drawn in the page (PNG data URIs), never file paths; load "
+                          "a layout whose masks are embedded, as `eligen generate` records them",
+                          entity=i, field="mask")
+    mask_w, mask_h = _header_size(mask, DATA_URI_PREFIX, "mask", i, "mask")
+    if mask_w * mask_h > max(limits.max_pixels, pixels):
+        raise LayoutError(f"the mask is {mask_w}x{mask_h}, larger than the app takes", entity=i, field="mask")
+
+
+def check_page_layout(data: Any, limits: Limits) -> dict[str, Any]:
     """The page's layout JSON with everything that could reach the file system or exhaust memory refused:
-    known keys only, masks as PNG data URIs no larger than the image, ``width x height <= max_pixels``."""
+    known keys only, masks as PNG data URIs no larger than the image, reference images as image data URIs,
+    ``width x height <= max_pixels``, at most ``max_entities`` entities."""
+    max_pixels = limits.max_pixels
     if not isinstance(data, Mapping):
         raise LayoutError(f"a layout is a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - LAYOUT_KEYS)
@@ -66,45 +122,34 @@ def check_page_layout(data: Any, max_pixels: int) -> dict[str, Any]:
             raise LayoutError(f"must be a positive integer number of pixels, got {value!r}", field=name)
     assert isinstance(width, int) and isinstance(height, int)  # checked just above
     if width * height > max_pixels:
-        raise LayoutError(f"{width}x{height} is above this app's {max_pixels} pixels (--max-pixels)", field="width")
+        raise LayoutError(f"{width}x{height} is {width * height} pixels, above this app's limit of {max_pixels}; "
+                          "choose a smaller size", field="width")
     entities = data.get("entities", [])
     if not isinstance(entities, list):
         raise LayoutError("must be a list of entity objects", field="entities")
-    if len(entities) > MAX_ENTITIES:
-        raise LayoutError(f"{len(entities)} entities; the app takes up to {MAX_ENTITIES}", field="entities")
+    if len(entities) > limits.max_entities:
+        raise LayoutError(f"{len(entities)} entities; this app takes up to {limits.max_entities}",
+                          field="entities")
+    if data.get("ip_adapter_image") is not None:
+        check_reference_image(data["ip_adapter_image"], limits, None, "ip_adapter_image")
     for i, entity in enumerate(entities):
-        if not isinstance(entity, Mapping):
-            raise LayoutError(f"each entity is a JSON object, got {type(entity).__name__}", entity=i)
-        unknown = sorted(set(entity) - PAGE_ENTITY_KEYS)
-        if unknown:
-            raise LayoutError(f"unknown key(s) {unknown}; an entity has 'prompt' and one of 'mask', 'box', "
-                              "'polygon'", entity=i, field=unknown[0])
-        mask = entity.get("mask")
-        if mask is None:
-            continue
-        if not isinstance(mask, str) or not mask.startswith(DATA_URI_PREFIX):
-            raise LayoutError("the web app takes masks drawn in the page (PNG data URIs), never file paths; load "
-                              "a layout whose masks are embedded, as `eligen generate` records them",
-                              entity=i, field="mask")
-        mask_w, mask_h = _image_size(mask, i)
-        if mask_w * mask_h > max(max_pixels, width * height):
-            raise LayoutError(f"the mask is {mask_w}x{mask_h}, larger than the app takes", entity=i, field="mask")
+        _check_page_entity(entity, i, limits, width * height)
     return dict(data)
 
 
-def page_layout(data: Any, max_pixels: int, default_size: tuple[int, int] | None = None) -> Layout:
+def page_layout(data: Any, limits: Limits, default_size: tuple[int, int] | None = None) -> Layout:
     """The page's layout JSON as a validated :class:`Layout` (the CLI's validation, after the page's own checks)."""
     if default_size is not None and isinstance(data, Mapping):
         data = {"width": default_size[0], "height": default_size[1], **data}
-    return layout_from_dict(check_page_layout(data, max_pixels))
+    return layout_from_dict(check_page_layout(data, limits))
 
 
-def layout_problems(data: Any, max_pixels: int, latent_masks) -> list[dict[str, Any]]:
+def layout_problems(data: Any, limits: Limits, latent_masks) -> list[dict[str, Any]]:
     """Every problem the page's layout would meet, each naming its entity and field: the layout's own checks
     (per entity, so all are listed) and, per entity, a mask that covers no token of the model's grid.
     ``latent_masks(masks, height, width)`` is the pipeline's own (``pipe.entity_latent_masks``)."""
     try:
-        checked = check_page_layout(data, max_pixels)
+        checked = check_page_layout(data, limits)
     except LayoutError as exc:
         return [problem(exc)]  # the shape of the request itself: nothing further can be checked
     width, height, problems = checked["width"], checked["height"], []
@@ -136,12 +181,12 @@ def token_grid(masks: list[np.ndarray | None], height: int, width: int, vae_scal
     return {"rows": rows, "cols": cols, "token_pixels": vae_scale_factor * PACK, "covers": covers}
 
 
-def preview(data: Any, max_pixels: int, pipe) -> dict[str, Any]:
+def preview(data: Any, limits: Limits, pipe) -> dict[str, Any]:
     """The page's live preview: every problem (:func:`layout_problems`) and each mask on ``pipe``'s token grid
     (``grid`` is None when the layout's size itself is wrong)."""
-    problems = layout_problems(data, max_pixels, pipe.entity_latent_masks)
+    problems = layout_problems(data, limits, pipe.entity_latent_masks)
     try:
-        checked = check_page_layout(data, max_pixels)
+        checked = check_page_layout(data, limits)
     except LayoutError:
         return {"errors": problems, "grid": None}
     masks: list[np.ndarray | None]
@@ -158,21 +203,26 @@ def layout_for_page(layout: Layout) -> dict[str, Any]:
     """A layout as the page edits it: every entity a mask at the layout's size, as a PNG data URI."""
     out: dict[str, Any] = {"prompt": layout.prompt, "width": layout.width, "height": layout.height,
                            "negative_prompt": layout.negative_prompt, "seed": layout.seed, "entities": []}
+    if layout.ip_adapter_image is not None:
+        out["ip_adapter_image"] = layout.ip_adapter_image  # a data URI: check_page_layout allowed nothing else
     for entity, mask in zip(layout.entities, layout.masks(), strict=True):
         if mask.shape != (layout.height, layout.width):
             mask = resize_mask(mask, layout.height, layout.width)
-        out["entities"].append({"prompt": entity.prompt, "mask": mask_to_png_data_uri(np.asarray(mask, bool))})
+        item: dict[str, Any] = {"prompt": entity.prompt, "mask": mask_to_png_data_uri(np.asarray(mask, bool))}
+        if entity.image is not None:
+            item.update(image=entity.image, image_scale=entity.image_scale)
+        out["entities"].append(item)
     return out
 
 
-def read_upload_record(raw: bytes, max_pixels: int) -> dict[str, Any]:
+def read_upload_record(raw: bytes, limits: Limits) -> dict[str, Any]:
     """A layout JSON file or an eligen PNG, uploaded to continue editing: ``{"layout", "params", "command"}``."""
     if raw.startswith(PNG_SIGNATURE):
         try:
             with Image.open(io.BytesIO(raw)) as image:
-                if image.width * image.height > max_pixels:
-                    raise ValueError(f"the PNG is {image.width}x{image.height}, above this app's {max_pixels} "
-                                     "pixels (--max-pixels)")
+                if image.width * image.height > limits.max_pixels:
+                    raise ValueError(f"the PNG is {image.width}x{image.height}, above this app's limit of "
+                                     f"{limits.max_pixels} pixels")
                 text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
         except OSError as exc:
             raise ValueError(f"the PNG cannot be read ({exc})") from None
@@ -184,10 +234,10 @@ def read_upload_record(raw: bytes, max_pixels: int) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"the PNG's eligen record is not JSON ({exc})") from None
         params = {k: v for k, v in record["params"].items() if k in PAGE_PARAMS}
-        return {"layout": layout_for_page(page_layout(record["layout"], max_pixels)), "params": params,
+        return {"layout": layout_for_page(page_layout(record["layout"], limits)), "params": params,
                 "command": record.get("command", "generate")}
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a layout JSON file or an eligen PNG ({exc})") from None
-    return {"layout": layout_for_page(page_layout(data, max_pixels)), "params": {}, "command": "generate"}
+    return {"layout": layout_for_page(page_layout(data, limits)), "params": {}, "command": "generate"}
