@@ -164,19 +164,19 @@ class _Stop(Exception):
         self.inputs = inputs
 
 
-def capture(pipe, shapes, tokens: int, n: int, form: str) -> dict[str, Any]:
+def capture(pipe, text_tokens: int, tokens: int, n: int, form: str) -> dict[str, Any]:
     """The inputs the EliGen pipeline hands its first transformer forward (``_velocity``'s) for a ``tokens x tokens``
-    token grid, the global prompt ``shapes.text_tokens`` long, ``n`` entities in attention form ``form``."""
+    token grid, the global prompt ``text_tokens`` long, ``n`` entities in attention form ``form``."""
     side = tokens * token_pixels(pipe)
 
     def stop(latents, timestep, branch, geometry, guidance):
         raise _Stop(dict(latents=latents, timestep=timestep, branch=branch, geometry=geometry, guidance=guidance))
 
-    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(shapes.text_tokens))
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(text_tokens))
     pipe._velocity = stop
     try:
         pipe(prompt=prompt, height=side, width=side, num_inference_steps=1, output_type="latent",
-             max_sequence_length=shapes.text_tokens, attention=form, **entity_kwargs(n, side, side))
+             max_sequence_length=text_tokens, attention=form, **entity_kwargs(n, side, side))
     except _Stop as stopped:
         return stopped.inputs
     finally:
@@ -211,18 +211,53 @@ def real_rows(card: FamilyCard, root: Path, args: argparse.Namespace, device: to
     return rows
 
 
-def shape_rows(card: FamilyCard, pipe, shapes, args: argparse.Namespace, device: torch.device,
-               dtype: torch.dtype) -> list[Row]:
-    """The rows of one released model's shapes (``shapes``): its transformer on random weights, built on the device."""
+def random_transformer(class_name: str, shapes, layers: int | None, device: torch.device,
+                       dtype: torch.dtype) -> torch.nn.Module:
+    """The diffusers transformer ``class_name`` of the released model's ``shapes`` (at most ``layers`` blocks per
+    list) with random weights drawn on the device (no fp32 copy: ``regional_attention.random_model``). Tensors the
+    constructor computes (buffers, and RoPE tables kept as plain attributes) are taken from a one-block copy built on
+    the CPU, since the device copy is made without running the constructor's arithmetic."""
     import diffusers
     from regional_attention import random_model
 
+    cls = getattr(diffusers, class_name)
+    model = random_model(cls, shapes.capped(layers), device, dtype)
+    computed = list(_computed_tensors(model))
+    if computed:
+        reference = {name: value for name, _, _, value in _computed_tensors(cls(**shapes.capped(1)))}
+        for name, owner, attribute, value in computed:
+            if name not in reference:
+                raise SystemExit(f"error: {class_name}'s tensor {name} has no counterpart in a one-block copy; "
+                                 "initialise it in family_overhead.random_transformer")
+            if attribute in owner._buffers:
+                owner._buffers[attribute] = reference[name].to(device, value.dtype)
+            elif isinstance(value, torch.Tensor):
+                setattr(owner, attribute, reference[name].to(device))
+            else:
+                setattr(owner, attribute, type(value)(t.to(device) for t in reference[name]))
+    return model
+
+
+def _computed_tensors(model: torch.nn.Module):
+    """``(name, module, attribute, value)`` of every buffer of ``model`` and every plain attribute holding a tensor or
+    a list / tuple of tensors."""
+    for prefix, module in model.named_modules():
+        values = {k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor) or (
+            isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v))}
+        for attribute, value in {**module._buffers, **values}.items():
+            if value is not None:
+                yield f"{prefix}.{attribute}" if prefix else attribute, module, attribute, value
+
+def shape_rows(card: FamilyCard, pipe, shapes, args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype) -> list[Row]:
+    """The rows of one released model's shapes (``shapes``): its transformer on random weights, built on the device."""
     tokens = args.tokens or 1024 // shapes.token_pixels
     n = args.real_entities
     plan = [("stock", 0, "dense"), ("eligen", 0, "dense"), *[(form, n, form) for form in args.forms]]
     with torch.no_grad():
-        inputs = {variant: widened(capture(pipe, shapes, tokens, k, form), shapes, dtype) for variant, k, form in plan}
-        transformer = random_model(getattr(diffusers, card.transformers[0]), shapes.capped(args.layers), device, dtype)
+        text = args.text_tokens or shapes.text_tokens
+        inputs = {variant: widened(capture(pipe, text, tokens, k, form), shapes, dtype) for variant, k, form in plan}
+        transformer = random_transformer(card.transformers[0], shapes, args.layers, device, dtype)
         rows, outputs = time_forwards(pipe.family, transformer, plan, inputs, args, device)
     for row in rows:
         row.family, row.image_tokens = shapes.name, tokens * tokens
@@ -280,6 +315,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None,
                         help="real: image tokens per side (default: a 1024x1024 image's)")
     parser.add_argument("--layers", type=int, default=None, help="real: at most this many blocks per block list")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="real: the global prompt's tokens (and a padded entity prompt's; default: the family's)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one: immune to a busy machine)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
@@ -288,9 +325,11 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.forms = [f for f in args.forms.split(",") if f]
     bad = [f for f in args.forms if f not in FORMS]
-    if bad or args.entities < 1 or args.real_entities < 1 or args.steps < 1 or args.iters < 1 or args.warmup < 0:
+    counts = (args.entities, args.real_entities, args.steps, args.iters, args.text_tokens or 1, args.warmup + 1)
+    if bad or min(counts) < 1:
         parser.error(f"--forms takes {', '.join(FORMS)} (got {', '.join(bad)})" if bad else
-                     "--entities, --real-entities, --steps and --iters must be at least 1, --warmup at least 0")
+                     "--entities, --real-entities, --steps, --iters and --text-tokens must be at least 1, --warmup at "
+                     "least 0")
     return args
 
 
