@@ -99,7 +99,9 @@ def load_pipelines(card: FamilyCard, root: Path, device: torch.device, dtype: to
 
     path = load(card.tiny_pipeline)(root / slug(card), seed=0)
     pipe = load(card.eligen_pipeline).from_pretrained(path).to(device, dtype)
-    stock = getattr(diffusers, card.pipelines[0])(**pipe.components)
+    # from_pretrained with every component given loads none: it only reads the pipeline's own settings from
+    # model_index.json (Krea 2's encoder taps, [klein]'s is_distilled), which a plain constructor would leave default
+    stock = getattr(diffusers, card.pipelines[0]).from_pretrained(path, **pipe.components)
     for p in (pipe, stock):
         p.set_progress_bar_config(disable=True)
     return pipe, stock
