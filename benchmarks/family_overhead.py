@@ -204,7 +204,12 @@ def widened(inputs: dict[str, Any], shapes, dtype: torch.dtype, seed: int = 0) -
 def real_rows(card: FamilyCard, root: Path, args: argparse.Namespace, device: torch.device) -> list[Row]:
     """One transformer forward of each released model serving the card (random weights): stock processors,
     EliGen's with no entities, EliGen's with ``args.real_entities`` entities per attention form."""
-    real_shapes = load(card.tiny_pipeline.rpartition(":")[0] + ":real_shapes")
+    module = card.tiny_pipeline.rpartition(":")[0]
+    try:
+        real_shapes = load(f"{module}:real_shapes")
+    except AttributeError:
+        raise SystemExit(f"error: {module} has no real_shapes(pipeline); give the family's released transformer "
+                         "config there (docs/adding-a-family.md)") from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, _ = load_pipelines(card, root, device, dtype)
     rows = []
