@@ -8,6 +8,12 @@
 # arguments of generate_e2e.py (whole images; its size follows SIZE: tiny stays tiny, anything else is flux-dev).
 # QWEN=1 adds whole Qwen-Image images (qwen-image: 20B random bf16 weights, about 40 GB; SIZE=tiny: qwen-tiny), with
 # QWEN_E2EARGS as their arguments; off by default, as it does not fit one 15-minute device session with the rest.
+# FAMILIES=1 adds every model family at its released transformer's shapes with random bf16 weights
+# (family_overhead.py --shapes real: one forward at 1024x1024, stock processors, EliGen with 0 and 4 entities in the
+# dense, flex and segmented forms; SIZE=tiny: the tiny pipelines' whole images instead, on a CPU), with FAMILY_ARGS as
+# its arguments. Off by default: estimated (not yet run on a GPU) at 8-10 minutes on an H200 for the eight released
+# transformers (FLUX.1-dev, Qwen-Image, Qwen-Image 2.1, FLUX.2 [dev] and [klein] 4B / 9B, Z-Image, Krea 2: 4-32B
+# each, 25 forwards each, flex compiled once per model), which with the rest does not fit one 15-minute session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${OUT:-benchmarks/results}
@@ -31,4 +37,9 @@ if [ -n "${QWEN:-}" ]; then
     qwen_size=$([ "${SIZE:-flux-dev}" = tiny ] && echo qwen-tiny || echo qwen-image)
     python3 benchmarks/generate_e2e.py --size "$qwen_size" ${QWEN_E2EARGS:---entities 4 --warmup 0 --iters 1 \
 --variants plain,exact,reference,fbc-0.5} --json "$dest/generate_e2e_qwen.json" 2>&1 | tee "$dest/generate_e2e_qwen.log"
+fi
+if [ -n "${FAMILIES:-}" ]; then
+    family_shapes=$([ "${SIZE:-flux-dev}" = tiny ] && echo tiny || echo real)
+    python3 benchmarks/family_overhead.py --shapes "$family_shapes" ${FAMILY_ARGS:---warmup 1 --iters 3} \
+        --json "$dest/family_overhead.json" 2>&1 | tee "$dest/family_overhead.log"
 fi

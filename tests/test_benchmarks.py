@@ -52,14 +52,19 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
            "ENTITIES": "0,2", "VARIANTS": "dense,segmented", "OPARGS": "--device cpu --heads 1 --side 4 --segment 8 "
            "--iters 1", "E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --warmup 0 --iters 1 --variants "
            "plain,exact", "QWEN": "1", "QWEN_E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --iters 0 "
-           "--variants exact", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
+           "--variants exact", "FAMILIES": "1", "FAMILY_ARGS": "--families z_image --steps 1 --warmup 0 --iters 1 "
+           "--forms dense", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"attention_op.json", "attention_op.log",
                                                     "regional_attention.json", "regional_attention.log",
                                                     "generate_e2e.json", "generate_e2e.log",
-                                                    "generate_e2e_qwen.json", "generate_e2e_qwen.log"}
+                                                    "generate_e2e_qwen.json", "generate_e2e_qwen.log",
+                                                    "family_overhead.json", "family_overhead.log"}
+    families = json.loads((tmp_path / "family_overhead.json").read_text())  # SIZE=tiny: the tiny pipelines
+    assert families["shapes"] == "tiny" and [(r["family"], r["variant"]) for r in families["rows"]] == [
+        ("Z-Image", "stock"), ("Z-Image", "eligen"), ("Z-Image", "dense")]
     e2e = json.loads((tmp_path / "generate_e2e.json").read_text())
     assert e2e["size"] == "tiny" and {(r["variant"], r["entities"]) for r in e2e["rows"]} == {("plain", 0),
                                                                                              ("exact", 2)}
@@ -67,6 +72,56 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
     assert qwen["size"] == "qwen-tiny" and [(r["variant"], r["entities"]) for r in qwen["rows"]] == [("exact", 2)]
     rows = json.loads((tmp_path / "regional_attention.json").read_text())
     assert {(row["variant"], row["entities"]) for row in rows} == {("plain", 0), ("dense", 2), ("segmented", 2)}
+
+
+def test_family_overhead_tiny(tmp_path):
+    """Per-family cost on one family's tiny pipeline: stock, zero entities (bit-identical to stock), two entities in
+    each attention form, every image of the forms equal to the dense one to float rounding."""
+    out = tmp_path / "families.json"
+    stdout = run_script("family_overhead.py", "--families", "z_image", "--steps", "2", "--warmup", "0", "--iters", "1",
+                        "--json", str(out))
+    report = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert report["shapes"] == "tiny" and list(rows) == ["stock", "eligen", "dense", "flex", "segmented"]
+    assert {row["family"] for row in rows.values()} == {"Z-Image"} and rows["stock"]["ratio_to_stock"] == 1.0
+    assert rows["eligen"]["exact"] is True and rows["eligen"]["entities"] == 0
+    assert all(rows[form]["entities"] == 2 and rows[form]["max_abs_diff_from_dense"] < 1e-5
+               for form in ("dense", "flex", "segmented"))
+    assert all(row["ms"] > 0 and row["image_tokens"] >= 16 for row in rows.values())
+    assert "| Z-Image | eligen | 0 |" in stdout and "exact" in stdout
+
+
+def test_every_family_gives_its_released_transformers_shapes():
+    """``family_overhead.py --shapes real`` reads each family's released transformer config from its testing module:
+    one per diffusers pipeline the family serves, constructible (on the meta device) at 1-40B parameters, its block
+    lists capped by ``layers``."""
+    import diffusers
+    import torch
+
+    from eligen.families import cards
+    from eligen.families.card import load
+
+    seen = []
+    for card in [c for main in cards().values() for c in (main, *main.variants)]:
+        shapes = load(card.tiny_pipeline.rpartition(":")[0] + ":real_shapes")(card.pipelines[0])
+        assert shapes, card.title
+        for shape in shapes:
+            with torch.device("meta"):
+                model = getattr(diffusers, card.transformers[0])(**shape.config)
+                one_block = getattr(diffusers, card.transformers[0])(**shape.capped(1))
+            params = sum(p.numel() for p in model.parameters())
+            assert 1e9 < params < 4e10 and sum(p.numel() for p in one_block.parameters()) < params, shape.name
+            assert shape.source and shape.text_tokens >= 128
+            seen.append(shape.name)
+    assert {"FLUX.2 [dev]", "FLUX.2 [klein] 4B", "FLUX.2 [klein] 9B", "Z-Image (6B)", "Krea 2",
+            "Qwen-Image 2.1"} <= set(seen)
+
+
+def test_family_overhead_refuses_an_unknown_family(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "family_overhead.py"), "--families", "sdxl",
+                           "--json", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "unknown family sdxl; known: flux," in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_generate_e2e_tiny(tmp_path):

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ...tiny.tokenizers import build_clip_tokenizer, build_t5_tokenizer
-from ..testing import randomise
+from ..testing import RealShapes, randomise
 
 if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -152,3 +152,16 @@ def save_tiny_ip_adapter(folder: str | Path, transformer_config: Any, seed: int 
     encoder.save_pretrained(folder / "image_encoder")
     return {"pretrained_model_name_or_path_or_dict": str(folder), "weight_name": WEIGHT_NAME,
             "image_encoder_pretrained_model_name_or_path": str(folder / "image_encoder")}
+
+
+def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
+    """FLUX.1-dev's transformer (``FluxPipeline``; ``pipeline`` names the card's, one here), for benchmarks on random
+    weights. Source: diffusers' ``FluxTransformer2DModel`` defaults, which are black-forest-labs/FLUX.1-dev's
+    ``transformer/config.json`` (19 double- and 38 single-stream blocks, 24 heads x 128, T5 4096 wide, CLIP pooled 768,
+    64 packed latent channels), with its ``guidance_embeds=True``; T5 pads every prompt to 512 tokens."""
+    config = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                  axes_dims_rope=(16, 56, 56))
+    return (RealShapes("FLUX.1-dev", config, "diffusers FluxTransformer2DModel defaults = FLUX.1-dev config.json",
+                       latent_dim=64, text_dim=4096, pooled_dim=768, text_tokens=512,
+                       depth=("num_layers", "num_single_layers")),)

@@ -42,7 +42,7 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from ...tiny.tokenizers import DEFAULT_WORDS, _byte_symbols
-from ..testing import randomise
+from ..testing import RealShapes, randomise
 
 if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
     from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
@@ -217,3 +217,31 @@ def save_tiny_klein_pipeline(path: str | Path, seed: int = 0, config: TinyFlux2C
     components = build_components(seed, _sized(config, layers), klein=True)
     Flux2KleinPipeline(**components, is_distilled=distilled).save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+# The released FLUX.2 transformers (Flux2Transformer2DModel). [dev]: diffusers' defaults, which are
+# black-forest-labs/FLUX.2-dev's transformer/config.json (8 double- and 48 single-stream blocks, 48 heads x 128, the
+# three stacked Mistral-Small-3.2 layers 3 x 5120 = 15360 wide, 128 packed latent channels, embedded guidance).
+# [klein] 4B: 5 + 20 blocks, 24 heads x 128 (3072 wide), three Qwen3-4B layers 3 x 2560 = 7680; [klein] 9B: 6 + 24
+# blocks, 32 heads x 128 (4096 wide), three Qwen3-8B layers 3 x 4096 = 12288; no embedded guidance. The [klein]
+# numbers are read from InvokeAI's FLUX.2 parameter presets (invokeai/backend/flux2, Klein4B / Klein9B) and mflux's
+# FLUX.2 notes (5 + 20 and 6 + 24 blocks, 128 latent channels); the rest of each config is diffusers' default (its
+# mlp_ratio 3, RoPE axes (32, 32, 32, 32), theta 2000), not read from the released config.json. Every prompt is padded
+# to 512 tokens.
+_FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                  num_attention_heads=48, joint_attention_dim=15360, guidance_embeds=True)
+_FLUX2_KLEIN = {"4B": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680),
+                "9B": dict(num_layers=6, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)}
+
+
+def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
+    """The released transformers serving ``pipeline`` (``"Flux2Pipeline"``: [dev]; ``"Flux2KleinPipeline"``: [klein]
+    4B and 9B), for benchmarks on random weights (sources above)."""
+    depth = ("num_layers", "num_single_layers")
+    if pipeline != "Flux2KleinPipeline":
+        return (RealShapes("FLUX.2 [dev]", _FLUX2_DEV, "diffusers Flux2Transformer2DModel defaults = FLUX.2-dev",
+                           latent_dim=128, text_dim=15360, text_tokens=512, depth=depth),)
+    return tuple(RealShapes(f"FLUX.2 [klein] {size}", {**_FLUX2_DEV, **sizes, "guidance_embeds": False},
+                            "InvokeAI / mflux FLUX.2 [klein] presets; the rest diffusers' defaults", latent_dim=128,
+                            text_dim=sizes["joint_attention_dim"], text_tokens=512, depth=depth)
+                 for size, sizes in _FLUX2_KLEIN.items())

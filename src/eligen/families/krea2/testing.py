@@ -38,7 +38,7 @@ from transformers import Qwen3VLConfig, Qwen3VLModel
 
 from ...data.tiny_qwen2vl import _token_ids
 from ..qwen_image.testing import build_qwen_image_tokenizer
-from ..testing import randomise
+from ..testing import RealShapes, randomise
 
 if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
@@ -146,3 +146,17 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyKrea2Config 
     # mypy takes `from diffusers import Krea2Pipeline` for diffusers' torch-less dummy class, without the methods
     Krea2Pipeline(**build_components(seed, config)).save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
+    """Krea 2's transformer, for benchmarks on random weights. The released checkpoint's config.json was not found
+    (diffusers' docs name no hub id for it, "path/to/krea2-diffusers"): these are diffusers' ``Krea2Transformer2DModel``
+    defaults (28 blocks, 48 heads x 128 with 12 key/value heads, 12 stacked text-encoder taps 2560 wide, 2 layerwise and
+    2 refiner text blocks, 64 packed latent channels). Krea 2's padding is masked and dropped: 128 tokens stand for a
+    long prompt."""
+    config = dict(in_channels=64, num_layers=28, attention_head_dim=128, num_attention_heads=48, num_key_value_heads=12,
+                  intermediate_size=16384, text_hidden_dim=2560, num_text_layers=12, num_layerwise_text_blocks=2,
+                  num_refiner_text_blocks=2)
+    return (RealShapes("Krea 2", config, "diffusers Krea2Transformer2DModel defaults (released config not found)",
+                       latent_dim=64, text_dim=12 * 2560, text_tokens=128,
+                       depth=("num_layers", "num_layerwise_text_blocks", "num_refiner_text_blocks")),)

@@ -36,7 +36,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 from ...data.tiny_qwen2vl import SPECIAL_TOKENS, _text_config, _token_ids
 from ...tiny.tokenizers import DEFAULT_WORDS, _byte_symbols
-from ..testing import randomise
+from ..testing import RealShapes, randomise
 
 if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import AutoencoderKLQwenImage
@@ -183,3 +183,14 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImageCon
     # mypy takes `from diffusers import QwenImagePipeline` for diffusers' torch-less dummy class, without the methods
     QwenImagePipeline(**build_components(seed, config)).save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
+    """Qwen-Image's transformer (20B), for benchmarks on random weights. Source: diffusers'
+    ``QwenImageTransformer2DModel`` defaults, which are Qwen/Qwen-Image's ``transformer/config.json`` (60 blocks, 24
+    heads x 128, Qwen2.5-VL text 3584 wide, 64 packed latent channels). Qwen-Image does not pad its prompt: 128 tokens
+    stand for a long one."""
+    config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+    return (RealShapes("Qwen-Image", config, "diffusers QwenImageTransformer2DModel defaults = Qwen-Image config.json",
+                       latent_dim=64, text_dim=3584, text_tokens=128, depth=("num_layers",)),)

@@ -39,7 +39,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ...data.tiny_qwen2vl import SPECIAL_TOKENS, _token_ids
 from ...tiny.tokenizers import DEFAULT_WORDS, _byte_symbols
-from ..testing import randomise
+from ..testing import RealShapes, randomise
 from .processor import TextOnlyQwen3VLProcessor
 
 if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
@@ -198,3 +198,14 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImage21C
     # mypy takes `from diffusers import QwenImage21Pipeline` for diffusers' torch-less dummy class, without the methods
     QwenImage21Pipeline(**build_components(seed, config)).save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
+    """Qwen-Image 2.1's transformer, for benchmarks on random weights. Qwen/Qwen-Image-2.1's config.json was not found:
+    these are diffusers' ``QwenImage21Transformer2DModel`` defaults (32 blocks, 32 heads x 128, text 4096 wide, 64
+    latent channels, one token per latent pixel of 16 px). It does not pad its prompt: 128 tokens stand for a long
+    one."""
+    config = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=32, attention_head_dim=128,
+                  num_attention_heads=32, context_in_dim=4096)
+    return (RealShapes("Qwen-Image 2.1", config, "diffusers QwenImage21Transformer2DModel defaults (released config "
+                       "not found)", latent_dim=64, text_dim=4096, text_tokens=128, depth=("num_layers",)),)

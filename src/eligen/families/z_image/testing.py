@@ -36,7 +36,7 @@ from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from ...data.tiny_qwen2vl import SPECIAL_TOKENS
 from ...tiny.tokenizers import DEFAULT_WORDS, _byte_symbols
-from ..testing import randomise
+from ..testing import RealShapes, randomise
 
 if TYPE_CHECKING:  # for mypy `from diffusers import ...` is diffusers' torch-less dummy class, without the methods
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -154,3 +154,14 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyZImageConfig
     # mypy takes `from diffusers import ZImagePipeline` for diffusers' torch-less dummy class, without the methods
     ZImagePipeline(**build_components(seed, config)).save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
+    """Z-Image's transformer (6B), for benchmarks on random weights. Source: diffusers' ``ZImageTransformer2DModel``
+    defaults, which match Tongyi-MAI/Z-Image-Turbo's as third-party ports document them (30 layers, 2 refiner layers
+    each side, 30 heads, 3840 wide, Qwen3-4B captions 2560 wide, 16 latent channels in 2x2 patches: 64 per token).
+    Z-Image does not pad its prompt (the transformer pads to a multiple of 32): 128 tokens stand for a long one."""
+    config = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                  n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560)
+    return (RealShapes("Z-Image (6B)", config, "diffusers ZImageTransformer2DModel defaults = Z-Image-Turbo",
+                       latent_dim=64, text_dim=2560, text_tokens=128, depth=("n_layers", "n_refiner_layers")),)
