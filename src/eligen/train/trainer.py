@@ -310,6 +310,8 @@ class Trainer:
         from .data import collate
 
         while True:
+            if self.sampler.position >= len(self.sampler):  # resumed at an epoch's end: the next epoch, from 0
+                self.sampler.set_epoch(self.sampler.epoch + 1)
             start = self.sampler.state_dict()
             # counted here, not by the sampler: worker processes fetch batches ahead of their use
             self.data_state = {"epoch": start["epoch"], "position": start["position"]}
