@@ -171,6 +171,8 @@ CASES = [
                                                                    torch.ones(8, 2))], "non-finite values"),
     ("LoRA convert to a folder", lambda t: ["lora", "convert", lora_file(t, torch.ones(2, 8), torch.ones(8, 2)),
                                             str(t), "--to", "kohya"], "is a folder"),
+    ("plan to a folder", lambda t: ["plan", "a cat", "-o", str(t), "--base-url", "http://127.0.0.1:9/v1"],
+     "is a folder"),
 ]
 
 
@@ -185,7 +187,7 @@ def _plain_png() -> bytes:
 @pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=c) for c, a, m in CASES])
 def test_hostile_command_lines(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main([*argv(tmp_path), *([] if argv(tmp_path)[0] == "lora" else FAST[-1:])])
+    code = main([*argv(tmp_path), *([] if argv(tmp_path)[0] in ("lora", "plan") else FAST[-1:])])
     err = capsys.readouterr().err
     assert code != 0 and message in err, err
     assert "Traceback" not in err
@@ -302,3 +304,76 @@ def test_the_api_refuses_non_finite_numbers_by_name(tiny_pipe, argument, value):
     kwargs = {"prompt": "a red circle"} if argument != "prompt_embeds" else {"pooled_prompt_embeds": torch.zeros(1, 32)}
     with pytest.raises(ValueError, match=rf"{argument} holds NaN or inf"):
         tiny_pipe(**kwargs, **{argument: value}, height=32, width=32, num_inference_steps=1, output_type="latent")
+
+
+# -- a full disk: the path that cannot be written and why, no partial file, the old file kept ---------------------
+
+
+def full_disk(monkeypatch) -> None:
+    """Every write of a file's contents is cut short by ENOSPC after its first bytes, as on a full disk."""
+    import builtins
+    import errno
+    import io
+
+    real_open = builtins.open
+
+    class Full(io.FileIO):
+        def write(self, data):
+            super().write(bytes(data)[:4])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opener(file, mode="r", *args, **kwargs):
+        if any(m in mode for m in "wax") and isinstance(file, (str, Path)) and not str(file).startswith("/dev"):
+            handle = Full(file, mode.replace("t", "").replace("b", "").replace("+", "") or "w")
+            return handle if "b" in mode else io.TextIOWrapper(handle, encoding=kwargs.get("encoding") or "utf-8",
+                                                               write_through=True)
+        return real_open(file, mode, *args, **kwargs)
+
+    def save_file(tensors, filename, metadata=None):  # safetensors writes from Rust, past Python's open
+        from safetensors import SafetensorError
+
+        Path(filename).write_bytes(b"\0")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(builtins, "open", opener)
+    monkeypatch.setattr(Path, "write_text", lambda self, data, encoding=None, **k: opener(self, "w").write(data))
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: opener(self, "wb").write(data))
+
+
+class FakePlanner:
+    def ask(self, question, images=()):
+        return json.dumps({"caption": "a cat", "entities": [{"label": "a cat", "bbox_2d": [1, 1, 30, 30]}]})
+
+
+FULL_DISK = [
+    # (case, argv from tmp, the file that must stay as it was)
+    ("generate a PNG", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", *FAST], "o.png"),
+    ("generate a JPEG", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.jpg", *FAST], "o.jpg"),
+    ("lora convert", lambda t: ["lora", "convert", lora_file(t, torch.ones(2, 8), torch.ones(8, 2)),
+                                f"{t}/o.safetensors", "--to", "kohya"], "o.safetensors"),
+    ("plan over a layout", None, "o.json"),
+]
+
+
+@pytest.mark.parametrize(("argv", "kept"), [pytest.param(a, k, id=c) for c, a, k in FULL_DISK])
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, capsys, monkeypatch, argv, kept):
+    from eligen.data import plan
+
+    target = tmp_path / kept
+    old = b"the previous file, which must survive"
+    target.write_bytes(old)
+    if argv is None:
+        monkeypatch.setattr(plan, "make_backend", lambda *a, **k: FakePlanner())
+        argv = lambda t: ["plan", "a cat", "-o", f"{t}/o.json", "--base-url", "http://127.0.0.1:9/v1"]  # noqa: E731
+    args = argv(tmp_path)
+    full_disk(monkeypatch)
+    code = main(args)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write {target}" in err and "No space left on device" in err, err
+    assert "Traceback" not in err and target.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard, Union
 import numpy as np
 from PIL import Image
 
-from .files import open_image, read_utf8
+from .files import open_image, read_utf8, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -624,7 +624,8 @@ def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
 
 
 def save_layout(layout: Layout, path: str | Path, embed_masks: bool = True) -> None:
-    Path(path).write_text(json.dumps(layout_to_dict(layout, embed_masks), indent=2) + "\n", encoding="utf-8")
+    """Write the layout JSON atomically: an existing file stays whole until the new one is complete."""
+    write_text_atomic(path, json.dumps(layout_to_dict(layout, embed_masks), indent=2) + "\n")
 
 
 def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -22,28 +22,58 @@ def current_umask() -> int:
     return mask
 
 
+def write_failure(path: Path, exc: BaseException) -> ValueError | None:
+    """One line for a write that the system refused (disk full, read-only or forbidden folder, a file that
+    safetensors could not write), naming the path and why; None for any other error."""
+    if isinstance(exc, OSError):
+        return ValueError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another folder")
+    if type(exc).__name__ == "SafetensorError":  # safetensors' own I/O error (not an OSError)
+        return ValueError(f"cannot write {path}: {exc}; free space or choose another folder")
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder (created if missing); when the block succeeds the file gets the
-    permissions a new file gets under the user's umask and replaces ``path``; when it fails it is removed."""
+    permissions a new file gets under the user's umask and replaces ``path``; when it fails it is removed and
+    ``path`` is untouched. A write the system refuses (disk full, read-only folder) is a ``ValueError`` naming
+    ``path``."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
+    except Exception as exc:
+        failure = write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex): how a record names an input so that it is found again anywhere."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_utf8(path: str | Path, what: str = "file") -> str:
@@ -76,7 +106,7 @@ def open_image(path: str | Path, what: str = "image"):
             image.load()
             return image.copy()
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(f"the {what} {path} does not exist") from None
     except Image.DecompressionBombError as exc:
         raise ValueError(f"the {what} {path} is too large to decode safely ({exc})") from None
     except (OSError, SyntaxError) as exc:

@@ -50,6 +50,8 @@ def plan_layout(config: PlanConfig, backend=None) -> Layout:
     """Ask the backend for a plan (retrying malformed answers), validate it and write the layout file."""
     if config.output is None:
         raise ValueError("give the layout file to write with -o LAYOUT.json")
+    if config.output.is_dir():  # before the model is asked
+        raise ValueError(f"-o {config.output} is a folder; give a file name, e.g. {config.output / 'layout.json'}")
     backend = backend or make_backend(config.vlm, config.model, config.base_url, config.api_key_env, config.timeout)
     assert config.prompt is not None and config.width is not None and config.height is not None  # __post_init__
 
@@ -64,7 +66,6 @@ def plan_layout(config: PlanConfig, backend=None) -> Layout:
             continue
         layout = plan.to_layout(config.width, config.height)
         layout.seed = config.seed
-        config.output.parent.mkdir(parents=True, exist_ok=True)
         save_layout(layout, config.output)
         return layout
     raise ValueError(f"no usable plan after {1 + config.retries} attempts; last problem: {problems[-1]}")
