@@ -138,6 +138,7 @@ def test_a_generation_equals_the_cli_and_carries_its_record(client, tmp_path):
     app_png.write_bytes(png)
     record = read_metadata(app_png)
     assert record["params"]["seed"] == 7 and record["params"]["steps"] == 3 and len(record["layout"]["entities"]) == 2
+    assert record["params"]["lora"] == []  # the model's own LoRA: named by leaving it out, so the PNG travels
     (tmp_path / "layout.json").write_text(json.dumps(layout))
     assert main(["generate", str(tmp_path / "layout.json"), "-o", str(tmp_path / "cli.png"), "--seed", "7",
                  "--steps", "3", "--no-progress"]) == 0
@@ -259,6 +260,7 @@ def test_inpainting_an_upload_keeps_the_background(client):
     assert (out[outside] == photo[outside]).all()  # paste-back: untouched outside the entity
     record = json.loads(Image.open(io.BytesIO(png)).text["eligen"])
     assert record["command"] == "inpaint" and record["params"]["image"] == "uploaded image"  # no server path
+    assert record["inputs"]["image"]["path"] == "uploaded image" and len(record["inputs"]["image"]["sha256"]) == 64
     status, again = client.json("POST", "/api/jobs", {"layout": layout, "mode": "inpaint",
                                                      "background": f"job:{job['id']}", "params": {"steps": 2}})
     assert status == 200 and client.wait(again["id"])["state"] == "done"

@@ -17,7 +17,7 @@ from .data.plan import PlanConfig
 from .entities import LayoutError
 from .evals.harness import CocoMigConfig, LayoutSamConfig
 from .families import cards, titles
-from .generate import GenerateConfig, InpaintConfig, checked_record, generate, read_metadata
+from .generate import GenerateConfig, InpaintConfig, from_source, generate
 from .lora import (
     LoraConvertConfig,
     LoraFormatError,
@@ -243,18 +243,10 @@ def run_lora_convert(given: dict) -> int:
 def run_render(command: str, given: dict) -> int:
     """`eligen generate` and `eligen inpaint`: defaults < a --from PNG's record < the flags given."""
     config_class = COMMAND_CONFIGS[command]
-    stored_layout, stored_params = None, {}
+    stored_layout: dict | None = None
+    stored_params: dict = {}
     if "from_png" in given:
-        if given.get("layout") is not None:
-            raise ValueError("give either a layout file or --from PNG, not both")
-        record = checked_record(read_metadata(given["from_png"]), given["from_png"])
-        made_by = record.get("command", "generate")
-        if made_by not in COMMAND_CONFIGS:
-            raise ValueError(f"{given['from_png']}: its record names no eligen command ({made_by!r})")
-        if made_by != command:
-            raise ValueError(f"{given['from_png']} was made by `eligen {made_by}`; reproduce it with "
-                             f"`eligen {made_by} --from`")
-        stored_layout, stored_params = record["layout"], record["params"]
+        stored_layout, stored_params, given = from_source(command, given["from_png"], given)
     config = config_from_mapping(config_class, stored_params, given)
     for result in generate(config, stored_layout):
         print(f"image: {result.path}")

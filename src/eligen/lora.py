@@ -347,8 +347,11 @@ def write_lora(weights: LoraWeights, fmt: str, family: str | None = None) -> dic
 
 
 def resolve_lora_path(path_or_hub_id: str | Path, filename: str | None = None) -> Path:
-    """A local file, a directory holding one ``.safetensors``, or a hub id (downloaded via huggingface_hub)."""
-    path = Path(path_or_hub_id)
+    """A local file, a directory holding one ``.safetensors``, a file of the shipped model
+    (``"eligen-tiny/<file>"``) or a hub id (downloaded via huggingface_hub)."""
+    from .models import resolve_file
+
+    path = Path(resolve_file(path_or_hub_id))
     if path.is_file():
         return path
     if path.is_dir():

@@ -52,6 +52,29 @@ def resolve_model(name_or_path: Any) -> Any:
     return str(TINY_MODEL_DIR)
 
 
+def portable_name(name_or_path: Any) -> Any:
+    """A name that resolves on any install: the shipped model's directory as ``"eligen-tiny"``, a file inside it as
+    ``"eligen-tiny/<file>"`` (what records store); anything else unchanged."""
+    text = str(name_or_path)
+    try:
+        path = Path(text).resolve()
+        inside = path.exists() and path.is_relative_to(TINY_MODEL_DIR.resolve())
+    except (OSError, ValueError):
+        return name_or_path
+    if not inside:
+        return name_or_path
+    relative = path.relative_to(TINY_MODEL_DIR.resolve()).as_posix()
+    return TINY_MODEL_NAME if relative == "." else f"{TINY_MODEL_NAME}/{relative}"
+
+
+def resolve_file(name_or_path: Any) -> Any:
+    """``"eligen-tiny/<file>"`` -> that file of the shipped model on this install; anything else unchanged."""
+    text = str(name_or_path)
+    if text.startswith(f"{TINY_MODEL_NAME}/") and not Path(text).exists():
+        return str(TINY_MODEL_DIR / text.removeprefix(f"{TINY_MODEL_NAME}/"))
+    return name_or_path
+
+
 def model_defaults(name_or_path: Any) -> dict[str, Any]:
     """What a model directory declares in ``eligen_defaults.json`` (empty for other models and hub ids).
 

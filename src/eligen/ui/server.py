@@ -136,7 +136,8 @@ class App:
         problems = layout_problems(body.get("layout"), self.config.max_pixels, self.pipe.entity_latent_masks)
         if problems:
             raise RequestError(HTTPStatus.BAD_REQUEST, *problems)
-        server_side: dict[str, Any] = {"model": self.config.model, "lora": self.loras, "progress": False,
+        # the LoRAs as given (none: the model's own, which records name by leaving them out)
+        server_side: dict[str, Any] = {"model": self.config.model, "lora": list(self.config.lora), "progress": False,
                                        "device": self.device, "dtype": self.dtype}
         source_name = None
         if mode == "inpaint":
@@ -165,6 +166,7 @@ class App:
         image, metadata = render(self.pipe, config, layout, seed, self.device, self.dtype, on_step_end)
         if source_name is not None:
             metadata["params"]["image"] = source_name  # the user's name for it, never the server's path
+            metadata.get("inputs", {}).get("image", {})["path"] = source_name
         folder = self.workdir / "jobs" / job.id
         job.files = {"image.png": folder / "image.png", "overlay.png": folder / "overlay.png",
                      "layout.json": folder / "layout.json"}
