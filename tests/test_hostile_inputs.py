@@ -171,6 +171,14 @@ CASES = [
                                                                    torch.ones(8, 2))], "non-finite values"),
     ("LoRA convert to a folder", lambda t: ["lora", "convert", lora_file(t, torch.ones(2, 8), torch.ones(8, 2)),
                                             str(t), "--to", "kohya"], "is a folder"),
+    ("IP-Adapter not cached", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--ip-adapter", "nobody/no-ip"],
+     "cannot load the IP-Adapter (or its CLIP image encoder) nobody/no-ip"),
+    ("IP-Adapter that is a LoRA", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--ip-adapter",
+                                             lora_file(t, torch.ones(2, 8), torch.ones(8, 2))], "is not an IP-Adapter"),
+    ("model a missing folder", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--model", f"{t}/nothing"],
+     "no such folder"),
+    ("VLM not cached", lambda t: ["plan", "a cat", "-o", f"{t}/l.json", "--vlm", "transformers", "--model",
+                                  "nobody/no-vlm"], "cannot load the VLM nobody/no-vlm"),
     ("plan to a folder", lambda t: ["plan", "a cat", "-o", str(t), "--base-url", "http://127.0.0.1:9/v1"],
      "is a folder"),
 ]
@@ -191,6 +199,18 @@ def test_hostile_command_lines(tmp_path, capsys, monkeypatch, argv, message):
     err = capsys.readouterr().err
     assert code != 0 and message in err, err
     assert "Traceback" not in err
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    import subprocess
+    import sys
+
+    lora = lora_file(tmp_path, torch.ones(2, 8), torch.ones(8, 2))
+    child = subprocess.Popen([sys.executable, "-m", "eligen.cli", "lora", "info", lora], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()  # as `| head` does once it has its lines
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0 and "Traceback" not in err, err
 
 
 def test_a_size_off_the_patch_grid_is_told_and_recorded_as_rendered(tmp_path, capsys):

@@ -288,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eligen: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`eligen lora info F | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
 from .families import titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
-from .models import model_loras, portable_name
+from .models import loading, model_loras, portable_name
 from .options import EntityOptions, InpaintOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
 from .overlay import render_overlay
 
@@ -377,8 +377,29 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
         if "ip_adapter" not in pipe.family.card.features:
             raise ValueError(f"--ip-adapter: {model} is a {pipe.family.card.title} model, and diffusers has no "
                              "IP-Adapter for that family")
-        pipe.load_eligen_ip_adapter(ip_adapter, scale=ip_scale)
+        check_ip_adapter_file(ip_adapter)
+        encoder = [] if (Path(ip_adapter).parent / "image_encoder").is_dir() else ["openai/clip-vit-large-patch14"]
+        with loading("the IP-Adapter (or its CLIP image encoder)", ip_adapter, *encoder):
+            pipe.load_eligen_ip_adapter(ip_adapter, scale=ip_scale)
     return pipe
+
+
+def check_ip_adapter_file(path: str) -> None:
+    """A local ``--ip-adapter`` file whose tensors hold no image-prompt branch (a LoRA, say) is refused by name
+    before anything else loads."""
+    file = Path(path)
+    if not (file.is_file() and file.suffix == ".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise ValueError(f"--ip-adapter {file} is not a readable .safetensors file ({exc})") from None
+    if not any("ip_adapter" in key or key.startswith("image_proj") for key in keys):
+        raise ValueError(f"--ip-adapter {file} is not an IP-Adapter: none of its {len(keys)} tensors belongs to an "
+                         f"image-prompt branch (e.g. {keys[0] if keys else 'none'}); a LoRA goes to --lora")
 
 
 def set_lora_scales(pipe, count: int, scales: list[float]) -> None:
