@@ -316,6 +316,21 @@ def test_a_size_that_cannot_fit_is_refused_before_any_work(tiny_pipe, monkeypatc
                   width=16384, num_inference_steps=1)
 
 
+def test_the_dense_mask_is_counted_with_the_float_copy_attention_makes(tiny_pipe, monkeypatch):
+    # examples/flux_three_entities.json (1024x1024) on the shipped 64-pixel model reached 21.9 GB of RAM: 65,536
+    # image tokens make a 4 GiB bool mask and a 16 GiB float one; with 18 GiB free it must be refused up front
+    from eligen.pipelines import memory
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: 18 * 2**30)
+    tiny_pipe.vae_scale_factor, scale = 2, tiny_pipe.vae_scale_factor
+    try:
+        with pytest.raises(ValueError, match=r"1024x1024 needs at least 2\d\.\d GiB"):
+            memory.check_memory(tiny_pipe, 1, (1024, 1024), True, torch.device("cpu"))
+        memory.check_memory(tiny_pipe, 1, (1024, 1024), False, torch.device("cpu"))  # segmented: no mask, fits
+    finally:
+        tiny_pipe.vae_scale_factor = scale
+
+
 @pytest.mark.parametrize(("argument", "value"), [
     ("true_cfg_scale", float("nan")), ("guidance_scale", float("inf")),
     ("latents", torch.full((1, 64, 16), float("nan"))), ("prompt_embeds", torch.full((1, 16, 32), float("inf"))),
