@@ -24,9 +24,11 @@ class PlanConfig:
     model: str | None = option(None, "model name on the server, or a local path / hub id for transformers")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (read, never stored)")
-    width: int | None = option(None, "layout width in pixels (default: the native size of the default model, "
-                               "eligen-tiny; pass your model's, e.g. 1024)")
-    height: int | None = option(None, "layout height in pixels (default: as --width)")
+    for_model: str = option("eligen-tiny", "the image model the layout is for: its native size is the default "
+                            "--width/--height (the size its eligen_defaults.json declares, else 1024x1024)",
+                            flag="--for-model", metavar="MODEL")
+    width: int | None = option(None, "layout width in pixels (default: the --for-model's native width)")
+    height: int | None = option(None, "layout height in pixels (default: the --for-model's native height)")
     max_entities: int = option(6, "at most this many entities")
     retries: int = option(2, "extra attempts after a malformed answer or a failed request")
     timeout: float = option(60.0, "seconds to wait for one answer")
@@ -37,7 +39,7 @@ class PlanConfig:
             self.output = Path(self.output)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("give the description to plan, e.g. eligen plan \"a cat and a dog on a sofa\" -o l.json")
-        native = model_defaults("eligen-tiny").get("native_size", [1024, 1024])
+        native = model_defaults(self.for_model).get("native_size", [1024, 1024])
         self.width = self.width if self.width is not None else native[0]
         self.height = self.height if self.height is not None else native[1]
         if self.width < 16 or self.height < 16 or self.max_entities < 1 or self.retries < 0 or self.timeout <= 0:
