@@ -283,3 +283,14 @@ def test_every_subcommand_has_help(capsys, command):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: eligen " + " ".join(command) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    (["generate"], ["runs 20 on eligen-tiny", "runs 32 on eligen-tiny", "runs 3.0 on eligen-tiny"]),
+    (["data", "generate"], ["runs 20 on eligen-tiny", "runs 3.0 on eligen-tiny"]),
+])
+def test_help_says_what_runs_on_the_default_model(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(s in text for s in shown), text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -53,10 +54,25 @@ INPAINT_EPILOG = _examples("inpaint photo.png layout.json -o out.png", """\
 COMMAND_CONFIGS = {"generate": GenerateConfig, "inpaint": InpaintConfig}
 
 
+def sampling_help(config: type) -> dict[str, str]:
+    """What each sampling option left unset becomes, for the help: on the command's default model, then on each
+    family's models (plain generation, `data generate`, takes the diffusers pipelines' settings)."""
+    from .options import SAMPLING_FIELDS, SamplingOptions, model_sampling_defaults, sampling_defaults
+
+    if not issubclass(config, SamplingOptions):
+        return {}
+    baseline = "diffusers" if config is DataGenerateConfig else "reference"
+    model = next(f.default for f in dataclasses.fields(config) if f.name == "model")
+    rows = [(str(model), model_sampling_defaults(model, baseline))]
+    rows += [(card.title, sampling_defaults(card, {}, baseline)) for card in cards().values()]
+    return {name: "runs " + ", ".join(f"{value[name]} on {title}" for title, value in rows if value[name] is not None)
+            for name in SAMPLING_FIELDS}
+
+
 def _command(group, name: str, config: type, handler, help: str, description: str, **kwargs):
     """One subcommand whose flags are ``config``'s fields and whose work is ``handler(given)``."""
     parser = group.add_parser(name, help=help, description=description, **kwargs)
-    add_dataclass_arguments(parser, config)
+    add_dataclass_arguments(parser, config, sampling_help(config))
     parser.set_defaults(handler=handler)
     return parser
 

@@ -47,8 +47,9 @@ def _scalar_type(annotation: Any) -> type:
     return annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, shown: Mapping[str, str] | None = None) -> None:
+    """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None).
+    ``shown``: for fields whose default is filled at run time, what it is where it helps (appended to the help)."""
     hints = typing.get_type_hints(cls)
     declared = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
     order = {name: declared.index(name) for name in declared[::-1]}  # the class's own fields first, then its bases'
@@ -61,6 +62,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = meta.get("help", "")
         if default not in (None, [], False):
             help_text += f" (default: {default})"
+        if shown and f.name in shown:
+            help_text += f" [{shown[f.name]}]"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if meta.get("positional"):
             kwargs.pop("dest")
