@@ -316,3 +316,40 @@ def test_the_page_script_is_served_and_names_every_control(client):
 def test_static_files_ship_with_the_package():
     static = Path(eligen.ui.__file__).with_name("static")
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path, monkeypatch):
+    import os
+    import signal
+    import tempfile
+    import threading
+
+    from eligen.ui import server as server_module
+    from eligen.ui.config import UIConfig
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(signal, "signal", signal.signal)  # restored afterwards with pytest's own SIGTERM handler
+    previous = signal.getsignal(signal.SIGTERM)
+    listening = threading.Event()
+    real = server_module.make_server
+
+    def make_server(app):
+        listening.set()
+        return real(app)
+
+    monkeypatch.setattr(server_module, "make_server", make_server)
+    handled = []
+
+    def stop():  # SIGTERM once serving, if serve() handles it; else Ctrl-C's SIGINT (the default would kill pytest)
+        listening.wait(120)
+        handled.append(signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None))
+        os.kill(os.getpid(), signal.SIGTERM if handled[0] else signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=stop, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server_module.serve(UIConfig(port=0))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert handled == [True] and not [p for p in tmp_path.iterdir() if p.name.startswith("eligen-ui-")]

@@ -11,6 +11,7 @@ import json
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -391,8 +392,14 @@ def make_server(app: App) -> ThreadingHTTPServer:
     return server
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(config: UIConfig) -> None:
-    """Run the app until interrupted (Ctrl-C); the temporary folder goes with it."""
+    """Run the app until interrupted (Ctrl-C or SIGTERM); the temporary folder goes with it."""
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C, cleaning up
+        signal.signal(signal.SIGTERM, _terminate)
     with tempfile.TemporaryDirectory(prefix="eligen-ui-") as workdir:
         print(f"loading {config.model} ...", file=sys.stderr)
         app = make_app(config, Path(workdir))
