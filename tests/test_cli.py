@@ -297,3 +297,9 @@ def test_help_says_what_runs_on_the_default_model(capsys, command, shown):
         main([*command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(s in text for s in shown), text
+
+
+@pytest.mark.parametrize("argv", [["--verbose", "lora", "info", "x"], ["lora", "info", "x", "--verbose"],
+                                  ["generate", "l.json", "--verbose", "-o", "o.png"]])
+def test_verbose_goes_before_or_after_the_command(argv):
+    assert build_parser().parse_args(argv).verbose is True

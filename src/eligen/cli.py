@@ -33,6 +33,7 @@ from .tiny.build_config import TinyBuildConfig
 from .train.config import TrainConfig
 from .ui.config import UIConfig
 
+VERBOSE_HELP = "show the libraries' warnings, logs and loading bars (hidden by default)"
 DESCRIPTION = f"eligen: entity-level controlled image generation (EliGen) with diffusers' {titles()}."
 
 
@@ -62,8 +63,8 @@ def sampling_help(config: type) -> dict[str, str]:
     if not issubclass(config, SamplingOptions):
         return {}
     baseline = "diffusers" if config is DataGenerateConfig else "reference"
-    model = next(f.default for f in dataclasses.fields(config) if f.name == "model")
-    rows = [(str(model), model_sampling_defaults(model, baseline))]
+    model = str(next(f.default for f in dataclasses.fields(config) if f.name == "model"))
+    rows = [(model, model_sampling_defaults(model, baseline))]
     rows += [(card.title, sampling_defaults(card, {}, baseline)) for card in cards().values()]
     return {name: "runs " + ", ".join(f"{value[name]} on {title}" for title, value in rows if value[name] is not None)
             for name in SAMPLING_FIELDS}
@@ -73,6 +74,7 @@ def _command(group, name: str, config: type, handler, help: str, description: st
     """One subcommand whose flags are ``config``'s fields and whose work is ``handler(given)``."""
     parser = group.add_parser(name, help=help, description=description, **kwargs)
     add_dataclass_arguments(parser, config, sampling_help(config))
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -86,8 +88,7 @@ def _group(commands, name: str, help: str, description: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eligen", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"eligen {__version__}")
-    parser.add_argument("--verbose", action="store_true", default=None,
-                        help="show the libraries' warnings, logs and loading bars (hidden by default)")
+    parser.add_argument("--verbose", action="store_true", default=None, help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
     _command(commands, "generate", GenerateConfig, partial(run_render, "generate"), "render a layout JSON file to a "

@@ -29,6 +29,12 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def jsonable(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values: numbers stay numbers, paths become text."""
+    return {k: str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
+            if isinstance(v, list) else v for k, v in dataclasses.asdict(config).items()}
+
+
 def option(default: Any = None, help: str = "", **meta: Any) -> Any:
     """A dataclass field with CLI metadata."""
     if isinstance(default, list):

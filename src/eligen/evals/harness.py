@@ -19,14 +19,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import option
+from ..config import jsonable, option
 from ..data.vlm import VLM_KINDS, VLMError, make_backend
 from ..files import open_image, write_text_atomic
 from ..generate import read_metadata
@@ -239,7 +239,7 @@ def report_stage(bench: Benchmark, layouts: list[BenchLayout], config) -> tuple[
     label = f"this run ({len(scored)}/{len(layouts)} layouts)"
     table = bench.format_table(summary, label)
     path = config.out / f"{bench.name}.json"
-    write_json(path, {"benchmark": bench.name, "config": {k: str(v) for k, v in asdict(config).items()},
+    write_json(path, {"benchmark": bench.name, "config": jsonable(config),
                       "layouts": len(layouts), "scored_layouts": len(scored), "summary": summary, "entities": rows})
     write_text_atomic(config.out / TABLE_FILE, table + "\n")
     if config.sheet:

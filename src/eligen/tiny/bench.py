@@ -11,14 +11,14 @@ soon as it is drawn; the JSON record and the contact sheet are written by the be
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import option
+from ..config import jsonable, option
 from ..evals.report import save_sheet, write_json
 from ..models import model_loras
 from ..options import SAMPLING_FIELDS, EntityOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
@@ -140,7 +140,7 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     summary = report(scores)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"lora": lora, **{name: getattr(config, name) for name in SAMPLING_FIELDS}}
-    record = {"config": {k: str(v) for k, v in asdict(config).items()}, "resolved": settings, "summary": summary,
+    record = {"config": jsonable(config), "resolved": settings, "summary": summary,
               "scores": scores}
     write_json(config.output_dir / "shapesbench.json", record)
     save_sheet(sheet, config.output_dir / "contact_sheet.png", columns=len(variants))
