@@ -4,6 +4,7 @@ run, changed options named, a corrupt checkpoint skipped, the text cache keyed b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +106,20 @@ def test_resuming_at_epoch_boundaries_ends_in_the_uninterrupted_lora(tmp_path, t
     assert losses == straight.losses
     a, b = lora_tensors(tmp_path / "a" / "out"), lora_tensors(tmp_path / "b" / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_moved_run_resumes_and_a_users_checkpoint_folder_is_left_alone(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import shutil
+
+    first = tmp_path / "first"
+    data = write_box_dataset(first / "data", 6, 32, 32, seed=3)
+    straight = train(config(tmp_path / "straight", tiny_pipeline_dir, data, max_steps=3))
+    monkeypatch.chdir(first)  # relative paths, as typed in the run's folder
+    train(config(Path("."), tiny_pipeline_dir, Path("data") / data.name, max_steps=2))
+    (first / "out" / "checkpoint-best").mkdir()  # the user's own folder beside ours
+    shutil.move(first, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)  # another working directory, the run's folder moved
+    moved = tmp_path / "moved"
+    resumed = train(config(moved, tiny_pipeline_dir, moved / "data" / data.name, max_steps=3, resume=True))
+    assert resumed.losses == straight.losses[2:]
+    assert (moved / "out" / "checkpoint-best").is_dir()

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families.base import Branch
-from ..files import atomic_path
+from ..files import atomic_path, file_sha256
 from ..masks import latent_grid_size, pixel_masks_to_covers
 from ..options import pipeline_sampling_defaults
 from ..regional.sequence import TokenSequence
@@ -185,7 +185,8 @@ def lr_lambda(warmup_steps: int):
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer.json").exists()]
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer.json").exists()
+             and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]  # a user's checkpoint-best/ is not ours
     return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
@@ -234,6 +235,8 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(self._load_adapter_only)
         self.step = 0
         self.data_state = self.sampler.state_dict()
+        assert config.dataset is not None  # require()
+        self.dataset_sha256 = file_sha256(config.dataset)  # a resume compares the data by content, not by its path
 
     def _load_model(self, config: TrainConfig, precision: str) -> TrainConfig:
         """The pipeline in the run's precision with a fresh trainable LoRA on the family's layers; returns the config
@@ -383,7 +386,8 @@ class Trainer:
                     "lr_schedule": self.lr_schedule.state_dict()}, tmp / f"eligen_state_{rank}.pt")
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": jsonable_config(self.config)}))
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": jsonable_config(self.config),
+                                                          "dataset_sha256": self.dataset_sha256}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -408,11 +412,12 @@ class Trainer:
             return
         for path in reversed(found):
             try:
-                stored = json.loads((path / "trainer.json").read_text())["config"]
-            except (OSError, ValueError, KeyError) as exc:
+                record = json.loads((path / "trainer.json").read_text())
+                stored = record["config"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 print(f"note: skipping {path.name}, its record is unreadable ({exc})", file=sys.stderr)
                 continue
-            changed = changed_options(stored, config)
+            changed = changed_options(stored, config, record.get("dataset_sha256") == self.dataset_sha256)
             if changed:
                 raise ValueError(f"--resume with options changed since {path.name}: {', '.join(changed)}; rerun "
                                  "with the checkpoint's values, or start a new run in another output_dir")
