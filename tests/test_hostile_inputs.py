@@ -179,6 +179,19 @@ CASES = [
      "no such folder"),
     ("VLM not cached", lambda t: ["plan", "a cat", "-o", f"{t}/l.json", "--vlm", "transformers", "--model",
                                   "nobody/no-vlm"], "cannot load the VLM nobody/no-vlm"),
+    ("--lora-scale 1e30", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--lora", "x", "--lora-scale", "1e30"],
+     "--lora-scale must be in"),
+    ("--true-cfg 1e308", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--true-cfg", "1e308"],
+     "--true-cfg must be in"),
+    ("--guidance 1e308", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--guidance", "1e308"],
+     "--guidance must be in"),
+    ("--ip-scale 1e30", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--ip-scale", "1e30"], "--ip-scale must be"),
+    ("--ip-scale -1", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--ip-scale", "-1"], "--ip-scale must be"),
+    ("image scale 1e308", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "box": [4, 6, 30, 32], "image_scale": 1e308}]), "-o", f"{t}/o.png"],
+     "field 'image_scale'"),
+    ("LoRA with weights of 1e30", lambda t: ["lora", "info", lora_file(t, torch.full((2, 8), 1e30),
+                                                                       torch.ones(8, 2))], "weights as large as 1e+30"),
     ("plan to a folder", lambda t: ["plan", "a cat", "-o", str(t), "--base-url", "http://127.0.0.1:9/v1"],
      "is a folder"),
 ]
@@ -329,6 +342,19 @@ def test_the_dense_mask_is_counted_with_the_float_copy_attention_makes(tiny_pipe
         memory.check_memory(tiny_pipe, 1, (1024, 1024), False, torch.device("cpu"))  # segmented: no mask, fits
     finally:
         tiny_pipe.vae_scale_factor = scale
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_inference_steps": 0}, "num_inference_steps must be a whole number >= 1, got 0"),
+    ({"num_inference_steps": -1}, "num_inference_steps must be a whole number >= 1, got -1"),
+    ({"height": 0}, "height must be a whole number of pixels >= 4"),
+    ({"height": -64}, "height must be a whole number of pixels >= 4"),
+    ({"width": 2.5}, "width must be a whole number of pixels >= 4"),
+])
+def test_the_api_refuses_impossible_steps_and_sizes_by_name(tiny_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe(prompt="a red circle", **{"height": 32, "width": 32, "num_inference_steps": 1, **kwargs},
+                  output_type="latent")
 
 
 @pytest.mark.parametrize(("argument", "value"), [

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard, Union
 import numpy as np
 from PIL import Image
 
+from .choices import SCALE_LIMIT
 from .files import open_image, read_utf8, write_text_atomic
 
 if TYPE_CHECKING:
@@ -127,8 +128,8 @@ class Entity:
         else:
             binarize_mask(self.mask, index=index)
         scale = self.image_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-            raise LayoutError(f"must be a finite number >= 0 (0 switches the image off), got {scale!r}",
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
+            raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the image off), got {scale!r}",
                               entity=index, field="image_scale")
         if self.image is not None:
             load_reference_image(self.image, index)

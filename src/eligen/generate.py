@@ -19,7 +19,15 @@ from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, loa
 from .families import titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
 from .models import loading, model_loras, portable_name
-from .options import EntityOptions, InpaintOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
+from .options import (
+    EntityOptions,
+    InpaintOptions,
+    SamplingOptions,
+    check_lora_scales,
+    check_scale,
+    pipeline_sampling_defaults,
+    resolve_sampling,
+)
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
@@ -90,9 +98,8 @@ class GenerateConfig(SamplingOptions, EntityOptions):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
-        if len(self.lora_scale) > len(self.lora):
-            raise ValueError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} --lora files; give "
-                             "one scale per LoRA, in the same order")
+        check_lora_scales(self.lora_scale, self.lora)
+        check_scale("--ip-scale", self.ip_scale, 0)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
 
