@@ -192,6 +192,10 @@ CASES = [
      "field 'image_scale'"),
     ("LoRA with weights of 1e30", lambda t: ["lora", "info", lora_file(t, torch.full((2, 8), 1e30),
                                                                        torch.ones(8, 2))], "weights as large as 1e+30"),
+    ("plan from an ftp server", lambda t: ["plan", "a cat", "-o", f"{t}/l.json", "--base-url", "ftp://127.0.0.1/v1"],
+     "must be an http:// or https:// URL"),
+    ("annotate from an ftp server", lambda t: ["data", "annotate", str(t), "--model", "m", "--base-url",
+                                               "ftp://127.0.0.1/v1"], "must be an http:// or https:// URL"),
     ("plan to a folder", lambda t: ["plan", "a cat", "-o", str(t), "--base-url", "http://127.0.0.1:9/v1"],
      "is a folder"),
 ]
@@ -246,6 +250,15 @@ class Trickle(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         mode = self.server.mode
+        if mode == "headers":  # the status line and headers one byte every 50 ms: no single read is slow
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         size = 6 * 2**20 if mode == "huge" else 10_000
@@ -274,11 +287,12 @@ def trickle_server():
     httpd.server_close()
 
 
-def test_a_trickling_answer_is_cut_off_at_the_deadline(trickle_server):
-    trickle_server.mode = "trickle"
+@pytest.mark.parametrize("mode", ["trickle", "headers"])
+def test_a_trickling_answer_is_cut_off_at_the_deadline(trickle_server, mode):
+    trickle_server.mode = mode
     backend = OpenAIBackend(f"http://127.0.0.1:{trickle_server.server_address[1]}/v1", "m", timeout=0.5)
     started = time.monotonic()
-    with pytest.raises(VLMError, match=r"did not finish answering within 0\.5 s"):
+    with pytest.raises(VLMError, match=r"did not answer within 0\.5 s"):
         backend.ask("hello")
     assert time.monotonic() - started < 1.5
 
@@ -438,3 +452,20 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, capsys, monk
     assert code == 2 and f"cannot write {target}" in err and "No space left on device" in err, err
     assert "Traceback" not in err and target.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_a_port_that_cannot_be_had_fails_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    from eligen.ui import server
+
+    monkeypatch.setattr(server, "make_app", lambda *a, **k: pytest.fail("loaded the model first"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert main(["ui", "--port", str(port), "--no-open"]) != 0
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err, err
+    assert time.monotonic() - started < 5

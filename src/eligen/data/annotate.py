@@ -42,7 +42,7 @@ from .parse import (
     parse_annotation,
 )
 from .shards import parse_shard
-from .vlm import VLMBackend, VLMError
+from .vlm import VLMBackend, VLMError, check_base_url
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class AnnotateConfig:
                              choices=CONVENTIONS)
     max_entities: int = option(8, "most entities kept per image")
     retries: int = option(2, "extra attempts after a malformed answer or a request error")
-    timeout: float = option(60.0, "seconds to wait for one answer (openai)")
+    timeout: float = option(60.0, "seconds one request may take in all: connecting, the headers and the whole "
+                            "answer (openai)")
     concurrency: int = option(4, "parallel requests (openai; transformers always uses 1)")
     shard: str = option("0/1", "annotate only images whose index is I mod N", metavar="I/N")
     retry_failed: bool = option(False, "ask again for images that failed in an earlier run")
@@ -99,6 +100,7 @@ class AnnotateConfig:
         if not self.api_key_env:
             raise ValueError("api_key_env must name an environment variable")
         parse_shard(self.shard)
+        check_base_url(self.base_url)
 
     @property
     def shard_index(self) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from eligen.config import option
 from ..entities import Layout, save_layout
 from ..models import model_defaults
 from .parse import PLAN_INSTRUCTIONS, ParseError, parse_plan
-from .vlm import VLM_KINDS, VLMError, make_backend
+from .vlm import VLM_KINDS, VLMError, check_base_url, make_backend
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PlanConfig:
     height: int | None = option(None, "layout height in pixels (default: the --for-model's native height)")
     max_entities: int = option(6, "at most this many entities")
     retries: int = option(2, "extra attempts after a malformed answer or a failed request")
-    timeout: float = option(60.0, "seconds to wait for one answer")
+    timeout: float = option(60.0, "seconds one request may take in all: connecting, the headers and the whole answer")
     seed: int | None = option(None, "seed stored in the layout for `eligen generate`")
 
     def __post_init__(self) -> None:
@@ -46,6 +46,7 @@ class PlanConfig:
             raise ValueError("width/height >= 16, max_entities >= 1, retries >= 0 and timeout > 0")
         if self.vlm not in VLM_KINDS:
             raise ValueError(f"--vlm must be one of {VLM_KINDS}")
+        check_base_url(self.base_url)
 
 
 def plan_layout(config: PlanConfig, backend=None) -> Layout:

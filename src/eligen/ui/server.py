@@ -392,6 +392,23 @@ def make_server(app: App) -> ThreadingHTTPServer:
     return server
 
 
+def _cannot_listen(config: UIConfig, exc: OSError) -> ValueError:
+    return ValueError(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); choose another --port")
+
+
+def check_port(config: UIConfig) -> None:
+    """Bind the address once before the model loads (minutes for a large one), so a port in use or reserved for
+    root fails at once."""
+    import socket
+
+    with socket.socket(ThreadingHTTPServer.address_family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as exc:
+            raise _cannot_listen(config, exc) from None
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -400,14 +417,14 @@ def serve(config: UIConfig) -> None:
     """Run the app until interrupted (Ctrl-C or SIGTERM); the temporary folder goes with it."""
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C, cleaning up
         signal.signal(signal.SIGTERM, _terminate)
+    check_port(config)
     with tempfile.TemporaryDirectory(prefix="eligen-ui-") as workdir:
         print(f"loading {config.model} ...", file=sys.stderr)
         app = make_app(config, Path(workdir))
         try:
             server = make_server(app)
         except OSError as exc:
-            raise ValueError(f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); choose "
-                             "another --port") from None
+            raise _cannot_listen(config, exc) from None
         host, port = cast("tuple[str, int]", server.server_address[:2])  # a TCP server's (host, port)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
         print(f"eligen ui: {url}  (Ctrl-C stops it)", flush=True)
