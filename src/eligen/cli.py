@@ -191,7 +191,9 @@ def run_data_annotate(given: dict) -> int:
     from .data.annotate import annotate
 
     result = annotate(config_from_mapping(AnnotateConfig, given))
-    print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}; dataset: {result.jsonl}")
+    left_out = f", {result.left_out} annotation file(s) left out (named above)" if result.left_out else ""
+    print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}{left_out}; dataset: "
+          f"{result.jsonl}")
     if result.sheet is not None:
         print(f"contact sheet: {result.sheet}")
     if result.failed and not result.done and not result.skipped:
