@@ -65,6 +65,18 @@ def truncated_png(tmp: Path) -> str:
     return write(tmp, "cut.png", data[: len(data) // 2])
 
 
+def data_uri(path: str, kind: str = "png") -> str:
+    import base64
+
+    return f"data:image/{kind};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def jpeg_mask_layout(tmp: Path) -> str:
+    path = tmp / "mask.jpg"
+    Image.fromarray(np.pad(np.full((20, 20), 255, np.uint8), 6)).save(path, format="JPEG")
+    return layout_with(tmp, entities=[{"prompt": "a red circle", "mask": data_uri(str(path), "jpeg")}])
+
+
 def sd_folder(tmp: Path) -> str:
     return str(Path(write(tmp, "sd/model_index.json", '{"_class_name": "StableDiffusionPipeline"}')).parent)
 
@@ -192,6 +204,15 @@ CASES = [
      "field 'image_scale'"),
     ("LoRA with weights of 1e30", lambda t: ["lora", "info", lora_file(t, torch.full((2, 8), 1e30),
                                                                        torch.ones(8, 2))], "weights as large as 1e+30"),
+    ("mask data URI of text", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "mask": "data:text/plain;base64,aGVsbG8="}]), "-o", f"{t}/o.png"],
+     "an inline mask is data:image/<format>;base64,<data>"),
+    ("mask data URI a decompression bomb", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "mask": data_uri(huge_png(t))}]), "-o", f"{t}/o.png"],
+     "inline mask (data URI) is 9000x9000"),
+    ("reference image data URI a decompression bomb", lambda t: ["generate", layout_with(t, entities=[
+        {"prompt": "a red circle", "box": [4, 6, 30, 32], "image": data_uri(huge_png(t))}]), "-o", f"{t}/o.png"],
+     "inline reference image (data URI) is 9000x9000"),
     ("plan from an ftp server", lambda t: ["plan", "a cat", "-o", f"{t}/l.json", "--base-url", "ftp://127.0.0.1/v1"],
      "must be an http:// or https:// URL"),
     ("annotate from an ftp server", lambda t: ["data", "annotate", str(t), "--model", "m", "--base-url",
@@ -469,3 +490,10 @@ def test_a_port_that_cannot_be_had_fails_before_the_model_loads(capsys, monkeypa
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err, err
     assert time.monotonic() - started < 5
+
+
+def test_a_jpeg_data_uri_mask_is_read_as_a_mask(tmp_path, capsys):
+    from eligen.generate import read_metadata
+
+    assert main(["generate", jpeg_mask_layout(tmp_path), "-o", str(tmp_path / "o.png"), *FAST]) == 0
+    assert read_metadata(tmp_path / "o.png")["layout"]["entities"][0]["mask"].startswith("data:image/")

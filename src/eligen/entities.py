@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .choices import SCALE_LIMIT
-from .files import open_image, read_utf8, write_text_atomic
+from .files import open_data_uri, open_image, read_utf8, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -217,13 +217,11 @@ def _mask_error(message: str, index: int | None) -> LayoutError:
 def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
     """Open a mask file fully (so unreadable files fail here, not later)."""
     text = str(path)
-    if text.startswith(DATA_URI_PREFIX):
+    if text.startswith("data:"):
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(text[len(DATA_URI_PREFIX):], validate=True)))
-            image.load()
-        except Exception as exc:
-            raise _mask_error(f"the inline PNG data URI could not be decoded ({exc})", index) from exc
-        return image
+            return open_data_uri(text, "mask")
+        except ValueError as exc:
+            raise _mask_error(str(exc), index) from None
     try:
         return open_image(path, "mask file")
     except FileNotFoundError as exc:
@@ -250,19 +248,16 @@ def load_reference_image(image: Any, index: int | None = None, field: str = "ima
 def _read_reference_image(text: str, index: int | None, field: str) -> Image.Image:
     """Decode a reference image file or ``data:image/...;base64`` URI (RGB)."""
     try:
-        if text.startswith(IMAGE_DATA_URI):
-            header, _, payload = text.partition(",")
-            if not header.endswith(";base64"):
-                raise ValueError("an inline image is data:image/<format>;base64,<data>")
-            decoded = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-            decoded.load()
-            return decoded.convert("RGB")
+        if text.startswith("data:"):
+            return open_data_uri(text, "reference image").convert("RGB")
         return open_image(text, "reference image").convert("RGB")
     except FileNotFoundError as exc:
         raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
                           entity=index, field=field) from exc
     except Exception as exc:
-        shown = text if not text.startswith(IMAGE_DATA_URI) else "the inline data URI"
+        if text.startswith("data:"):
+            raise LayoutError(str(exc), entity=index, field=field) from None
+        shown = text
         raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
 
 
@@ -515,9 +510,9 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
     mask = data.get("mask")
     if mask is not None:
         if not isinstance(mask, str) or not mask:
-            raise LayoutError("a mask in a layout file is a PNG path (relative to the file) or a PNG data URI",
-                              entity=index, field="mask")
-        if not mask.startswith(DATA_URI_PREFIX):
+            raise LayoutError("a mask in a layout file is an image path (relative to the file) or an image data "
+                              "URI", entity=index, field="mask")
+        if not mask.startswith("data:"):
             path = Path(mask)
             mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
         binarize_mask(mask, index)  # unreadable files fail now, not mid-generation (and are decoded once)
@@ -534,7 +529,7 @@ def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: s
     if not isinstance(value, str) or not value:
         raise LayoutError("a reference image in a layout file is a path (relative to the file) or a data URI",
                           entity=index, field=field)
-    if not value.startswith(IMAGE_DATA_URI):
+    if not value.startswith("data:"):
         path = Path(value)
         value = str(path if path.is_absolute() or base_dir is None else base_dir / path)
     load_reference_image(value, index, field)

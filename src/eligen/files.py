@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def current_umask() -> int:
@@ -92,22 +93,41 @@ def read_utf8(path: str | Path, what: str = "file") -> str:
 MAX_IMAGE_PIXELS = 64 * 2**20  # 64 MP: far above any model's working size, far below what exhausts memory
 
 
-def open_image(path: str | Path, what: str = "image"):
-    """An image file opened and fully decoded (a PIL image). Refused by its declared size before decoding (a
-    decompression bomb costs nothing), and named when truncated or not an image."""
+def open_image(path: str | Path | BinaryIO, what: str = "image"):
+    """An image file (or the bytes of an inline data URI, as a binary stream) opened and fully decoded (a PIL
+    image). Refused by its declared size before decoding (a decompression bomb costs nothing), and named when
+    truncated or not an image."""
     from PIL import Image
 
+    name = f"{what} {path}" if isinstance(path, (str, Path)) else f"inline {what} (data URI)"
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"the {what} {path} is {width}x{height} ({width * height / 2**20:.0f} MP), above the "
+                raise ValueError(f"the {name} is {width}x{height} ({width * height / 2**20:.0f} MP), above the "
                                  f"{MAX_IMAGE_PIXELS // 2**20} MP eligen decodes; downscale it first")
             image.load()
             return image.copy()
     except FileNotFoundError:
-        raise FileNotFoundError(f"the {what} {path} does not exist") from None
+        raise FileNotFoundError(f"the {name} does not exist") from None
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"the {what} {path} is too large to decode safely ({exc})") from None
+        raise ValueError(f"the {name} is too large to decode safely ({exc})") from None
     except (OSError, SyntaxError) as exc:
-        raise ValueError(f"the {what} {path} cannot be read (truncated or not an image: {exc})") from None
+        raise ValueError(f"the {name} cannot be read (truncated or not an image: {exc})") from None
+
+
+def open_data_uri(uri: str, what: str = "image"):
+    """A ``data:image/<format>;base64,<data>`` URI decoded as a file is (:func:`open_image`, the same pixel cap)."""
+    import base64
+    import binascii
+    import io
+
+    header, _, payload = uri.partition(",")
+    if not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ValueError(f"an inline {what} is data:image/<format>;base64,<data>, got one starting "
+                         f"{header[:40]!r}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"the inline {what} (data URI) is not valid base64 ({exc})") from None
+    return open_image(io.BytesIO(data), what)
