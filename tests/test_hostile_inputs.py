@@ -213,6 +213,13 @@ CASES = [
     ("reference image data URI a decompression bomb", lambda t: ["generate", layout_with(t, entities=[
         {"prompt": "a red circle", "box": [4, 6, 30, 32], "image": data_uri(huge_png(t))}]), "-o", f"{t}/o.png"],
      "inline reference image (data URI) is 9000x9000"),
+    ("bench shapes off the patch grid", lambda t: ["bench", "shapes", "--size", "18", "--n", "1", "-o", str(t)],
+     "--size 18 is off the model's 4-pixel patch grid; use a multiple of 4 (e.g. 16 or 20)"),
+    ("bench shapes to a file", lambda t: ["bench", "shapes", "-o", write(t, "report.txt", "mine")], "is a file"),
+    ("bench shapes without CUDA", lambda t: ["bench", "shapes", "--device", "cuda", "-o", str(t)],
+     "no CUDA device here"),
+    ("bench shapes on an unknown device", lambda t: ["bench", "shapes", "--device", "foo", "-o", str(t)],
+     "not a torch device"),
     ("plan from an ftp server", lambda t: ["plan", "a cat", "-o", f"{t}/l.json", "--base-url", "ftp://127.0.0.1/v1"],
      "must be an http:// or https:// URL"),
     ("annotate from an ftp server", lambda t: ["data", "annotate", str(t), "--model", "m", "--base-url",
