@@ -129,6 +129,8 @@ def load_train_config(given: dict[str, Any]) -> TrainConfig:
                 stored[key] = str(base / stored[key])
         if isinstance(stored.get("model"), str) and (base / stored["model"]).exists():
             stored["model"] = str(base / stored["model"])
-        stored["validation_layouts"] = [str(base / p) if not Path(p).is_absolute() else p
-                                        for p in stored.get("validation_layouts", [])]
+        layouts = stored.get("validation_layouts")
+        if isinstance(layouts, list):  # anything else is named by the type check below
+            stored["validation_layouts"] = [str(base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+                                            for p in layouts]
     return config_from_mapping(TrainConfig, stored, given)
