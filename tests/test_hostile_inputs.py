@@ -399,6 +399,33 @@ def test_the_api_refuses_impossible_steps_and_sizes_by_name(tiny_pipe, kwargs, m
                   output_type="latent")
 
 
+def _half_mask(dtype, on) -> np.ndarray:
+    mask = np.zeros((32, 32), dtype)
+    mask[:16] = on
+    return mask
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    pytest.param({"entity_prompt_embeds": [torch.zeros(1, 8, 7)], "entity_masks": [np.ones((32, 32), bool)]},
+                 r"entity_prompt_embeds\[0\] is 7 wide but the prompt's embeddings are 32",
+                 id="embeds of the wrong width"),
+    pytest.param({"entity_prompts": ["a dog"], "entity_masks": [_half_mask(np.int64, 1000)]},
+                 r"int64 mask values up to 1000 are ambiguous", id="an int64 0/1000 mask"),
+    pytest.param({"true_cfg_scale": 1e308, "negative_prompt": ""}, r"true_cfg_scale must be at most 100",
+                 id="true CFG 1e308"),
+    pytest.param({"guidance_scale": -1e30}, r"guidance_scale must be at most 100 in magnitude", id="guidance -1e30"),
+])
+def test_the_api_names_entity_inputs_it_cannot_use(tiny_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe(prompt="a red circle", height=32, width=32, num_inference_steps=1, output_type="latent", **kwargs)
+
+
+def test_the_api_reads_masks_of_integer_types_it_can_tell(tiny_pipe):
+    for mask in (_half_mask(np.int64, 1), _half_mask(np.uint16, 65535), _half_mask(np.int32, 255)):
+        tiny_pipe(prompt="a red circle", entity_prompts=["a dog"], entity_masks=[mask], height=32, width=32,
+                  num_inference_steps=1, output_type="latent")
+
+
 @pytest.mark.parametrize(("argument", "value"), [
     ("true_cfg_scale", float("nan")), ("guidance_scale", float("inf")),
     ("latents", torch.full((1, 64, 16), float("nan"))), ("prompt_embeds", torch.full((1, 16, 32), float("inf"))),

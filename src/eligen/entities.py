@@ -281,7 +281,8 @@ def image_to_data_uri(image: Any) -> str:
 
 
 def _binarize_integer(values: np.ndarray, index: int | None) -> np.ndarray:
-    """8-bit rule ``v >= 128`` (16-bit: ``v >= 32768``); a mask holding only 0 and 1 is read as binary."""
+    """8-bit rule ``v >= 128`` (a ``uint16`` array: ``v >= 32768``); a mask holding only 0 and 1 is read as binary;
+    values above 255 in another integer type (an int64 0/1000 mask) are refused as ambiguous."""
     lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
     if lo < 0:
         raise _mask_error(f"integer masks must be non-negative, got a minimum of {lo}", index)
@@ -289,10 +290,10 @@ def _binarize_integer(values: np.ndarray, index: int | None) -> np.ndarray:
         return values.astype(bool)
     if values.dtype == np.uint8 or hi <= 255:
         return values >= 128
-    if values.dtype == np.uint16 or hi <= 65535:
+    if values.dtype == np.uint16:
         return values >= 32768
-    raise _mask_error(f"integer mask values up to {hi} are ambiguous; use 8-bit (0-255), 16-bit, bool or "
-                      "float in [0, 1]", index)
+    raise _mask_error(f"{values.dtype} mask values up to {hi} are ambiguous (8-bit? 16-bit? a 0/{hi} mask?); "
+                      "pass uint8 (0-255), uint16 (16-bit), bool or float in [0, 1]", index)
 
 
 def _binarize_float(values: np.ndarray, index: int | None) -> np.ndarray:
@@ -332,6 +333,9 @@ def _binarize_channels(array: np.ndarray, index: int | None) -> np.ndarray:
         lo, hi = int(array.min(initial=0)), int(array.max(initial=0))
         if lo < 0 or hi > 65535:
             raise _mask_error("integer colour masks must lie in 0-255 (8-bit) or 0-65535 (16-bit)", index)
+        if hi > 255 and array.dtype != np.uint16:
+            raise _mask_error(f"{array.dtype} colour mask values up to {hi} are ambiguous; pass uint8 (0-255), "
+                              "uint16 (16-bit), bool or float in [0, 1]", index)
         full = 1 if hi <= 1 else 255 if (array.dtype == np.uint8 or hi <= 255) else 65535
         # mean over channels of (v * 2 / full - 1) > 0  <=>  2 * sum(v) > full * C, in exact integers
         return 2 * array.astype(np.int64).sum(axis=2) > full * array.shape[2]
@@ -350,8 +354,8 @@ def _array_from_image(image: Image.Image) -> np.ndarray:
     elif image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "I;16", "F"):
         image = image.convert("RGBA" if "A" in image.mode else "RGB")
     array = np.asarray(image)
-    if image.mode == "I;16":
-        array = array.astype(np.uint16)
+    if image.mode == "I;16" or (image.mode == "I" and array.size and 0 <= array.min() and array.max() <= 65535):
+        array = array.astype(np.uint16)  # a 16-bit greyscale file, whichever mode PIL opened it in
     return array
 
 

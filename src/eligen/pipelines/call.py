@@ -96,7 +96,7 @@ class EliGenCallMixin(EliGenMixin):
         positive = self._encode_branch(call, negative=False, device=device)
         prompt_embeds = positive.context
         ents = resolve_entities(self, call.entity, height, width, batch, call.max_sequence_length, device,
-                                prompt_embeds.dtype, grid=work)
+                                prompt_embeds.dtype, grid=work, text_width=prompt_embeds.shape[-1])
         if call.speed.compile:
             self.compile_transformer()
         if source is not None and ents is None:
