@@ -77,6 +77,21 @@ def jpeg_mask_layout(tmp: Path) -> str:
     return layout_with(tmp, entities=[{"prompt": "a red circle", "mask": data_uri(str(path), "jpeg")}])
 
 
+def model_with_defaults(tmp: Path, text: str) -> str:
+    write(tmp, "m/model_index.json", '{"_class_name": "FluxPipeline"}')
+    return str(Path(write(tmp, "m/eligen_defaults.json", text)).parent)
+
+
+def layoutsam_rows(tmp: Path, **changes) -> str:
+    row = {"global_caption": "a cat", "bbox_list": [[1, 2, 30, 40]], "region_captions": ["cat"],
+           "detail_region_captions": ["a grey cat"], "width": 64, "height": 64, **changes}
+    return write(tmp, "rows.jsonl", json.dumps(row) + "\n")
+
+
+def mig_yaml(tmp: Path, boxes: str) -> str:
+    return write(tmp, "mig/mig_bench_anno.yaml", f"a red cat on a mat:\n  coco_id: 7\n  a red cat: {boxes}\n")
+
+
 def sd_folder(tmp: Path) -> str:
     return str(Path(write(tmp, "sd/model_index.json", '{"_class_name": "StableDiffusionPipeline"}')).parent)
 
@@ -220,6 +235,20 @@ CASES = [
      "no CUDA device here"),
     ("bench shapes on an unknown device", lambda t: ["bench", "shapes", "--device", "foo", "-o", str(t)],
      "not a torch device"),
+    ("malformed eligen_defaults.json", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--model",
+                                                  model_with_defaults(t, '{"steps": ')],
+     "m/eligen_defaults.json is not a readable JSON object of model defaults"),
+    ("eligen_defaults.json holding a list", lambda t: ["generate", LAYOUT, "-o", f"{t}/o.png", "--model",
+                                                       model_with_defaults(t, "[20]")],
+     "m/eligen_defaults.json must hold a JSON object"),
+    ("layoutsam row with a NaN box", lambda t: ["bench", "layoutsam", "--data", layoutsam_rows(
+        t, bbox_list="[[NaN, 2, 30, 40]]"), "-o", f"{t}/out"], "row 0, box 0: a box holds 4 finite numbers"),
+    ("layoutsam row with a width of text", lambda t: ["bench", "layoutsam", "--data", layoutsam_rows(
+        t, width="abc"), "-o", f"{t}/out"], "row 0: 'width' must be a positive number of pixels, got 'abc'"),
+    ("layoutsam row with a box that is an object", lambda t: ["bench", "layoutsam", "--data", layoutsam_rows(
+        t, bbox_list=[{"x": 1}]), "-o", f"{t}/out"], "row 0, box 0: a box is a list of 4 numbers"),
+    ("cocomig box that is not a list", lambda t: ["bench", "cocomig", "--data", mig_yaml(t, "[5]"), "-o",
+                                                  f"{t}/out"], "'a red cat': an instance has a list of boxes"),
     ("plan from an ftp server", lambda t: ["plan", "a cat", "-o", f"{t}/l.json", "--base-url", "ftp://127.0.0.1/v1"],
      "must be an http:// or https:// URL"),
     ("annotate from an ftp server", lambda t: ["data", "annotate", str(t), "--model", "m", "--base-url",
