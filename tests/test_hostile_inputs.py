@@ -518,6 +518,8 @@ FULL_DISK = [
     ("lora convert", lambda t: ["lora", "convert", lora_file(t, torch.ones(2, 8), torch.ones(8, 2)),
                                 f"{t}/o.safetensors", "--to", "kohya"], "o.safetensors"),
     ("plan over a layout", None, "o.json"),
+    ("data generate", lambda t: ["data", "generate", write(t, "c.txt", "a red circle\n"), "--out", f"{t}/dg",
+                                 *FAST], "dg/images/000000.png"),
 ]
 
 
@@ -526,6 +528,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, capsys, monk
     from eligen.data import plan
 
     target = tmp_path / kept
+    target.parent.mkdir(parents=True, exist_ok=True)
     old = b"the previous file, which must survive"
     target.write_bytes(old)
     if argv is None:
@@ -563,3 +566,32 @@ def test_a_jpeg_data_uri_mask_is_read_as_a_mask(tmp_path, capsys):
 
     assert main(["generate", jpeg_mask_layout(tmp_path), "-o", str(tmp_path / "o.png"), *FAST]) == 0
     assert read_metadata(tmp_path / "o.png")["layout"]["entities"][0]["mask"].startswith("data:image/")
+
+
+def _disk_full_at_the_first_checkpoint(monkeypatch) -> None:
+    from eligen.train import trainer
+
+    def save(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(trainer.torch, "save", save)
+
+
+@pytest.mark.parametrize("fill", [full_disk, _disk_full_at_the_first_checkpoint], ids=["from the start",
+                                                                                       "at the first checkpoint"])
+def test_training_on_a_full_disk_names_the_folder_and_leaves_no_partial_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                                  tiny_pipeline_dir, fill):
+    from eligen.tiny.toy_data import write_box_dataset
+
+    data = write_box_dataset(tmp_path / "toy", 4, 32, 32, seed=1)
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_pipeline_dir), "--dataset", str(data), "--output-dir", str(run),
+            "--resolution", "32", "--rank", "4", "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
+            "--max-sequence-length", "16", "--no-progress"]
+    fill(monkeypatch)
+    code = main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write {run}" in err and "Traceback" not in err, err
+    assert not list(run.glob(".tmp-*")) and not list(run.glob("checkpoint-*"))

@@ -9,6 +9,7 @@ optimizer, LR schedule, every RNG and the data position, so a resumed run contin
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -379,6 +380,22 @@ class Trainer:
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
+        try:
+            self._write_state(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint stays behind
+            raise
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoints(self.config.output_dir)[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _write_state(self, tmp: Path) -> None:
+        """A checkpoint's files into ``tmp``: accelerate's state, each rank's RNG and data position, the run."""
         self.accelerator.save_state(str(tmp))
         tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its own state file into it
         rank = self.accelerator.process_index
@@ -388,13 +405,6 @@ class Trainer:
         if self.is_main:
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": jsonable_config(self.config),
                                                           "dataset_sha256": self.dataset_sha256}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in checkpoints(self.config.output_dir)[:-self.config.keep_checkpoints]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
-        return final
 
     def start_or_resume(self) -> None:
         """Resume from the newest readable checkpoint (an unreadable one is skipped, with a note), refusing changed
@@ -554,6 +564,28 @@ class Trainer:
         return result
 
 
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def refused_write(exc: BaseException) -> str | None:
+    """Why the system refused a write (a full disk, a read-only or forbidden folder), whoever wrote: eligen,
+    accelerate's trackers, torch.save or safetensors; None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+    if type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "file write failed" in str(exc)):
+        return str(exc)
+    return None
+
+
 def train(config: TrainConfig) -> TrainResult:
-    return Trainer(config).train()
+    """Train as ``config`` says; a write the system refuses is one line naming the output folder and why (the
+    checkpoint being written is removed, the last complete one kept)."""
+    try:
+        return Trainer(config).train()
+    except Exception as exc:
+        reason = refused_write(exc)
+        if reason is None:
+            raise
+        raise ValueError(f"cannot write {config.output_dir}: {reason}; free space or choose another folder (the last "
+                         "complete checkpoint is kept: rerun with --resume to go on)") from None
 
