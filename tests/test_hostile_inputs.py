@@ -595,3 +595,11 @@ def test_training_on_a_full_disk_names_the_folder_and_leaves_no_partial_checkpoi
     err = capsys.readouterr().err
     assert code == 2 and f"cannot write {run}" in err and "Traceback" not in err, err
     assert not list(run.glob(".tmp-*")) and not list(run.glob("checkpoint-*"))
+
+
+def test_the_api_inpaints_a_2x2_input_at_its_size(tiny_pipe):
+    from eligen import Entity
+
+    image = tiny_pipe(prompt="a red circle", image=Image.new("RGB", (2, 2), "white"), inpaint=True,
+                      entities=[Entity("a dog", box=(0, 0, 1, 1))], num_inference_steps=1).images[0]
+    assert image.size == (2, 2)
