@@ -467,3 +467,13 @@ def test_a_rerun_on_a_damaged_folder_goes_on_and_names_what_it_left_out(tmp_path
     assert all((folder / r["image"]).is_file() for r in records)
     if left_out:
         assert "left out of annotations.jsonl" in caplog.text
+
+
+def test_a_truncated_image_is_a_counted_named_failure_and_the_run_goes_on(tmp_path, server):
+    folder, names = make_folder(tmp_path / "ds", ["json", "json"])
+    _cut(folder / "images" / names[0])
+    result = annotate(config_for(server, folder))
+    assert (result.done, result.failed) == (1, 1)
+    failure = json.loads((folder / "annotations" / "img_00.failed.json").read_text())
+    assert "cannot read the image" in failure["reason"] and "img_00.png" in failure["reason"]
+    assert [r["image"] for r in read_jsonl(result.jsonl)] == [f"images/{names[1]}"]
