@@ -289,3 +289,10 @@ def test_an_adapter_folder_without_its_image_encoder_names_what_to_fetch(tmp_pat
     assert code != 0 and "Traceback" not in err, err
     assert f"cannot load the IP-Adapter (or its CLIP image encoder) {lone}" in err
     assert "hf download openai/clip-vit-large-patch14" in err
+
+
+@pytest.mark.parametrize("scale", [1e30, -1, float("nan")])
+def test_the_api_refuses_an_absurd_adapter_scale_before_loading(tiny_pipeline_dir, ip_folder, scale):
+    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+    with pytest.raises(ValueError, match=r"the IP-Adapter scale must be a number in 0\.\.100"):
+        pipe.load_eligen_ip_adapter(str(ip_folder[1]), scale=scale)
