@@ -193,7 +193,8 @@ def main() -> None:
     parser.add_argument("--shapesbench", type=int, default=0, help="layouts for the ShapesBench mIoU column (0: off)")
     parser.add_argument("--shapesbench-steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/generate_e2e.json"))
+    parser.add_argument("--json", type=Path, default=Path("outputs/generate_e2e.json"),
+                        help="where the rows go (default: outputs/, which git ignores)")
     args = parser.parse_args()
 
     import logging

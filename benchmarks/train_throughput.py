@@ -10,6 +10,7 @@ Runs the same number of steps twice in one process: with the toy data's 1-3 enti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ from eligen.train.trainer import TrainConfig, Trainer
 
 
 def samples_per_second(config: TrainConfig) -> float:
+    """Samples/s over ``max_steps`` steps that follow as many warm-up steps (text cache, allocator): the same trainer
+    goes on from its own last checkpoint."""
     trainer = Trainer(config)
-    trainer.train()  # first run: warm-up (text cache, allocator)
-    trainer.config.max_steps *= 2
+    trainer.train()
+    trainer.config = dataclasses.replace(trainer.config, max_steps=2 * config.max_steps, resume=True)
     start, before = time.perf_counter(), trainer.step
     trainer.train()
     steps = trainer.step - before
@@ -39,7 +42,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="eligen-throughput-"))
+    with tempfile.TemporaryDirectory(prefix="eligen-throughput-") as folder:  # removed however the run ends
+        run(args, Path(folder))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     model = args.model or str(save_tiny_flux_pipeline(work / "model"))
     data = write_box_dataset(work / "data", 32, args.resolution, args.resolution)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -50,7 +57,7 @@ def main() -> None:
         config = TrainConfig(model=model, dataset=data, output_dir=work / name.replace(" ", "_"),
                              resolution=args.resolution, rank=args.rank, batch_size=args.batch_size,
                              max_steps=args.steps, checkpoint_every=10**6, max_entities=max_entities, log_every=10**6,
-                             max_sequence_length=64)
+                             max_sequence_length=64, progress=False)
         rates[name] = samples_per_second(config)
         print(f"{name:20s}: {rates[name]:.2f} samples/s", flush=True)
     print(f"entities cost: {rates['global prompt only'] / rates['with entities']:.2f}x the plain training step")

@@ -435,3 +435,45 @@ def test_cli_exits_non_zero_when_nothing_was_annotated(tmp_path, server, capsys)
     assert "no image was annotated" in capsys.readouterr().err
     good, _ = make_folder(tmp_path / "ok", ["json", "bad"])
     assert main([*argv[:2], str(good), *argv[3:]]) == 0  # one success is a run that did something
+
+
+def _cut(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+RERUN_DAMAGE = [
+    # (case, what is done to a finished folder of two annotated images, records kept, annotation files left out)
+    ("a truncated annotated image", lambda f: _cut(f / "images" / "img_00.png"), 2, 0),
+    ("a deleted annotated image", lambda f: (f / "images" / "img_00.png").unlink(), 1, 1),
+    ("an annotation file holding a list", lambda f: (f / "annotations" / "img_00.json").write_text("[1, 2]"), 2, 0),
+    ("an annotation file without its image", lambda f: (f / "annotations" / "img_00.json").write_text(
+        '{"prompt": "x", "entities": []}'), 2, 0),
+    ("a corrupt annotation file", lambda f: (f / "annotations" / "img_00.json").write_text('{"image": '), 2, 0),
+    ("an annotation file of an image no longer there", lambda f: (f / "annotations" / "gone.json").write_text(
+        '{"image": "images/gone.png", "prompt": "x", "entities": []}'), 2, 1),
+]
+
+
+@pytest.mark.parametrize(("damage", "kept", "left_out"), [pytest.param(d, k, n, id=c) for c, d, k, n in RERUN_DAMAGE])
+def test_a_rerun_on_a_damaged_folder_goes_on_and_names_what_it_left_out(tmp_path, server, caplog, damage, kept,
+                                                                        left_out):
+    folder, _ = make_folder(tmp_path / "ds", ["json", "json"])
+    annotate(config_for(server, folder))
+    damage(folder)
+    result = annotate(config_for(server, folder))
+    records = read_jsonl(result.jsonl)
+    assert len(records) == kept and result.left_out == left_out
+    assert all((folder / r["image"]).is_file() for r in records)
+    if left_out:
+        assert "left out of annotations.jsonl" in caplog.text
+
+
+def test_a_truncated_image_is_a_counted_named_failure_and_the_run_goes_on(tmp_path, server):
+    folder, names = make_folder(tmp_path / "ds", ["json", "json"])
+    _cut(folder / "images" / names[0])
+    result = annotate(config_for(server, folder))
+    assert (result.done, result.failed) == (1, 1)
+    failure = json.loads((folder / "annotations" / "img_00.failed.json").read_text())
+    assert "cannot read the image" in failure["reason"] and "img_00.png" in failure["reason"]
+    assert [r["image"] for r in read_jsonl(result.jsonl)] == [f"images/{names[1]}"]

@@ -22,6 +22,7 @@ def test_shapes_bench_cli_writes_table_json_and_sheet(tmp_path, tiny_pipeline_di
     for variant in ("base", "train-free", "eligen"):
         assert f"| {variant} |" in printed
     record = json.loads((out / "shapesbench.json").read_text())
+    assert record["config"]["n"] == 4 and record["config"]["size"] == 32 and record["config"]["steps"] == 2  # numbers
     n_entities = sum(len(sample_layout(1_000_000 + i, 32).entities) for i in range(4))
     for variant, summary in record["summary"].items():
         assert summary["n"] == n_entities and 0 <= summary["miou"] <= 1 and 0 <= summary["recall"] <= 1

@@ -181,3 +181,17 @@ def test_generate_e2e_reference_loop_draws_the_exact_image(tmp_path, size):
     for n in (0, 2):
         assert rows["reference", n]["psnr_vs_exact"] >= 90, rows["reference", n]  # float rounding only
         assert rows["reference", n]["ratio_to_exact"] is not None
+
+
+def test_train_throughput_runs_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import train_throughput
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--steps", "1", "--batch-size", "2", "--resolution", "32",
+                                      "--rank", "2"])
+    train_throughput.main()  # the timed steps go on from the warm-up's checkpoint instead of refusing them
+    out = capsys.readouterr().out
+    assert "with entities" in out and "entities cost:" in out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("eligen-throughput-")]

@@ -112,7 +112,7 @@ def test_generate_end_to_end_and_reproduce(tmp_path, layout_file, tiny_pipeline_
     assert not np.array_equal(pixels(out), pixels(changed))
 
 
-def test_overlay_tints_each_mask(tmp_path, layout_file, tiny_pipeline_dir):
+def test_overlay_outlines_each_mask_and_keeps_its_colours(tmp_path, layout_file, tiny_pipeline_dir):
     out = tmp_path / "image.png"
     assert run("generate", layout_file, "-o", out, "--model", tiny_pipeline_dir, "--overlay", *FAST) == 0
     overlay = pixels(overlay_path_for(out))
@@ -121,8 +121,11 @@ def test_overlay_tints_each_mask(tmp_path, layout_file, tiny_pipeline_dir):
     image = np.repeat(np.repeat(pixels(out), scale, 0), scale, 1).astype(int)
     inside_box = (slice(20 * scale, 30 * scale), slice(20 * scale, 30 * scale))
     outside = (slice(2 * scale, 4 * scale), slice(28 * scale, 30 * scale))
-    assert np.abs(overlay[inside_box].astype(int) - image[inside_box]).mean() > 10
+    assert np.array_equal(overlay[inside_box], image[inside_box])  # the colour drawn, not tinted
     assert np.array_equal(overlay[outside], image[outside])
+    from eligen.overlay import entity_colour
+
+    assert tuple(overlay[28 * scale, 16 * scale]) == entity_colour(1)  # the box's left edge, outlined
     assert "eligen" in Image.open(overlay_path_for(out)).text
 
 
@@ -283,3 +286,20 @@ def test_every_subcommand_has_help(capsys, command):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: eligen " + " ".join(command) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    (["generate"], ["runs 20 on eligen-tiny", "runs 32 on eligen-tiny", "runs 3.0 on eligen-tiny"]),
+    (["data", "generate"], ["runs 20 on eligen-tiny", "runs 3.0 on eligen-tiny"]),
+])
+def test_help_says_what_runs_on_the_default_model(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(s in text for s in shown), text
+
+
+@pytest.mark.parametrize("argv", [["--verbose", "lora", "info", "x"], ["lora", "info", "x", "--verbose"],
+                                  ["generate", "l.json", "--verbose", "-o", "o.png"]])
+def test_verbose_goes_before_or_after_the_command(argv):
+    assert build_parser().parse_args(argv).verbose is True

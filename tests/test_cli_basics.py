@@ -49,7 +49,7 @@ def test_other_formats_carry_their_record_beside_them(tmp_path, suffix):
     out = tmp_path / f"out{suffix}"
     assert main(["generate", LAYOUT, "-o", str(out), *FAST]) == 0
     assert Image.open(out).format == {".jpg": "JPEG", ".webp": "WEBP"}[suffix]
-    record = json.loads(out.with_suffix(".json").read_text())
+    record = json.loads(out.with_name(out.name + ".json").read_text())
     assert read_metadata(out) == record and record["params"]["steps"] == 2
     assert main(["generate", "--from", str(out), "-o", str(tmp_path / "again.png"), "--no-progress"]) == 0
     assert read_metadata(tmp_path / "again.png")["layout"] == record["layout"]

@@ -272,3 +272,47 @@ def test_the_size_defaults_to_the_models_native_size(tmp_path, pipe):
     generate_images(config, pipe=pipe)
     meta = read_metadata(tmp_path / "out" / "images" / "000000.png")
     assert (meta["width"], meta["height"]) == (256, 256) == pipe.native_size()[::-1]
+
+
+def _stray_png(out, name: str, record) -> None:
+    from eligen.generate import save_png
+
+    save_png(Image.new("RGB", (8, 8)), out / "images" / name, record)
+
+
+def _plain_png(out, name: str) -> None:
+    Image.new("RGB", (8, 8)).save(out / "images" / name)
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda out: _plain_png(out, "000007.png"), id="a PNG without a record under a later number"),
+    pytest.param(lambda out: _stray_png(out, "000008.png", {"command": "generate", "layout": {}}),
+                 id="another command's PNG"),
+    pytest.param(lambda out: _stray_png(out, "000009.png", {"command": "data-generate", "prompt": "x", "seed": 9}),
+                 id="a record without its index"),
+    pytest.param(lambda out: _plain_png(out, "holiday.png"), id="a PNG of another name"),
+])
+def test_a_stray_png_in_the_images_folder_is_left_out_of_the_index(tmp_path, tiny_pipeline_dir, pipe, capsys,
+                                                                     damage):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red cat\na blue dog\n", encoding="utf-8")
+    out = tmp_path / "out"
+    generate_images(make_config(captions, out, tiny_pipeline_dir), pipe=pipe)
+    damage(out)
+    result = generate_images(make_config(captions, out, tiny_pipeline_dir), pipe=CountingPipe(pipe, fail_on=1))
+    assert (result.done, result.skipped) == (0, 2)
+    lines = [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["index"] for line in lines] == [0, 1]
+    assert "1 image(s) in" in capsys.readouterr().err
+
+
+def test_a_shortened_captions_file_leaves_no_stale_lines_in_the_index(tmp_path, tiny_pipeline_dir, pipe):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red cat\na blue dog\na green tree\n", encoding="utf-8")
+    out = tmp_path / "out"
+    generate_images(make_config(captions, out, tiny_pipeline_dir), pipe=pipe)
+    captions.write_text("a red cat\n", encoding="utf-8")
+    result = generate_images(make_config(captions, out, tiny_pipeline_dir), pipe=CountingPipe(pipe, fail_on=1))
+    assert (result.done, result.skipped) == (0, 1)
+    lines = [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert lines == [{"index": 0, "image": "images/000000.png", "prompt": "a red cat", "seed": 0}]

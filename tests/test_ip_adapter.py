@@ -4,6 +4,7 @@ reference written here in every attention mode, per-entity reference images, lay
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,26 @@ def test_bad_input_names_the_field(ip_pipe, tiny_pipe, tmp_path, capsys):
     picture(1).save(tmp_path / "broken.png")  # readable now, but no --ip-adapter given
     assert main(["generate", str(tmp_path / "layout.json"), "-o", str(tmp_path / "o.png")]) == 2
     assert "--ip-adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_folder_without_its_image_encoder_names_what_to_fetch(tmp_path, tiny_pipeline_dir, ip_folder,
+                                                                         capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lone = tmp_path / "adapter"
+    lone.mkdir()
+    shutil.copy(Path(ip_folder[1]) / ip_folder[0]["weight_name"], lone)  # no image_encoder/ beside it
+    code = main(["generate", "examples/tiny_two_shapes.json", "-o", str(tmp_path / "o.png"), "--model",
+                 str(tiny_pipeline_dir), "--no-progress", "--ip-adapter", str(lone)])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err, err
+    assert f"cannot load the IP-Adapter (or its CLIP image encoder) {lone}" in err
+    assert "hf download openai/clip-vit-large-patch14" in err
+
+
+@pytest.mark.parametrize("scale", [1e30, -1, float("nan")])
+def test_the_api_refuses_an_absurd_adapter_scale_before_loading(tiny_pipeline_dir, ip_folder, scale):
+    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+    with pytest.raises(ValueError, match=r"the IP-Adapter scale must be a number in 0\.\.100"):
+        pipe.load_eligen_ip_adapter(str(ip_folder[1]), scale=scale)

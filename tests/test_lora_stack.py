@@ -71,4 +71,6 @@ def test_cli_stacks_a_style_lora_on_the_eligen_lora(style_lora, tmp_path):
         images[scale] = pixels(out)
     assert np.abs(images["0.7"] - images["0.0"]).max() > 2  # the style scale reaches the image
     params = read_metadata(tmp_path / "style_0.7.png")["params"]
-    assert params["lora"] == [str(ELIGEN_LORA), str(style_lora)] and params["lora_scale"] == [1.0, 0.7]
+    # the shipped LoRA is recorded by the name that resolves in any clone (records that travel)
+    assert params["lora"] == ["eligen-tiny/eligen_lora.safetensors", str(style_lora)]
+    assert params["lora_scale"] == [1.0, 0.7]

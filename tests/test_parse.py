@@ -441,3 +441,17 @@ def test_qwen2_round_trip(scene, tags, convention):
     for parsed, original in zip(annotation.entities, entities, strict=True):
         for value, expected, size in zip(parsed.box, original.box, (width, height, width, height), strict=True):
             assert abs(value - expected) <= size / 2000 + 1e-9
+
+
+def test_a_huge_answer_costs_linear_time_before_the_entity_cap():
+    # a 3 MB answer with 60,000 distinct entities took over 300 s of CPU (every entity compared with every kept
+    # one before the cap was applied); it must stay a second or two
+    import time
+
+    entities = [{"label": f"thing {i}", "bbox_2d": [i % 80, (i // 80) % 50, i % 80 + 3, (i // 80) % 50 + 5]}
+                for i in range(60_000)]
+    answer = json.dumps({"caption": "many things", "entities": entities})
+    started = time.process_time()
+    annotation = parse_annotation(answer, 84, 56, "qwen25", max_entities=8)
+    assert len(annotation.entities) == 8
+    assert time.process_time() - started < 15

@@ -58,3 +58,11 @@ def test_cli_plan_exits_non_zero_when_no_plan_came(server, tmp_path, capsys):  #
     assert main(["plan", "a cat", "-o", str(tmp_path / "l.json"), "--base-url", server.base_url, "--model", "m",
                  "--retries", "0"]) == 2
     assert "no usable plan" in capsys.readouterr().err and not (tmp_path / "l.json").exists()
+
+
+def test_the_layout_size_is_the_target_models(tmp_path):
+    # README's planner example renders with FLUX.1-dev: its layout is 1024x1024, not the shipped model's 64x64
+    assert (PlanConfig("a cat", for_model="black-forest-labs/FLUX.1-dev").width,
+            PlanConfig("a cat", for_model="black-forest-labs/FLUX.1-dev").height) == (1024, 1024)
+    assert (PlanConfig("a cat").width, PlanConfig("a cat").height) == (64, 64)  # eligen-tiny, the default model
+    assert PlanConfig("a cat", for_model="eligen-tiny", width=96).width == 96

@@ -234,3 +234,23 @@ def test_sigint_finishes_the_step_and_saves(tmp_path, tiny_pipeline_dir, dataset
     result = train(config(tmp_path, tiny_pipeline_dir, dataset, max_steps=5))
     assert result.interrupted and result.steps == 2  # step 2 completed, then stopped
     assert [p.name for p in checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+
+
+def test_paths_in_a_training_yaml_are_relative_to_the_file(tmp_path, monkeypatch):
+    from eligen.train.config import load_train_config
+
+    folder = tmp_path / "project"
+    (folder / "models" / "base").mkdir(parents=True)
+    (folder / "train.yaml").write_text(yaml.safe_dump({
+        "dataset": "data/annotations.jsonl", "output_dir": "runs/one", "model": "models/base",
+        "validation_layouts": ["layouts/a.json", "/abs/b.json"]}))
+    monkeypatch.chdir(tmp_path)  # another working directory than the file's
+    config = load_train_config({"config": "project/train.yaml"})
+    assert config.dataset.absolute() == folder / "data" / "annotations.jsonl"
+    assert config.output_dir.absolute() == folder / "runs" / "one"
+    assert Path(config.model).absolute() == folder / "models" / "base"
+    assert [Path(p).absolute() for p in config.validation_layouts] == [folder / "layouts" / "a.json",
+                                                                       Path("/abs/b.json")]
+    (folder / "bad.yaml").write_text(yaml.safe_dump({"validation_layouts": "layouts/a.json"}))
+    with pytest.raises(ValueError, match="option 'validation_layouts' must be a list"):
+        load_train_config({"config": str(folder / "bad.yaml")})

@@ -324,15 +324,22 @@ def test_bucket_of_picks_the_nearest_aspect_ratio(scene_file):
 
 @pytest.fixture
 def messy(tmp_path):
-    """20 good records and 12 bad ones of every kind; returns the JSONL path."""
+    """20 good records and 14 bad ones of every kind; returns the JSONL path."""
     image, entities = draw_scene(tmp_path, "tall")
     (tmp_path / "garbage.png").write_bytes(b"this is not a PNG")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), dtype=np.uint8))
+    for name, kind in (("cut.png", "PNG"), ("cut.jpg", "JPEG")):  # valid headers, the rest cut off
+        noise.save(tmp_path / name, format=kind)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
     Image.new("L", (30, 30), 255).save(tmp_path / "small_mask.png")
     good = {"image": image, "prompt": "good", "entities": [{"prompt": "red", "box": entities[0][1]},
                                                            {"prompt": "green", "mask": entities[1][2]}]}
     bad = [
         {"image": "nowhere.png", "prompt": "p"},
         {"image": "garbage.png", "prompt": "p"},
+        {"image": "cut.png", "prompt": "p"},
+        {"image": "cut.jpg", "prompt": "p"},
         {"image": image, "prompt": "p", "entities": [{"prompt": "e", "mask": "small_mask.png"}]},
         {"image": image, "prompt": "p", "entities": [{"prompt": "e", "box": [100, 100, 120, 120]}]},
         {"image": image, "prompt": "p", "entities": [{"prompt": "e", "box": [10, 10, 10, 20]}]},
@@ -348,7 +355,7 @@ def messy(tmp_path):
     return write_jsonl(tmp_path / "messy.jsonl", lines)
 
 
-MESSY_REASONS = {MISSING_IMAGE: 1, UNREADABLE_IMAGE: 1, WRONG_MASK_SIZE: 1, BOX_OUTSIDE: 1, DEGENERATE_BOX: 1,
+MESSY_REASONS = {MISSING_IMAGE: 1, UNREADABLE_IMAGE: 3, WRONG_MASK_SIZE: 1, BOX_OUTSIDE: 1, DEGENERATE_BOX: 1,
                  EMPTY_ENTITY_PROMPT: 1, MALFORMED_JSON: 1, NOT_AN_OBJECT: 1, MISSING_PROMPT_FIELD: 1,
                  MALFORMED_ENTITY: 2, MISSING_MASK: 1}
 
@@ -356,17 +363,17 @@ MESSY_REASONS = {MISSING_IMAGE: 1, UNREADABLE_IMAGE: 1, WRONG_MASK_SIZE: 1, BOX_
 def test_bad_records_are_skipped_and_counted(messy):
     dataset = EntityDataset(messy, resolution=64, multiple=8, max_bad_fraction=0.5)
     assert len(dataset) == 20
-    assert (dataset.stats.total, dataset.stats.bad) == (32, 12)
+    assert (dataset.stats.total, dataset.stats.bad) == (34, 14)
     assert dataset.stats.reasons == MESSY_REASONS
-    assert next(iter(dataset.stats.reasons)) == MALFORMED_ENTITY  # most frequent first
-    assert {r.source for r in dataset.bad_records} == {f"line {n}" for n in range(11, 23)}
+    assert next(iter(dataset.stats.reasons)) == UNREADABLE_IMAGE  # most frequent first
+    assert {r.source for r in dataset.bad_records} == {f"line {n}" for n in range(11, 25)}
     for i in range(len(dataset)):
         item = dataset[i]
         assert item["prompt"] == "good" and item["entity_masks"].shape == (2, 80, 56)
 
 
 def test_too_many_bad_records_raise_with_counts(messy):
-    with pytest.raises(ValueError, match=r"12 of 32 records are bad") as info:
+    with pytest.raises(ValueError, match=r"14 of 34 records are bad") as info:
         EntityDataset(messy, resolution=64, multiple=8)
     assert "malformed entity: 2" in str(info.value) and "missing image: 1" in str(info.value)
     assert "line 11" in str(info.value)

@@ -4,6 +4,7 @@ run, changed options named, a corrupt checkpoint skipped, the text cache keyed b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from eligen.cli import main
 from eligen.entities import LayoutError
 from eligen.tiny.toy_data import write_box_dataset
 from eligen.train.trainer import TextCache, TrainConfig, Trainer, checkpoints, train
-from training import small_config
+from training import lora_tensors, small_config
 
 
 def config(tmp_path, model, data, **overrides) -> TrainConfig:
@@ -89,3 +90,36 @@ def test_train_no_progress(tmp_path, tiny_pipeline_dir, dataset, capsys):
     assert "train:" not in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert "train:" in capsys.readouterr().err
+
+
+def test_resuming_at_epoch_boundaries_ends_in_the_uninterrupted_lora(tmp_path, tiny_pipeline_dir, dataset):
+    # 6 records at batch 2: 3 batches an epoch, so stops after steps 3 and 6 leave checkpoints at epoch boundaries;
+    # each resumed run must record its data position in the new epoch (else later resumes are refused)
+    straight = train(config(tmp_path / "a", tiny_pipeline_dir, dataset, max_steps=8))
+    losses = []
+    for stop in (3, 5, 6, 8):
+        run = train(config(tmp_path / "b", tiny_pipeline_dir, dataset, max_steps=stop, resume=stop > 3))
+        losses += run.losses
+        for path in checkpoints(tmp_path / "b" / "out"):
+            sampler = torch.load(path / "eligen_state_0.pt", weights_only=False)["sampler"]
+            assert 0 <= sampler["position"] <= 3, (path.name, sampler)
+    assert losses == straight.losses
+    a, b = lora_tensors(tmp_path / "a" / "out"), lora_tensors(tmp_path / "b" / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_moved_run_resumes_and_a_users_checkpoint_folder_is_left_alone(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import shutil
+
+    first = tmp_path / "first"
+    data = write_box_dataset(first / "data", 6, 32, 32, seed=3)
+    straight = train(config(tmp_path / "straight", tiny_pipeline_dir, data, max_steps=3))
+    monkeypatch.chdir(first)  # relative paths, as typed in the run's folder
+    train(config(Path("."), tiny_pipeline_dir, Path("data") / data.name, max_steps=2))
+    (first / "out" / "checkpoint-best").mkdir()  # the user's own folder beside ours
+    shutil.move(first, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)  # another working directory, the run's folder moved
+    moved = tmp_path / "moved"
+    resumed = train(config(moved, tiny_pipeline_dir, moved / "data" / data.name, max_steps=3, resume=True))
+    assert resumed.losses == straight.losses[2:]
+    assert (moved / "out" / "checkpoint-best").is_dir()

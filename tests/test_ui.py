@@ -172,6 +172,7 @@ def test_a_generation_equals_the_cli_and_carries_its_record(client, tmp_path):
     app_png.write_bytes(png)
     record = read_metadata(app_png)
     assert record["params"]["seed"] == 7 and record["params"]["steps"] == 3 and len(record["layout"]["entities"]) == 2
+    assert record["params"]["lora"] == []  # the model's own LoRA: named by leaving it out, so the PNG travels
     (tmp_path / "layout.json").write_text(json.dumps(layout))
     assert main(["generate", str(tmp_path / "layout.json"), "-o", str(tmp_path / "cli.png"), "--seed", "7",
                  "--steps", "3", "--no-progress"]) == 0
@@ -303,6 +304,7 @@ def test_inpainting_an_upload_keeps_the_background(client):
     assert (out[outside] == photo[outside]).all()  # paste-back: untouched outside the entity
     record = json.loads(Image.open(io.BytesIO(png)).text["eligen"])
     assert record["command"] == "inpaint" and record["params"]["image"] == "uploaded image"  # no server path
+    assert record["inputs"]["image"]["path"] == "uploaded image" and len(record["inputs"]["image"]["sha256"]) == 64
     assert done["result"]["mode"] == "inpaint"
     status, again = client.json("POST", "/api/jobs", {"layout": layout, "mode": "inpaint",
                                                      "background": f"job:{job['id']}", "params": {"steps": 2}})
@@ -401,3 +403,25 @@ def test_reference_images_reach_the_pipeline_when_the_app_has_an_ip_adapter(tiny
         assert entity["image"] == reference and entity["image_scale"] == 0.5
     finally:
         app.jobs.close()
+
+
+def test_sigterm_stops_the_app_and_removes_its_temporary_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "eligen.cli", "ui", "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("eligen ui: http"):
+                break
+        assert [p for p in tmp_path.iterdir() if p.name.startswith("eligen-ui-")]  # serving from its folder
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("eligen-ui-")]

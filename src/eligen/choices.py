@@ -14,3 +14,6 @@ FUSIONS = ("exact", "paper")
 # Training noise levels: the reference's schedule with its weights, or SD3's logit-normal.
 TIMESTEP_SAMPLING = ("reference", "logit_normal")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+# The largest magnitude any scale takes (true CFG, guidance, a LoRA's, the IP-Adapter's, an entity's image_scale):
+# a finite but absurd one (1e30) passes the NaN/inf checks and saturates the image to black, so it is refused.
+SCALE_LIMIT = 100

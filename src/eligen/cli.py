@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -17,7 +18,7 @@ from .data.plan import PlanConfig
 from .entities import LayoutError
 from .evals.harness import CocoMigConfig, LayoutSamConfig, OverLayBenchConfig
 from .families import cards, titles
-from .generate import GenerateConfig, InpaintConfig, checked_record, generate, read_metadata
+from .generate import GenerateConfig, InpaintConfig, from_source, generate
 from .lora import (
     LoraConvertConfig,
     LoraFormatError,
@@ -32,6 +33,7 @@ from .tiny.build_config import TinyBuildConfig
 from .train.config import TrainConfig
 from .ui.config import UIConfig
 
+VERBOSE_HELP = "show the libraries' warnings, logs and loading bars (hidden by default)"
 DESCRIPTION = f"eligen: entity-level controlled image generation (EliGen) with diffusers' {titles()}."
 
 
@@ -53,10 +55,26 @@ INPAINT_EPILOG = _examples("inpaint photo.png layout.json -o out.png", """\
 COMMAND_CONFIGS = {"generate": GenerateConfig, "inpaint": InpaintConfig}
 
 
+def sampling_help(config: type) -> dict[str, str]:
+    """What each sampling option left unset becomes, for the help: on the command's default model, then on each
+    family's models (plain generation, `data generate`, takes the diffusers pipelines' settings)."""
+    from .options import SAMPLING_FIELDS, SamplingOptions, model_sampling_defaults, sampling_defaults
+
+    if not issubclass(config, SamplingOptions):
+        return {}
+    baseline = "diffusers" if config is DataGenerateConfig else "reference"
+    model = str(next(f.default for f in dataclasses.fields(config) if f.name == "model"))
+    rows = [(model, model_sampling_defaults(model, baseline))]
+    rows += [(card.title, sampling_defaults(card, {}, baseline)) for card in cards().values()]
+    return {name: "runs " + ", ".join(f"{value[name]} on {title}" for title, value in rows if value[name] is not None)
+            for name in SAMPLING_FIELDS}
+
+
 def _command(group, name: str, config: type, handler, help: str, description: str, **kwargs):
     """One subcommand whose flags are ``config``'s fields and whose work is ``handler(given)``."""
     parser = group.add_parser(name, help=help, description=description, **kwargs)
-    add_dataclass_arguments(parser, config)
+    add_dataclass_arguments(parser, config, sampling_help(config))
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -70,8 +88,7 @@ def _group(commands, name: str, help: str, description: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eligen", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"eligen {__version__}")
-    parser.add_argument("--verbose", action="store_true", default=None,
-                        help="show the libraries' warnings, logs and loading bars (hidden by default)")
+    parser.add_argument("--verbose", action="store_true", default=None, help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
     _command(commands, "generate", GenerateConfig, partial(run_render, "generate"), "render a layout JSON file to a "
@@ -202,7 +219,9 @@ def run_data_annotate(given: dict) -> int:
     from .data.annotate import annotate
 
     result = annotate(config_from_mapping(AnnotateConfig, given))
-    print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}; dataset: {result.jsonl}")
+    left_out = f", {result.left_out} annotation file(s) left out (named above)" if result.left_out else ""
+    print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}{left_out}; dataset: "
+          f"{result.jsonl}")
     if result.sheet is not None:
         print(f"contact sheet: {result.sheet}")
     if result.failed and not result.done and not result.skipped:
@@ -275,18 +294,10 @@ def run_lora_convert(given: dict) -> int:
 def run_render(command: str, given: dict) -> int:
     """`eligen generate` and `eligen inpaint`: defaults < a --from PNG's record < the flags given."""
     config_class = COMMAND_CONFIGS[command]
-    stored_layout, stored_params = None, {}
+    stored_layout: dict | None = None
+    stored_params: dict = {}
     if "from_png" in given:
-        if given.get("layout") is not None:
-            raise ValueError("give either a layout file or --from PNG, not both")
-        record = checked_record(read_metadata(given["from_png"]), given["from_png"])
-        made_by = record.get("command", "generate")
-        if made_by not in COMMAND_CONFIGS:
-            raise ValueError(f"{given['from_png']}: its record names no eligen command ({made_by!r})")
-        if made_by != command:
-            raise ValueError(f"{given['from_png']} was made by `eligen {made_by}`; reproduce it with "
-                             f"`eligen {made_by} --from`")
-        stored_layout, stored_params = record["layout"], record["params"]
+        stored_layout, stored_params, given = from_source(command, given["from_png"], given)
     config = config_from_mapping(config_class, stored_params, given)
     for result in generate(config, stored_layout):
         print(f"image: {result.path}")
@@ -328,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eligen: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`eligen lora info F | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def jsonable(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values: numbers stay numbers, paths become text."""
+    return {k: str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
+            if isinstance(v, list) else v for k, v in dataclasses.asdict(config).items()}
+
+
 def option(default: Any = None, help: str = "", **meta: Any) -> Any:
     """A dataclass field with CLI metadata."""
     if isinstance(default, list):
@@ -47,8 +53,9 @@ def _scalar_type(annotation: Any) -> type:
     return annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, shown: Mapping[str, str] | None = None) -> None:
+    """One argparse argument per field of ``cls``; only given flags appear in the namespace (positionals: None).
+    ``shown``: for fields whose default is filled at run time, what it is where it helps (appended to the help)."""
     hints = typing.get_type_hints(cls)
     declared = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
     order = {name: declared.index(name) for name in declared[::-1]}  # the class's own fields first, then its bases'
@@ -61,6 +68,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = meta.get("help", "")
         if default not in (None, [], False):
             help_text += f" (default: {default})"
+        if shown and f.name in shown:
+            help_text += f" [{shown[f.name]}]"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if meta.get("positional"):
             kwargs.pop("dest")

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeGuard, Union
 import numpy as np
 from PIL import Image
 
-from .files import open_image, read_utf8
+from .choices import SCALE_LIMIT
+from .files import open_data_uri, open_image, read_utf8, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -127,8 +128,8 @@ class Entity:
         else:
             binarize_mask(self.mask, index=index)
         scale = self.image_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-            raise LayoutError(f"must be a finite number >= 0 (0 switches the image off), got {scale!r}",
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
+            raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the image off), got {scale!r}",
                               entity=index, field="image_scale")
         if self.image is not None:
             load_reference_image(self.image, index)
@@ -216,13 +217,11 @@ def _mask_error(message: str, index: int | None) -> LayoutError:
 def load_mask_image(path: str | Path, index: int | None = None) -> Image.Image:
     """Open a mask file fully (so unreadable files fail here, not later)."""
     text = str(path)
-    if text.startswith(DATA_URI_PREFIX):
+    if text.startswith("data:"):
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(text[len(DATA_URI_PREFIX):], validate=True)))
-            image.load()
-        except Exception as exc:
-            raise _mask_error(f"the inline PNG data URI could not be decoded ({exc})", index) from exc
-        return image
+            return open_data_uri(text, "mask")
+        except ValueError as exc:
+            raise _mask_error(str(exc), index) from None
     try:
         return open_image(path, "mask file")
     except FileNotFoundError as exc:
@@ -249,19 +248,16 @@ def load_reference_image(image: Any, index: int | None = None, field: str = "ima
 def _read_reference_image(text: str, index: int | None, field: str) -> Image.Image:
     """Decode a reference image file or ``data:image/...;base64`` URI (RGB)."""
     try:
-        if text.startswith(IMAGE_DATA_URI):
-            header, _, payload = text.partition(",")
-            if not header.endswith(";base64"):
-                raise ValueError("an inline image is data:image/<format>;base64,<data>")
-            decoded = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-            decoded.load()
-            return decoded.convert("RGB")
+        if text.startswith("data:"):
+            return open_data_uri(text, "reference image").convert("RGB")
         return open_image(text, "reference image").convert("RGB")
     except FileNotFoundError as exc:
         raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
                           entity=index, field=field) from exc
     except Exception as exc:
-        shown = text if not text.startswith(IMAGE_DATA_URI) else "the inline data URI"
+        if text.startswith("data:"):
+            raise LayoutError(str(exc), entity=index, field=field) from None
+        shown = text
         raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
 
 
@@ -285,7 +281,8 @@ def image_to_data_uri(image: Any) -> str:
 
 
 def _binarize_integer(values: np.ndarray, index: int | None) -> np.ndarray:
-    """8-bit rule ``v >= 128`` (16-bit: ``v >= 32768``); a mask holding only 0 and 1 is read as binary."""
+    """8-bit rule ``v >= 128`` (a ``uint16`` array: ``v >= 32768``); a mask holding only 0 and 1 is read as binary;
+    values above 255 in another integer type (an int64 0/1000 mask) are refused as ambiguous."""
     lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
     if lo < 0:
         raise _mask_error(f"integer masks must be non-negative, got a minimum of {lo}", index)
@@ -293,10 +290,10 @@ def _binarize_integer(values: np.ndarray, index: int | None) -> np.ndarray:
         return values.astype(bool)
     if values.dtype == np.uint8 or hi <= 255:
         return values >= 128
-    if values.dtype == np.uint16 or hi <= 65535:
+    if values.dtype == np.uint16:
         return values >= 32768
-    raise _mask_error(f"integer mask values up to {hi} are ambiguous; use 8-bit (0-255), 16-bit, bool or "
-                      "float in [0, 1]", index)
+    raise _mask_error(f"{values.dtype} mask values up to {hi} are ambiguous (8-bit? 16-bit? a 0/{hi} mask?); "
+                      "pass uint8 (0-255), uint16 (16-bit), bool or float in [0, 1]", index)
 
 
 def _binarize_float(values: np.ndarray, index: int | None) -> np.ndarray:
@@ -336,6 +333,9 @@ def _binarize_channels(array: np.ndarray, index: int | None) -> np.ndarray:
         lo, hi = int(array.min(initial=0)), int(array.max(initial=0))
         if lo < 0 or hi > 65535:
             raise _mask_error("integer colour masks must lie in 0-255 (8-bit) or 0-65535 (16-bit)", index)
+        if hi > 255 and array.dtype != np.uint16:
+            raise _mask_error(f"{array.dtype} colour mask values up to {hi} are ambiguous; pass uint8 (0-255), "
+                              "uint16 (16-bit), bool or float in [0, 1]", index)
         full = 1 if hi <= 1 else 255 if (array.dtype == np.uint8 or hi <= 255) else 65535
         # mean over channels of (v * 2 / full - 1) > 0  <=>  2 * sum(v) > full * C, in exact integers
         return 2 * array.astype(np.int64).sum(axis=2) > full * array.shape[2]
@@ -354,8 +354,8 @@ def _array_from_image(image: Image.Image) -> np.ndarray:
     elif image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "I;16", "F"):
         image = image.convert("RGBA" if "A" in image.mode else "RGB")
     array = np.asarray(image)
-    if image.mode == "I;16":
-        array = array.astype(np.uint16)
+    if image.mode == "I;16" or (image.mode == "I" and array.size and 0 <= array.min() and array.max() <= 65535):
+        array = array.astype(np.uint16)  # a 16-bit greyscale file, whichever mode PIL opened it in
     return array
 
 
@@ -514,9 +514,9 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
     mask = data.get("mask")
     if mask is not None:
         if not isinstance(mask, str) or not mask:
-            raise LayoutError("a mask in a layout file is a PNG path (relative to the file) or a PNG data URI",
-                              entity=index, field="mask")
-        if not mask.startswith(DATA_URI_PREFIX):
+            raise LayoutError("a mask in a layout file is an image path (relative to the file) or an image data "
+                              "URI", entity=index, field="mask")
+        if not mask.startswith("data:"):
             path = Path(mask)
             mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
         binarize_mask(mask, index)  # unreadable files fail now, not mid-generation (and are decoded once)
@@ -533,7 +533,7 @@ def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: s
     if not isinstance(value, str) or not value:
         raise LayoutError("a reference image in a layout file is a path (relative to the file) or a data URI",
                           entity=index, field=field)
-    if not value.startswith(IMAGE_DATA_URI):
+    if not value.startswith("data:"):
         path = Path(value)
         value = str(path if path.is_absolute() or base_dir is None else base_dir / path)
     load_reference_image(value, index, field)
@@ -624,7 +624,8 @@ def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
 
 
 def save_layout(layout: Layout, path: str | Path, embed_masks: bool = True) -> None:
-    Path(path).write_text(json.dumps(layout_to_dict(layout, embed_masks), indent=2) + "\n", encoding="utf-8")
+    """Write the layout JSON atomically: an existing file stays whole until the new one is complete."""
+    write_text_atomic(path, json.dumps(layout_to_dict(layout, embed_masks), indent=2) + "\n")
 
 
 def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -17,9 +17,17 @@ from .choices import DTYPE_NAMES
 from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
 from .families import titles
-from .files import atomic_path, open_image, write_text_atomic
-from .models import model_loras
-from .options import EntityOptions, InpaintOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
+from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
+from .models import loading, model_loras, portable_name
+from .options import (
+    EntityOptions,
+    InpaintOptions,
+    SamplingOptions,
+    check_lora_scales,
+    check_scale,
+    pipeline_sampling_defaults,
+    resolve_sampling,
+)
 from .overlay import render_overlay
 
 METADATA_KEY = "eligen"
@@ -37,9 +45,10 @@ class GenerateConfig(SamplingOptions, EntityOptions):
 
     layout: Path | None = option(None, "layout JSON file (prompt, width, height, entities)", positional=True)
     output: Path | None = option(None, "output image path: .png (the layout and parameters inside), .jpg or .webp "
-                                 "(with them in a .json beside it)", short="-o", flag="--output", metavar="OUT.png")
-    from_png: Path | None = option(None, "reproduce the generation stored in this PNG's metadata "
-                                   "(other flags override it)", flag="--from", metavar="PNG")
+                                 "(with them in OUT.jpg.json)", short="-o", flag="--output", metavar="OUT.png")
+    from_png: Path | None = option(None, "reproduce the generation recorded in a PNG, in a JPEG/WebP's sidecar "
+                                   "(OUT.jpg.json, or the image itself) or start from a layout JSON (other flags "
+                                   "override it)", flag="--from", metavar="PNG|JSON")
     model: str | None = option("eligen-tiny", f"diffusers pipeline directory or hub id of any family eligen runs "
                                f"({titles()}; the family is read from its model_index.json); eligen-tiny is the small "
                                "shapes-world model shipped in the package (its own defaults: 20 steps, 32-token "
@@ -89,15 +98,26 @@ class GenerateConfig(SamplingOptions, EntityOptions):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
-        if len(self.lora_scale) > len(self.lora):
-            raise ValueError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} --lora files; give "
-                             "one scale per LoRA, in the same order")
+        check_lora_scales(self.lora_scale, self.lora)
+        check_scale("--ip-scale", self.ip_scale, 0)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
 
     def recorded(self) -> dict[str, Any]:
-        """The parameters stored in the PNG (everything that shapes the image)."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
+        """The parameters stored in the PNG (everything that shapes the image), in names that resolve on another
+        machine: the shipped model and its files by name (:func:`eligen.models.portable_name`)."""
+        params = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k not in RUN_ONLY_FIELDS}
+        params["model"] = portable_name(params["model"])
+        params["lora"] = [portable_name(lora) for lora in params["lora"]]
+        return params
+
+    def inputs(self) -> dict[str, Any]:
+        """The input files the record names by content (none for text-to-image)."""
+        return {}
+
+    def inputs_of(self) -> list[Path]:
+        """The files this run reads, which no output may replace."""
+        return [p for p in (self.layout, self.from_png, self.ip_image) if p is not None]
 
     def input_size(self) -> tuple[int, int] | None:
         """``(width, height)`` of an input image the layout must fit (None: text-to-image)."""
@@ -128,6 +148,15 @@ class InpaintConfig(GenerateConfig, InpaintOptions):
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"image": self.image, "inpaint": True, **InpaintOptions.pipeline_kwargs(self)}
+
+    def inputs(self) -> dict[str, Any]:
+        """The input image by its name and content hash: `--from` finds it anywhere (:func:`locate_input`)."""
+        if self.image is None or not self.image.is_file():
+            return {}
+        return {"image": {"path": str(self.image), "sha256": file_sha256(self.image)}}
+
+    def inputs_of(self) -> list[Path]:
+        return [*super().inputs_of(), *([self.image] if self.image is not None else [])]
 
 
 @dataclass
@@ -172,8 +201,9 @@ def overlay_path_for(path: Path) -> Path:
 
 
 def sidecar_path(path: Path) -> Path:
-    """Where the record of an image whose format cannot carry it goes: ``OUT.jpg`` -> ``OUT.json``."""
-    return path.with_suffix(".json")
+    """Where the record of an image whose format cannot carry it goes: ``OUT.jpg`` -> ``OUT.jpg.json`` (never the
+    ``OUT.json`` a layout file may be called)."""
+    return path.with_name(path.name + ".json")
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -182,19 +212,23 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The eligen record of an image: inside a PNG (:func:`save_png`), else in its ``.json`` sidecar."""
+    """The eligen record of an image: inside a PNG (:func:`save_png`), else in its ``.json`` sidecar; a record file
+    itself (the sidecar, a ``.json``) is read as it is."""
     path = Path(path)
-    if path.suffix.lower() in IMAGE_FORMATS and IMAGE_FORMATS[path.suffix.lower()] != "PNG":
-        sidecar = sidecar_path(path)
-        if not sidecar.is_file():
-            raise ValueError(f"{path} has no record beside it ({sidecar.name} is missing)")
-        try:
-            return _as_record(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{sidecar} is not an eligen record: {exc}") from exc
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _as_record(_read_json(path), path)
+    if suffix in IMAGE_FORMATS and IMAGE_FORMATS[suffix] != "PNG":
+        legacy = path.with_suffix(".json")  # where records were written before OUT.jpg.json
+        sidecar = next((p for p in (sidecar_path(path), legacy) if p.is_file()), None)
+        if sidecar is None:
+            raise ValueError(f"{path} has no record beside it ({sidecar_path(path).name} is missing)")
+        return _as_record(_read_json(sidecar), sidecar)
     try:
         with Image.open(path) as image:
             text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path} as a PNG: {exc}") from exc
     if text is None:
@@ -203,6 +237,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         return _as_record(json.loads(text), path)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: its eligen metadata is not JSON ({exc})") from exc
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    try:
+        return json.loads(read_utf8(path, "record"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
 
 
 def _as_record(record: Any, path: Path | str) -> dict[str, Any]:
@@ -221,15 +264,55 @@ def checked_record(record: Any, path: Path | str) -> dict[str, Any]:
     return record
 
 
+def from_source(command: str, source: Path, given: dict[str, Any]) -> tuple[dict | None, dict[str, Any], dict]:
+    """What ``eligen <command> --from SOURCE`` starts from: ``(stored layout, stored parameters, given flags)``.
+    SOURCE is a PNG carrying its record, a JPEG/WebP with its sidecar, a record file (the sidecar itself) or a
+    layout JSON (read as if given as the layout). An inpainting record's input image is found by its content
+    (:func:`locate_input`) unless the command names one."""
+    if given.get("layout") is not None:
+        raise ValueError("give either a layout file or --from PNG, not both")
+    record = read_metadata(source)
+    if source.suffix.lower() == ".json" and "params" not in record:  # a layout file, not a record
+        return None, {}, {**given, "layout": source}
+    record = checked_record(record, source)
+    made_by = record.get("command", "generate")
+    if made_by not in ("generate", "inpaint"):
+        raise ValueError(f"{source}: its record names no eligen command ({made_by!r})")
+    if made_by != command:
+        raise ValueError(f"{source} was made by `eligen {made_by}`; reproduce it with `eligen {made_by} --from`")
+    params = dict(record["params"])
+    if command == "inpaint" and given.get("image") is None and isinstance(params.get("image"), str):
+        inputs = record.get("inputs")
+        entry = inputs.get("image") if isinstance(inputs, dict) else None
+        params["image"] = str(locate_input(entry, params["image"], source))
+    return record["layout"], params, given
+
+
+def locate_input(entry: Any, recorded: str, source: Path) -> Path:
+    """The input image a record was made from: the recorded path, else a file of that name beside the record, if
+    its SHA-256 is the recorded one (a record without one: the recorded path). Refused naming the file."""
+    digest = entry.get("sha256") if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) else None
+    name = Path(recorded)
+    candidates = list(dict.fromkeys([name, source.parent / name, source.parent / name.name]))
+    for candidate in candidates:
+        if candidate.is_file() and (digest is None or file_sha256(candidate) == digest):
+            return candidate
+    other = [str(c) for c in candidates if c.is_file()]
+    what = f"{name.name} (sha256 {digest[:16]}...)" if digest else str(name)
+    found = f"; {', '.join(other)} holds another image" if other else ""
+    raise ValueError(f"{source} was made from the input image {what}, which is not at {name} nor beside "
+                     f"{source.name}{found}; give it: eligen inpaint IMAGE --from {source} -o OUT.png")
+
+
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
     """Save in the format the extension names; the record goes inside a PNG, else into a ``.json`` beside it."""
     image_format = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
     if image_format == "PNG":
         save_png(image, path, metadata)
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # both written before either replaces its old file
         image.convert("RGB").save(tmp, format=image_format, quality=95)
-    write_text_atomic(sidecar_path(path), json.dumps(metadata, indent=1) + "\n")
+        write_text_atomic(sidecar_path(path), json.dumps(metadata, indent=1) + "\n")
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
@@ -301,8 +384,29 @@ def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales:
         if "ip_adapter" not in pipe.family.card.features:
             raise ValueError(f"--ip-adapter: {model} is a {pipe.family.card.title} model, and diffusers has no "
                              "IP-Adapter for that family")
-        pipe.load_eligen_ip_adapter(ip_adapter, scale=ip_scale)
+        check_ip_adapter_file(ip_adapter)
+        encoder = [] if (Path(ip_adapter).parent / "image_encoder").is_dir() else ["openai/clip-vit-large-patch14"]
+        with loading("the IP-Adapter (or its CLIP image encoder)", ip_adapter, *encoder):
+            pipe.load_eligen_ip_adapter(ip_adapter, scale=ip_scale)
     return pipe
+
+
+def check_ip_adapter_file(path: str) -> None:
+    """A local ``--ip-adapter`` file whose tensors hold no image-prompt branch (a LoRA, say) is refused by name
+    before anything else loads."""
+    file = Path(path)
+    if not (file.is_file() and file.suffix == ".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise ValueError(f"--ip-adapter {file} is not a readable .safetensors file ({exc})") from None
+    if not any("ip_adapter" in key or key.startswith("image_proj") for key in keys):
+        raise ValueError(f"--ip-adapter {file} is not an IP-Adapter: none of its {len(keys)} tensors belongs to an "
+                         f"image-prompt branch (e.g. {keys[0] if keys else 'none'}); a LoRA goes to --lora")
 
 
 def set_lora_scales(pipe, count: int, scales: list[float]) -> None:
@@ -364,10 +468,28 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
         "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
         "layout": layout_to_dict(layout, embed_masks=True),
         "params": params,
+        **({"inputs": inputs} if (inputs := config.inputs()) else {}),
         "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
                         "compile": config.compile},
     }
     return image, metadata
+
+
+def written_paths(config: GenerateConfig, paths: list[Path]) -> list[Path]:
+    """Every file a run writes: the images, their sidecar records (JPEG, WebP) and overlays."""
+    sidecars = [sidecar_path(p) for p in paths if IMAGE_FORMATS[p.suffix.lower()] != "PNG"]
+    return [*paths, *sidecars, *([overlay_path_for(p) for p in paths] if config.overlay else [])]
+
+
+def check_outputs(config: GenerateConfig, paths: list[Path]) -> None:
+    """Before the model loads: no output is a folder, and none replaces a file the run reads."""
+    inputs = {p.resolve(): p for p in config.inputs_of() if p.exists()}
+    for path in written_paths(config, paths):
+        if path.is_dir():
+            raise ValueError(f"the output {path} is a folder; give a file name")
+        if path.resolve() in inputs:
+            raise ValueError(f"the output {path} would replace the input {inputs[path.resolve()]}; choose another "
+                             "output name")
 
 
 def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> list[GenerateResult]:
@@ -379,9 +501,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
         raise ValueError(f"give a model with --model (a diffusers {titles()} directory or hub id)")
     layout = resolve_layout(config, stored_layout)
     paths = output_paths(config.output, config.num_images)
-    for path in paths + ([overlay_path_for(p) for p in paths] if config.overlay else []):
-        if path.is_dir():
-            raise ValueError(f"the output {path} is a folder; give a file name")
+    check_outputs(config, paths)
     seed = config.seed if config.seed is not None else layout.seed
     if seed is None:
         seed = secrets.randbelow(2**32)

@@ -13,7 +13,6 @@ comes from its key style, else from the module names only one family has (each f
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -197,9 +196,12 @@ def require_pairs(grouped: Mapping[tuple, dict[str, torch.Tensor]], what: str) -
             raise LoraFormatError(f"{what} layer {'.'.join(map(str, layer))} has no lora_{'/'.join(sorted(missing))}")
 
 
+WEIGHT_LIMIT = 1e4  # no trained LoRA weight comes near it; finite but absurd ones (1e30) saturate the image
+
+
 def checked_layer(where: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """``(down, up, alpha)`` of one layer, refused unless A is ``[r, in]`` and B ``[out, r]`` with ``r >= 1``, the
-    weights are finite and alpha is one finite number."""
+    weights are finite and below :data:`WEIGHT_LIMIT` and alpha is one finite number."""
     down, up = parts["down"], parts["up"]
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise LoraFormatError(f"mis-shaped LoRA pair at {where}: lora_A {tuple(down.shape)}, lora_B "
@@ -207,16 +209,23 @@ def checked_layer(where: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Ten
     if down.shape[0] == 0:
         raise LoraFormatError(f"the LoRA layer {where} has rank 0 (lora_A {tuple(down.shape)}): it adapts nothing")
     for name, tensor in (("lora_A", down), ("lora_B", up)):
-        if tensor.device.type != "meta" and not tensor.float().isfinite().all():
+        if tensor.device.type == "meta" or not tensor.numel():
+            continue
+        if not tensor.float().isfinite().all():
             raise LoraFormatError(f"the LoRA layer {where} has non-finite values (NaN or inf) in {name}")
+        peak = float(tensor.float().abs().max())
+        if peak > WEIGHT_LIMIT:
+            raise LoraFormatError(f"the LoRA layer {where} has weights as large as {peak:.3g} in {name} (a trained "
+                                  f"LoRA's stay far below {WEIGHT_LIMIT:g}); it would only make a black image")
     alpha = None
     if "alpha" in parts:
         if parts["alpha"].numel() != 1:
             raise LoraFormatError(f"the LoRA layer {where} has an alpha of shape {tuple(parts['alpha'].shape)}; "
                                   "alpha is one number per layer")
         alpha = float(parts["alpha"].float().item())
-        if not math.isfinite(alpha) or alpha == 0:
-            raise LoraFormatError(f"the LoRA layer {where} has alpha {alpha}: it must be a finite, non-zero number")
+        if not 0 < abs(alpha) <= WEIGHT_LIMIT:
+            raise LoraFormatError(f"the LoRA layer {where} has alpha {alpha:g}: it must be a non-zero number of at "
+                                  f"most {WEIGHT_LIMIT:g} in magnitude")
     return down, up, alpha
 
 
@@ -362,8 +371,11 @@ def write_lora(weights: LoraWeights, fmt: str, family: str | None = None) -> dic
 
 
 def resolve_lora_path(path_or_hub_id: str | Path, filename: str | None = None) -> Path:
-    """A local file, a directory holding one ``.safetensors``, or a hub id (downloaded via huggingface_hub)."""
-    path = Path(path_or_hub_id)
+    """A local file, a directory holding one ``.safetensors``, a file of the shipped model
+    (``"eligen-tiny/<file>"``) or a hub id (downloaded via huggingface_hub)."""
+    from .models import resolve_file
+
+    path = Path(resolve_file(path_or_hub_id))
     if path.is_file():
         return path
     if path.is_dir():

@@ -9,12 +9,46 @@ options of :class:`eligen.options.SamplingOptions` (``steps``, ``true_cfg``, ``g
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 TINY_MODEL_NAME = "eligen-tiny"
 TINY_MODEL_DIR = Path(__file__).parent / "tiny" / "model"
 DEFAULTS_FILE = "eligen_defaults.json"
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # what a hub id looks like (owner/name); anything else is a path
+
+
+def offline_hint(*names: Any) -> str:
+    """The end of a 'cannot load' message: how to fetch ``names`` when downloads are off."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no"):
+        return "; check the name and the network"
+    fetch = " and ".join(f"hf download {name}" for name in names)
+    return f"; downloads are off (HF_HUB_OFFLINE): fetch it first ({fetch})"
+
+
+@contextmanager
+def loading(what: str, name: Any, *also: Any) -> Iterator[None]:
+    """A load of ``name`` (a local folder or file, or a hub id) that fails for want of files becomes one line
+    naming it and how to fetch it (with ``also``, the other downloads it needs)."""
+    try:
+        yield
+    except OSError:
+        raise ValueError(f"cannot load {what} {name}: it is neither a complete local folder or file nor a cached "
+                         f"download{offline_hint(name, *also)}") from None
+
+
+def check_model_name(name: Any, flag: str = "--model") -> None:
+    """A model that is neither an existing folder nor a hub id (owner/name) is refused as a missing folder."""
+    text = str(name)
+    if text != TINY_MODEL_NAME and not Path(text).exists() and not HUB_ID.fullmatch(text):
+        raise ValueError(f"{flag} {text}: no such folder (a model is a diffusers pipeline folder or a hub id, "
+                         "owner/name)")
 
 
 DECLARED = {"steps": int, "true_cfg": float, "guidance": float, "max_sequence_length": int, "native_size": list,
@@ -50,6 +84,29 @@ def resolve_model(name_or_path: Any) -> Any:
         raise FileNotFoundError(f"the shipped tiny model is missing from {TINY_MODEL_DIR}; rebuild it with "
                                 "`eligen tiny build -o <dir>` and pass --model <dir>")
     return str(TINY_MODEL_DIR)
+
+
+def portable_name(name_or_path: Any) -> Any:
+    """A name that resolves on any install: the shipped model's directory as ``"eligen-tiny"``, a file inside it as
+    ``"eligen-tiny/<file>"`` (what records store); anything else unchanged."""
+    text = str(name_or_path)
+    try:
+        path = Path(text).resolve()
+        inside = path.exists() and path.is_relative_to(TINY_MODEL_DIR.resolve())
+    except (OSError, ValueError):
+        return name_or_path
+    if not inside:
+        return name_or_path
+    relative = path.relative_to(TINY_MODEL_DIR.resolve()).as_posix()
+    return TINY_MODEL_NAME if relative == "." else f"{TINY_MODEL_NAME}/{relative}"
+
+
+def resolve_file(name_or_path: Any) -> Any:
+    """``"eligen-tiny/<file>"`` -> that file of the shipped model on this install; anything else unchanged."""
+    text = str(name_or_path)
+    if text.startswith(f"{TINY_MODEL_NAME}/") and not Path(text).exists():
+        return str(TINY_MODEL_DIR / text.removeprefix(f"{TINY_MODEL_NAME}/"))
+    return name_or_path
 
 
 def model_defaults(name_or_path: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .choices import ATTENTION_MODES, CFG_MODES, ENTITY_TOKEN_MODES, FUSIONS
+from .choices import ATTENTION_MODES, CFG_MODES, ENTITY_TOKEN_MODES, FUSIONS, SCALE_LIMIT
 from .config import option
 
 MODEL_DEFAULT = "the model's"  # how help texts say "filled by resolve_sampling"
@@ -68,14 +68,28 @@ def check_sampling(options: Any) -> None:
     """The sampling options' ranges (for any object carrying them), each error naming the flag."""
     if options.steps is not None and options.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {options.steps}")
-    if options.true_cfg is not None and options.true_cfg < 1:
-        raise ValueError(f"--true-cfg must be >= 1 (1 disables true CFG), got {options.true_cfg}")
-    if options.guidance is not None and options.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0, got {options.guidance}")
+    if options.true_cfg is not None and not 1 <= options.true_cfg <= SCALE_LIMIT:
+        raise ValueError(f"--true-cfg must be in 1..{SCALE_LIMIT} (1 disables true CFG), got {options.true_cfg}")
+    check_scale("--guidance", options.guidance, 0)
     if options.max_sequence_length is not None and not 1 <= options.max_sequence_length <= 512:
         raise ValueError(f"--max-sequence-length must be in 1..512, got {options.max_sequence_length}")
     if options.cfg_mode is not None and options.cfg_mode not in CFG_MODES:
         raise ValueError(f"--cfg-mode must be one of {CFG_MODES}, got {options.cfg_mode!r}")
+
+
+def check_scale(flag: str, value: float | None, low: float = -SCALE_LIMIT) -> None:
+    """A scale option within ``low..SCALE_LIMIT`` (a larger finite one only makes a black image), naming the flag."""
+    if value is not None and not low <= value <= SCALE_LIMIT:
+        raise ValueError(f"{flag} must be in {low:g}..{SCALE_LIMIT}, got {value:g}")
+
+
+def check_lora_scales(scales: list[float], loras: list[str] | None = None) -> None:
+    """Each ``--lora-scale`` within +-SCALE_LIMIT, and (given ``loras``) one per ``--lora`` at most."""
+    for scale in scales:
+        check_scale("--lora-scale", scale)
+    if loras is not None and len(scales) > len(loras):
+        raise ValueError(f"{len(scales)} --lora-scale values for {len(loras)} --lora files; give one scale per "
+                         "LoRA, in the same order")
 
 
 BASELINES = ("reference", "diffusers")

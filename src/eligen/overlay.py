@@ -1,4 +1,5 @@
-"""Pictures people look at: entity masks tinted and labelled over the generated image."""
+"""Pictures people look at: entity masks outlined and labelled over the generated image (the pixels inside keep
+their colours, so the colour the model drew can be judged)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,25 @@ PALETTE = [
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
 ]
 MIN_OVERLAY_SIDE = 512
-TINT = 0.45
+OUTLINE = 2  # outline width in overlay pixels, inside the mask's edge
 
 
 def entity_colour(index: int) -> tuple[int, int, int]:
     return PALETTE[index % len(PALETTE)]
 
 
-def _edges(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it (or on the image border)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+def _edges(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` 4-neighbour steps of its outside (or of the image border)."""
+    inner = mask
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & inner
     return mask & ~inner
 
 
 def render_overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequence[str]) -> Image.Image:
-    """Tint each mask over ``image`` in its own colour, outline it and label it with its prompt.
+    """Outline each mask over ``image`` in its own colour and label it with its prompt; inside the outline the
+    image is untouched (a tint would change the colours the model drew: blue would look teal).
 
     Small images are enlarged (NEAREST) so that the labels stay readable.
     """
@@ -38,9 +42,7 @@ def render_overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequ
     base = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.NEAREST)).astype(np.float32)
     resized = [resize_nearest(m, height, width) for m in masks]
     for i, mask in enumerate(resized):
-        colour = np.array(entity_colour(i), dtype=np.float32)
-        base[mask] = (1 - TINT) * base[mask] + TINT * colour
-        base[_edges(mask)] = colour
+        base[_edges(mask, OUTLINE)] = np.array(entity_colour(i), dtype=np.float32)
     canvas = Image.fromarray(base.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(12, height // 24))  # readable where the page shows it

@@ -42,7 +42,7 @@ from .parse import (
     parse_annotation,
 )
 from .shards import parse_shard
-from .vlm import VLMBackend, VLMError
+from .vlm import VLMBackend, VLMError, check_base_url
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class AnnotateConfig:
                              choices=CONVENTIONS)
     max_entities: int = option(8, "most entities kept per image")
     retries: int = option(2, "extra attempts after a malformed answer or a request error")
-    timeout: float = option(60.0, "seconds to wait for one answer (openai)")
+    timeout: float = option(60.0, "seconds one request may take in all: connecting, the headers and the whole "
+                            "answer (openai)")
     concurrency: int = option(4, "parallel requests (openai; transformers always uses 1)")
     shard: str = option("0/1", "annotate only images whose index is I mod N", metavar="I/N")
     retry_failed: bool = option(False, "ask again for images that failed in an earlier run")
@@ -99,6 +100,7 @@ class AnnotateConfig:
         if not self.api_key_env:
             raise ValueError("api_key_env must name an environment variable")
         parse_shard(self.shard)
+        check_base_url(self.base_url)
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -120,6 +122,7 @@ class AnnotateResult:
     skipped: int
     jsonl: Path
     sheet: Path | None
+    left_out: int = 0  # annotation files not usable (not JSON, not an annotation, image gone), named in warnings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,13 +271,33 @@ def _annotation_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.stem)
 
 
-def load_annotation_records(folder: Path) -> list[dict[str, Any]]:
-    """The trainer records ``{"image", "prompt", "entities"}`` of all annotated images, sorted by stem."""
-    records = []
-    for path in _annotation_files(Path(folder)):
+def read_annotation(path: Path, folder: Path) -> dict[str, Any] | str:
+    """The trainer record ``{"image", "prompt", "entities"}`` of one ``annotations/{stem}.json``, or why it cannot
+    be used (not JSON, not an annotation, its image gone)."""
+    try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        records.append({"image": data["image"], "prompt": data["prompt"], "entities": data["entities"]})
-    return records
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"not readable as JSON ({exc})"
+    if not (isinstance(data, dict) and isinstance(data.get("image"), str) and isinstance(data.get("prompt"), str)
+            and isinstance(data.get("entities"), list)):
+        return "not an annotation (a JSON object with \"image\", \"prompt\" and \"entities\")"
+    if not (Path(folder) / data["image"]).is_file():
+        return f"its image {data['image']} is gone"
+    return {"image": data["image"], "prompt": data["prompt"], "entities": data["entities"]}
+
+
+def load_annotation_records(folder: Path) -> tuple[list[dict[str, Any]], int]:
+    """The trainer records of all usable annotation files, sorted by stem, and how many were left out (each named
+    in a warning)."""
+    records, left_out = [], 0
+    for path in _annotation_files(Path(folder)):
+        record = read_annotation(path, Path(folder))
+        if isinstance(record, str):
+            logger.warning("left out of %s: %s: %s", JSONL_NAME, path, record)
+            left_out += 1
+        else:
+            records.append(record)
+    return records, left_out
 
 
 def write_jsonl(folder: Path, records: Iterable[dict[str, Any]]) -> Path:
@@ -286,10 +309,15 @@ def write_jsonl(folder: Path, records: Iterable[dict[str, Any]]) -> Path:
 
 def contact_sheet(folder: Path, records: list[dict[str, Any]], count: int) -> Path | None:
     """``folder/annotations_sheet.png``: the first ``count`` records drawn with their boxes; None if none."""
-    tiles = []
-    for record in records[:count]:
-        with Image.open(Path(folder) / record["image"]) as opened:
-            image = opened.convert("RGB")
+    tiles: list[Image.Image] = []
+    for record in records:
+        if len(tiles) == count:
+            break
+        try:
+            image = open_image(Path(folder) / record["image"]).convert("RGB")
+        except (OSError, ValueError) as exc:  # truncated or replaced since it was annotated: not drawn
+            logger.warning("not on the contact sheet: %s (%s)", record["image"], exc)
+            continue
         masks = [box_to_mask(e["box"], image.width, image.height) for e in record["entities"]]
         tile = render_overlay(image, masks, [e["prompt"] for e in record["entities"]])
         tile.thumbnail((SHEET_TILE_SIDE, SHEET_TILE_SIDE))
@@ -313,6 +341,8 @@ def pending_images(config: AnnotateConfig) -> tuple[list[Path], int]:
     todo, skipped = [], 0
     for path in shard_images(list_images(config.folder), config.shard):
         done = (out_dir / f"{path.stem}.json").exists()
+        if done and isinstance(read_annotation(out_dir / f"{path.stem}.json", config.folder), str):
+            done = False  # a damaged annotation is asked again (and overwritten)
         failed = (out_dir / f"{path.stem}.failed.json").exists()
         if done or (failed and not config.retry_failed):
             skipped += 1
@@ -359,8 +389,8 @@ def annotate(config: AnnotateConfig, backend: VLMBackend | None = None) -> Annot
         if convention not in CONVENTIONS:
             raise ValueError(f"backend convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
         done, failed = _run(backend, config, todo, convention)
-    records = load_annotation_records(config.folder)
+    records, left_out = load_annotation_records(config.folder)
     jsonl = write_jsonl(config.folder, records)
     sheet = contact_sheet(config.folder, records, config.sheet) if config.sheet else None
     logger.info("annotated %d, failed %d, skipped %d; %d records in %s", done, failed, skipped, len(records), jsonl)
-    return AnnotateResult(done=done, failed=failed, skipped=skipped, jsonl=jsonl, sheet=sheet)
+    return AnnotateResult(done=done, failed=failed, skipped=skipped, jsonl=jsonl, sheet=sheet, left_out=left_out)

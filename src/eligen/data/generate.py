@@ -3,7 +3,8 @@
 Every image is written atomically to ``OUT/images/{index:06d}.png`` with its caption and parameters in the PNG's
 metadata, so the PNGs are the record: a run is resumable (an existing PNG is a finished item and is never
 regenerated or overwritten), shards can run side by side in one folder, and ``OUT/captions.jsonl`` is rebuilt at
-the end of every run from the metadata of all finished images (shards and reruns converge to the same file).
+the end of every run from the finished images of the captions file's lines (shards and reruns converge to the same
+file; other PNGs in the folder are left out).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,16 +172,24 @@ def _render_batch(pipe, config: DataGenerateConfig, prompts: list[str], seeds: l
     ).images
 
 
-def write_captions_index(out: Path) -> int:
-    """Rebuild ``out/captions.jsonl`` atomically from the metadata of every finished PNG; returns its line count."""
-    records = []
+def write_captions_index(out: Path, items: list[dict[str, Any]]) -> int:
+    """Rebuild ``out/captions.jsonl`` atomically from the finished PNGs of ``items`` (every line of the captions
+    file, seeds filled): a PNG is listed when it records its line's caption and seed. Anything else in
+    ``out/images`` (a PNG dropped there, another command's image, a line since removed from the captions file or
+    changed) is left out and counted in a note. Returns the line count."""
+    records, others = [], 0
     for path in sorted((out / IMAGES_DIR).glob("*.png")):
-        if _IMAGE_NAME.match(path.name) is None:
-            continue
-        meta = read_metadata(path)
-        records.append({"index": meta["index"], "image": f"{IMAGES_DIR}/{path.name}", "prompt": meta["prompt"],
-                        "seed": meta["seed"]})
-    records.sort(key=lambda r: r["index"])
+        match = _IMAGE_NAME.match(path.name)
+        index = int(match.group(1)) if match else -1
+        if 0 <= index < len(items) and _finished(out, items[index]):
+            item = items[index]
+            records.append({"index": index, "image": f"{IMAGES_DIR}/{path.name}", "prompt": item["prompt"],
+                            "seed": item["seed"]})
+        else:
+            others += 1
+    if others:
+        print(f"note: {others} image(s) in {out / IMAGES_DIR} are no line of the captions file as it is now (left "
+              f"out of {CAPTIONS_FILE})", file=sys.stderr)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     write_text_atomic(out / CAPTIONS_FILE, text)
     return len(records)
@@ -204,7 +214,8 @@ def _finished(out: Path, item: dict[str, Any]) -> bool:
         meta = read_metadata(path)
     except ValueError:  # an unreadable image is redone
         return False
-    return meta.get("prompt") == item["prompt"] and meta.get("seed") == item["seed"]
+    return (meta.get("command") == "data-generate" and meta.get("index") == item["index"]
+            and meta.get("prompt") == item["prompt"] and meta.get("seed") == item["seed"])
 
 
 def _pipe_dtype(pipe) -> str:
@@ -219,10 +230,10 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
         raise ValueError("give an output folder with --out DIR")
     assert config.captions is not None  # __post_init__ refuses a missing captions file
     items = load_captions(config.captions)
+    for item in items:
+        item["seed"] = item["seed"] if item["seed"] is not None else config.seed + item["index"]
     shard, shards = config.shard_spec()
     mine = [item for item in items if item["index"] % shards == shard]
-    for item in mine:
-        item["seed"] = item["seed"] if item["seed"] is not None else config.seed + item["index"]
     todo = [item for item in mine if not _finished(config.out, item)]
     if todo:
         pipe, dtype = (pipe, _pipe_dtype(pipe)) if pipe is not None else _load(config)
@@ -243,5 +254,5 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
                     save_png(image, image_path(config.out, item["index"]), item_metadata(config, item, seed, dtype))
                 bar.update(len(batch))
     assert config.out is not None  # checked above; the replace keeps it
-    write_captions_index(config.out)
+    write_captions_index(config.out, items)
     return DataGenerateResult(done=len(todo), skipped=len(mine) - len(todo), out=config.out)

@@ -436,6 +436,7 @@ def validate_entities(entities: Sequence[GroundedEntity], width: int, height: in
     if max_entities is not None and max_entities < 0:
         raise ValueError(f"max_entities must be >= 0 or None, got {max_entities}")
     kept: list[GroundedEntity] = []
+    boxes_of: dict[str, list[Box]] = {}  # the kept boxes of each prompt: duplicates are looked up, not scanned
     for entity in entities:
         if max_entities is not None and len(kept) >= max_entities:
             break
@@ -446,9 +447,10 @@ def validate_entities(entities: Sequence[GroundedEntity], width: int, height: in
         side = min(box[2] - box[0], box[3] - box[1])
         if side <= 0 or side < min_size:
             continue
-        key = prompt.casefold()
-        if any(k.prompt.casefold() == key and box_iou(k.box, box) > 0.9 for k in kept):
+        same = boxes_of.setdefault(prompt.casefold(), [])
+        if any(box_iou(other, box) > 0.9 for other in same):
             continue
+        same.append(box)
         kept.append(GroundedEntity(prompt, box))
     return kept
 
@@ -467,7 +469,7 @@ def _raw_entities(text: str, width: int, height: int, convention: str,
         except ParseError as exc:
             errors.append(exc.expected)
             continue
-        if validate_entities(entities, width, height):
+        if validate_entities(entities, width, height, max_entities=1):  # one usable entity is enough to choose
             return entities, errors
     return entities, errors
 

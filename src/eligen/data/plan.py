@@ -10,7 +10,7 @@ from eligen.config import option
 from ..entities import Layout, save_layout
 from ..models import model_defaults
 from .parse import PLAN_INSTRUCTIONS, ParseError, parse_plan
-from .vlm import VLM_KINDS, VLMError, make_backend
+from .vlm import VLM_KINDS, VLMError, check_base_url, make_backend
 
 
 @dataclass
@@ -24,12 +24,14 @@ class PlanConfig:
     model: str | None = option(None, "model name on the server, or a local path / hub id for transformers")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the API key (read, never stored)")
-    width: int | None = option(None, "layout width in pixels (default: the native size of the default model, "
-                               "eligen-tiny; pass your model's, e.g. 1024)")
-    height: int | None = option(None, "layout height in pixels (default: as --width)")
+    for_model: str = option("eligen-tiny", "the image model the layout is for: its native size is the default "
+                            "--width/--height (the size its eligen_defaults.json declares, else 1024x1024)",
+                            flag="--for-model", metavar="MODEL")
+    width: int | None = option(None, "layout width in pixels (default: the --for-model's native width)")
+    height: int | None = option(None, "layout height in pixels (default: the --for-model's native height)")
     max_entities: int = option(6, "at most this many entities")
     retries: int = option(2, "extra attempts after a malformed answer or a failed request")
-    timeout: float = option(60.0, "seconds to wait for one answer")
+    timeout: float = option(60.0, "seconds one request may take in all: connecting, the headers and the whole answer")
     seed: int | None = option(None, "seed stored in the layout for `eligen generate`")
 
     def __post_init__(self) -> None:
@@ -37,19 +39,22 @@ class PlanConfig:
             self.output = Path(self.output)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("give the description to plan, e.g. eligen plan \"a cat and a dog on a sofa\" -o l.json")
-        native = model_defaults("eligen-tiny").get("native_size", [1024, 1024])
+        native = model_defaults(self.for_model).get("native_size", [1024, 1024])
         self.width = self.width if self.width is not None else native[0]
         self.height = self.height if self.height is not None else native[1]
         if self.width < 16 or self.height < 16 or self.max_entities < 1 or self.retries < 0 or self.timeout <= 0:
             raise ValueError("width/height >= 16, max_entities >= 1, retries >= 0 and timeout > 0")
         if self.vlm not in VLM_KINDS:
             raise ValueError(f"--vlm must be one of {VLM_KINDS}")
+        check_base_url(self.base_url)
 
 
 def plan_layout(config: PlanConfig, backend=None) -> Layout:
     """Ask the backend for a plan (retrying malformed answers), validate it and write the layout file."""
     if config.output is None:
         raise ValueError("give the layout file to write with -o LAYOUT.json")
+    if config.output.is_dir():  # before the model is asked
+        raise ValueError(f"-o {config.output} is a folder; give a file name, e.g. {config.output / 'layout.json'}")
     backend = backend or make_backend(config.vlm, config.model, config.base_url, config.api_key_env, config.timeout)
     assert config.prompt is not None and config.width is not None and config.height is not None  # __post_init__
 
@@ -64,7 +69,6 @@ def plan_layout(config: PlanConfig, backend=None) -> Layout:
             continue
         layout = plan.to_layout(config.width, config.height)
         layout.seed = config.seed
-        config.output.parent.mkdir(parents=True, exist_ok=True)
         save_layout(layout, config.output)
         return layout
     raise ValueError(f"no usable plan after {1 + config.retries} attempts; last problem: {problems[-1]}")

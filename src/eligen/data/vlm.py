@@ -3,7 +3,7 @@
 A backend is anything with a ``convention`` attribute (the grounding convention of its answers, see
 :mod:`eligen.data.parse`) and an ``ask(prompt, image)`` method returning the model's raw answer text
 (:class:`VLMBackend`). :class:`OpenAIBackend` talks to any OpenAI-compatible chat-completions server (vLLM,
-SGLang, a hosted API) with the standard library only. Transport problems (connection errors, timeouts, HTTP
+SGLang, a hosted API) with httpx (one deadline per request). Transport problems (connection errors, timeouts, HTTP
 errors, malformed server JSON) raise :class:`VLMError`; whether the answer itself is usable is for the parser to
 decide.
 """
@@ -11,14 +11,11 @@ decide.
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -26,7 +23,6 @@ BODY_EXCERPT_CHARS = 300
 
 
 MAX_RESPONSE_BYTES = 4 * 2**20  # a chat answer with boxes is a few KiB
-CHUNK_BYTES = 16 * 2**10
 
 
 class VLMError(RuntimeError):
@@ -56,6 +52,12 @@ def _excerpt(text: str, limit: int = BODY_EXCERPT_CHARS) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def check_base_url(url: str | None) -> None:
+    """An OpenAI-compatible endpoint is an http:// or https:// URL with a host (None: not given)."""
+    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+        raise ValueError(f"--base-url must be an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1), got {url!r}")
+
+
 class OpenAIBackend:
     """An OpenAI-compatible ``/chat/completions`` endpoint (e.g. ``http://127.0.0.1:8000/v1`` of vLLM or SGLang).
 
@@ -67,6 +69,7 @@ class OpenAIBackend:
                  max_tokens: int = 1024, temperature: float = 0.0, convention: str = "auto"):
         if not base_url:
             raise ValueError("base_url is required (an OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1)")
+        check_base_url(base_url)
         if not model:
             raise ValueError("model is required: the model name the server serves")
         if timeout <= 0:
@@ -92,51 +95,56 @@ class OpenAIBackend:
         return {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "max_tokens": self.max_tokens, "temperature": self.temperature}
 
-    def _request(self, body: bytes) -> urllib.request.Request:
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        return headers
 
     def _post(self, payload: dict[str, Any]) -> bytes:
-        """POST ``payload``; the response body, or :class:`VLMError` for anything but a 200 in time."""
-        request = self._request(json.dumps(payload).encode("utf-8"))
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                status, body = response.status, self._read_body(response, time.monotonic() + self.timeout)
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = exc.read().decode("utf-8", "replace") if exc.fp is not None else ""
-            except (OSError, http.client.HTTPException):
-                detail = ""
-            raise VLMError(f"{self.url} answered HTTP {exc.code} {exc.reason}: {_excerpt(detail)}") from exc
-        except TimeoutError as exc:
-            raise VLMError(f"{self.url} did not answer within {self.timeout:g} s") from exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise VLMError(f"{self.url} did not answer within {self.timeout:g} s") from exc
-            raise VLMError(f"cannot reach {self.url}: {exc.reason}") from exc
-        except (OSError, ValueError, http.client.HTTPException) as exc:  # connection reset, bad status line, ...
-            raise VLMError(f"request to {self.url} failed: {exc}") from exc
-        if status != 200:
-            raise VLMError(f"{self.url} answered HTTP {status}: {_excerpt(body.decode('utf-8', 'replace'))}")
-        return body
+        """POST ``payload`` with httpx; the response body, or :class:`VLMError` for anything but a 200 within
+        ``timeout``: one deadline for the whole request (connecting, sending, the headers and the body), so a
+        server that trickles its headers or its answer cannot keep us past it."""
+        import anyio
+        import httpx2 as httpx
 
-    def _read_body(self, response, deadline: float) -> bytes:
-        """The body, read in chunks against one deadline for the whole answer (a server that trickles bytes cannot
-        keep us past ``timeout``) and capped at :data:`MAX_RESPONSE_BYTES` before any parsing."""
+        body = json.dumps(payload).encode("utf-8")
+        try:
+            status, answer = anyio.run(self._exchange_within, body)
+        except TimeoutError as exc:
+            raise VLMError(f"{self.url} did not answer within {self.timeout:g} s (connecting, headers and body)"
+                           ) from exc
+        except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise VLMError(f"cannot reach {self.url}: {exc}") from exc
+        except (httpx.HTTPError, OSError) as exc:  # connection reset, a malformed answer, ...
+            raise VLMError(f"request to {self.url} failed: {exc or type(exc).__name__}") from exc
+        if status != 200:
+            raise VLMError(f"{self.url} answered HTTP {status}: {_excerpt(answer.decode('utf-8', 'replace'))}")
+        return answer
+
+    async def _exchange_within(self, body: bytes) -> tuple[int, bytes]:
+        """``(status, body)`` of one request, cancelled (``TimeoutError``) when ``timeout`` has passed."""
+        import anyio
+        import httpx2 as httpx
+
+        with anyio.fail_after(self.timeout):
+            async with httpx.AsyncClient(timeout=None, follow_redirects=False) as client, client.stream(
+                    "POST", self.url, content=body, headers=self._headers()) as response:
+                return response.status_code, await self._read_body(response)
+
+    async def _read_body(self, response) -> bytes:
+        """The body as it arrives, capped at :data:`MAX_RESPONSE_BYTES` before any parsing."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise VLMError(f"{self.url} sent more than {MAX_RESPONSE_BYTES // 2**20} MiB; refused unread")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            chunk = response.read1(CHUNK_BYTES)  # what has arrived, not CHUNK_BYTES
-            if not chunk:
-                return b"".join(chunks)
+        async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
                 raise VLMError(f"{self.url} sent more than {MAX_RESPONSE_BYTES // 2**20} MiB; refused unread")
-            if time.monotonic() > deadline:
-                raise VLMError(f"{self.url} did not finish answering within {self.timeout:g} s")
             chunks.append(chunk)
+        return b"".join(chunks)
 
     def _content(self, body: bytes) -> str:
         """``choices[0].message.content`` of a chat response, or :class:`VLMError`."""

@@ -8,7 +8,9 @@ pitfall: boxes scaled for 1024 pixels cropped from a 512-pixel image score 0.32 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +18,23 @@ Box = tuple[float, float, float, float]
 ASPECT_TOLERANCE = 0.01  # relative difference of height/width ratios treated as the same aspect
 
 
-def check_normalised(box: Sequence[float], where: str) -> Box:
-    """A normalised box as floats, clipped to [0, 1]; a ValueError naming ``where`` if it is empty or inverted."""
-    if len(box) != 4:
-        raise ValueError(f"{where}: a box has 4 numbers (x0, y0, x1, y1), got {list(box)!r}")
-    x0, y0, x1, y1 = (min(1.0, max(0.0, float(v))) for v in box)
+def box_numbers(box: Any, where: str) -> Box:
+    """A box of a benchmark file as four finite floats; a ValueError naming ``where`` for anything else (an object,
+    text, NaN, a number instead of a list)."""
+    if hasattr(box, "tolist"):
+        box = box.tolist()
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise ValueError(f"{where}: a box is a list of 4 numbers (x0, y0, x1, y1), got {box!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        raise ValueError(f"{where}: a box holds 4 finite numbers (x0, y0, x1, y1), got {list(box)!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0, y0, x1, y1
+
+
+def check_normalised(box: Any, where: str) -> Box:
+    """A normalised box as floats, clipped to [0, 1]; a ValueError naming ``where`` if it is not four finite
+    numbers, or empty or inverted."""
+    x0, y0, x1, y1 = (min(1.0, max(0.0, v)) for v in box_numbers(box, where))
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"{where}: the box {list(box)!r} is empty or inverted (need x1 > x0 and y1 > y0)")
     return x0, y0, x1, y1

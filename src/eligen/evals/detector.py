@@ -28,8 +28,11 @@ class GroundingDinoDetector:
             if not 0 <= value <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.processor = AutoProcessor.from_pretrained(model)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model).to(self.device).eval()
+        from ..models import loading
+
+        with loading("the Grounding DINO detector", model):
+            self.processor = AutoProcessor.from_pretrained(model)
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model).to(self.device).eval()
         if getattr(self.model.config, "model_type", None) != "grounding-dino":
             raise ValueError(f"{model} is a {self.model.config.model_type!r} model, not Grounding DINO")
         self.box_threshold, self.text_threshold = box_threshold, text_threshold

@@ -32,6 +32,7 @@ from ..options import (
     SAMPLING_FIELDS,
     EntityOptions,
     SamplingOptions,
+    check_lora_scales,
     model_sampling_defaults,
     pipeline_sampling_defaults,
     resolve_sampling,
@@ -89,6 +90,7 @@ class BenchRunConfig(SamplingOptions, EntityOptions):
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
         if self.sheet < 0:
             raise ValueError(f"--sheet must be >= 0, got {self.sheet}")
+        check_lora_scales(self.lora_scale)
         if self.shard is not None:
             parse_shard(self.shard)
         if self.indices is not None:

@@ -21,13 +21,14 @@ import dataclasses
 import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import jsonable
 from ..data.vlm import VLMError
 from ..files import open_image, write_text_atomic
 from ..generate import read_metadata
@@ -245,7 +246,7 @@ def report_stage(bench: Benchmark, layouts: list[BenchLayout], config, total: in
     loaded = judge.judge if isinstance(judge, JudgeHolder) else judge
     table = bench.format_table(summary, label) + "\n" + comparability(bench, config, loaded, len(layouts), total)
     path = config.out / f"{bench.name}.json"
-    write_json(path, {"benchmark": bench.name, "config": {k: str(v) for k, v in asdict(config).items()},
+    write_json(path, {"benchmark": bench.name, "config": jsonable(config),
                       "layouts": len(layouts), "scored_layouts": len(scored), "summary": summary, "entities": rows})
     write_text_atomic(config.out / TABLE_FILE, table + "\n")
     if config.sheet:

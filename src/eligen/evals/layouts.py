@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..files import read_utf8
-from .boxes import Box, check_normalised, normalise
+from .boxes import Box, box_numbers, check_normalised, normalise
 
 LAYOUTSAM_DECIMALS = 3  # the benchmark's dataset class rounds each normalised coordinate to 3 decimals
 LAYOUTSAM_FIELDS = ("global_caption", "bbox_list", "region_captions", "detail_region_captions", "width", "height")
@@ -85,6 +86,14 @@ def _as_list(value: Any, field: str, where: str) -> list:
     return list(value)
 
 
+def _side(row: dict[str, Any], field: str, where: str) -> float:
+    """A row's ``width`` or ``height``: a finite positive number (of pixels)."""
+    value = row[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{where}: '{field}' must be a positive number of pixels, got {value!r}")
+    return float(value)
+
+
 def layoutsam_layout(index: int, row: dict[str, Any]) -> BenchLayout:
     """One LayoutSAM-Eval row as a layout; errors name the row and the field."""
     where = f"LayoutSAM-Eval row {index}"
@@ -98,12 +107,11 @@ def layoutsam_layout(index: int, row: dict[str, Any]) -> BenchLayout:
     if not len(boxes) == len(names) == len(details):
         raise ValueError(f"{where}: {len(boxes)} boxes, {len(names)} region_captions and {len(details)} "
                          "detail_region_captions; they must match one to one")
-    width, height = float(row["width"]), float(row["height"])
-    if width <= 0 or height <= 0:
-        raise ValueError(f"{where}: width and height must be positive, got {width}x{height}")
+    width, height = _side(row, "width", where), _side(row, "height", where)
     entities = tuple(
         BenchEntity(prompt=str(detail), box=check_normalised(
-            [round(v, LAYOUTSAM_DECIMALS) for v in normalise(box, width, height)], f"{where}, box {i}"),
+            [round(v, LAYOUTSAM_DECIMALS) for v in normalise(box_numbers(box, f"{where}, box {i}"), width, height)],
+            f"{where}, box {i}"),
                     name=str(name), detail=str(detail))
         for i, (box, name, detail) in enumerate(zip(boxes, names, details, strict=True)))
     key = str(row.get("file_name") or f"{index:06d}")
@@ -150,14 +158,23 @@ def read_layoutsam(path: str | Path) -> list[BenchLayout]:
 
 def mig_entity(phrase: str, box: Any, where: str) -> BenchEntity:
     """An instance phrase ("a black airplane" or "black airplane") and its normalised box."""
+    if not isinstance(phrase, str):
+        raise ValueError(f"{where}: an instance is a phrase such as 'a black airplane', got {phrase!r}")
     words = phrase.strip().split()
     if words and words[0].lower() in ARTICLES:
         words = words[1:]
     if len(words) < 2 or words[0].lower() not in MIG_COLOURS:
         raise ValueError(f"{where}: the instance {phrase!r} does not start with one of COCO-MIG's colours "
                          f"({', '.join(MIG_COLOURS)})")
-    return BenchEntity(prompt=phrase.strip(), box=check_normalised(list(box), where), name=" ".join(words[1:]),
+    return BenchEntity(prompt=phrase.strip(), box=check_normalised(box, where), name=" ".join(words[1:]),
                        colour=words[0].lower())
+
+
+def _mig_boxes(boxes: Any, where: str) -> list:
+    """An instance's boxes in MIG-Bench's YAML: a list of boxes."""
+    if not isinstance(boxes, list) or not all(isinstance(b, (list, tuple)) for b in boxes):
+        raise ValueError(f"{where}: an instance has a list of boxes [[x0, y0, x1, y1], ...], got {boxes!r}")
+    return boxes
 
 
 def _mig_from_yaml(path: Path) -> list[tuple[str, str, list[BenchEntity]]]:
@@ -183,8 +200,9 @@ def _mig_from_yaml(path: Path) -> list[tuple[str, str, list[BenchEntity]]]:
         record, where = data[prompt], f"{path.name}, prompt {number} ({prompt[:40]!r})"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected phrases with boxes and a coco_id")
-        entities = [mig_entity(phrase, box, f"{where}, {phrase!r}")
-                    for phrase, boxes in record.items() if phrase != "coco_id" for box in boxes]
+        entities = [mig_entity(phrase, box, f"{where}, {phrase!r}, box {i}")
+                    for phrase, boxes in record.items() if phrase != "coco_id"
+                    for i, box in enumerate(_mig_boxes(boxes, f"{where}, {phrase!r}"))]
         items.append((f"{prompt}_{record.get('coco_id', number)}", prompt, entities))
     return items
 

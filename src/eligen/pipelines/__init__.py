@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 
@@ -17,15 +16,12 @@ def load_eligen_pipeline(model: str, **kwargs: Any):
 
     from ..families import model_card
     from ..families.card import load
+    from ..models import check_model_name, loading
 
     if are_progress_bars_disabled():
         diffusers_logging.disable_progress_bar()
+    check_model_name(model)
     cls = load(model_card(model).eligen_pipeline)
-    try:
+    # a hub id that is not cached while offline, a broken download, a missing file
+    with loading("the model", model):
         return cls.from_pretrained(model, **kwargs)
-    except OSError as exc:  # a hub id that is not cached while offline, a broken download, a missing file
-        hint = ""
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            hint = f"; downloads are off (HF_HUB_OFFLINE): fetch it first (hf download {model})"
-        raise ValueError(f"cannot load the model {model}: it is not a complete local pipeline folder or cached "
-                         f"download{hint}") from exc

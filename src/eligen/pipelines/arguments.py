@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..choices import ATTENTION_MODES, ENTITY_TOKEN_MODES, FUSIONS
+from ..choices import ATTENTION_MODES, ENTITY_TOKEN_MODES, FUSIONS, SCALE_LIMIT
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -166,6 +167,21 @@ def check_finite(**values: Any) -> None:
             bad = not math.isfinite(value)
         if bad:
             raise ValueError(f"{name} holds NaN or inf; pass finite values")
+
+
+def check_scales(**values: float | None) -> None:
+    """Refuse finite but absurd scales (above :data:`~eligen.choices.SCALE_LIMIT` in magnitude), naming the argument:
+    they overflow the model's activations into a black image."""
+    for name, value in values.items():
+        if value is not None and abs(value) > SCALE_LIMIT:
+            raise ValueError(f"{name} must be at most {SCALE_LIMIT} in magnitude (a larger one only makes a black "
+                             f"image), got {value:g}")
+
+
+def check_whole(name: str, value: Any, least: int, unit: str = "") -> None:
+    """A count the call was given (steps, pixels; None: not given) is a whole number >= ``least``, named."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
+        raise ValueError(f"{name} must be a whole number{unit} >= {least}, got {value!r}")
 
 
 ELIGEN_ARGUMENTS = """

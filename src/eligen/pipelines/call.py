@@ -30,7 +30,7 @@ from ..regional.processors import check_regional_attention_support, install_regi
 from ..regional.sequence import TokenSequence
 from ..sampling import Fusion, denoise
 from ..schedules import flow_timesteps
-from .arguments import Call, check_finite
+from .arguments import Call, check_finite, check_scales, check_whole
 from .entities import ResolvedEntities, resolve_entities
 from .memory import check_memory
 from .mixin import EliGenMixin, logger
@@ -109,7 +109,7 @@ class EliGenCallMixin(EliGenMixin):
         positive = self._encode_branch(call, negative=False, device=device)
         prompt_embeds = positive.context
         ents = resolve_entities(self, call.entity, height, width, batch, call.max_sequence_length, device,
-                                prompt_embeds.dtype, grid=work)
+                                prompt_embeds.dtype, grid=work, text_width=prompt_embeds.shape[-1])
         if call.speed.compile:
             self.compile_transformer()
         if source is not None and ents is None:
@@ -134,7 +134,8 @@ class EliGenCallMixin(EliGenMixin):
     def _fill_defaults(self, call: Call) -> None:
         """Arguments the call left as None -> the model's declared defaults, else the family pipeline's; a call that
         leaves true CFG to a model declaring it above 1 runs it with an empty negative prompt when none is given
-        (as the CLI does). Then every scale and given tensor is checked for NaN / inf."""
+        (as the CLI does). Then every scale and given tensor is checked for NaN / inf, the scales' size and the
+        number of steps."""
         declared = {DECLARED_ARGUMENTS[k]: v for k, v in self.eligen_defaults.items() if k in DECLARED_ARGUMENTS}
         stated = self.eligen_defaults.get("true_cfg")
         if (call.true_cfg_scale is None and stated is not None and stated > 1 and call.negative_prompt is None
@@ -150,10 +151,14 @@ class EliGenCallMixin(EliGenMixin):
         check_finite(true_cfg_scale=call.true_cfg_scale, guidance_scale=call.guidance_scale, latents=call.latents,
                      prompt_embeds=call.prompt_embeds, negative_prompt_embeds=call.negative_prompt_embeds,
                      entity_prompt_embeds=call.entity.entity_prompt_embeds, **tensors)
+        check_scales(true_cfg_scale=call.true_cfg_scale, guidance_scale=call.guidance_scale)
+        check_whole("num_inference_steps", call.num_inference_steps, 1)
 
     def _source_and_size(self, call: Call) -> tuple[InpaintSource | None, int, int, tuple[int, int]]:
         """The inpainting input (or None), the output size and the working size (the patch grid) of a call."""
         height, width, source = call.height, call.width, None
+        for name in ("height", "width"):
+            check_whole(name, getattr(call, name), self.patch_grid, " of pixels")
         if call.inpainting.active:
             source = prepare_source(call.inpainting.image, height, width, self.patch_grid)
             height, width = source.size

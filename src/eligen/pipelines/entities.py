@@ -92,11 +92,13 @@ def _masks_and_prompts(args: EntityArgs, height: int, width: int):
 
 
 def resolve_entities(pipe, args: EntityArgs, height: int, width: int, batch: int, max_sequence_length: int,
-                     device: torch.device, dtype: torch.dtype, grid: tuple[int, int]) -> ResolvedEntities | None:
+                     device: torch.device, dtype: torch.dtype, grid: tuple[int, int],
+                     text_width: int | None = None) -> ResolvedEntities | None:
     """The call's entities, validated, rasterised and encoded; None when there are none.
 
     Boxes and polygons are drawn at ``height x width`` (the output); masks go to the latent grid of ``grid`` (the
-    size the model works at).
+    size the model works at). ``text_width``: the width ``D`` of the prompt's embeddings, which given entity
+    embeddings must share.
     """
     texts, masks, fields, entities = _masks_and_prompts(args, height, width)
     if texts is None and masks is None:
@@ -120,5 +122,9 @@ def resolve_entities(pipe, args: EntityArgs, height: int, width: int, batch: int
     else:
         embeds = [_broadcast_batch(e.to(device=device, dtype=dtype), batch, f"entity_prompt_embeds[{i}]")
                   for i, e in enumerate(texts)]
+        for i, e in enumerate(embeds):
+            if text_width is not None and e.shape[-1] != text_width:
+                raise ValueError(f"entity_prompt_embeds[{i}] is {e.shape[-1]} wide but the prompt's embeddings are "
+                                 f"{text_width}: encode entity prompts with the same text encoder")
     cover = token_cover(latent_masks, pipe.family.patch_size).unsqueeze(0)
     return ResolvedEntities(embeds, latent_masks, cover, binaries, entities)

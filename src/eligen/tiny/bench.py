@@ -11,16 +11,17 @@ soon as it is drawn; the JSON record and the contact sheet are written by the be
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import option
+from ..config import jsonable, option
 from ..evals.report import save_sheet, write_json
-from ..models import model_loras
+from ..generate import resolve_device
+from ..models import loading, model_loras
 from ..options import SAMPLING_FIELDS, EntityOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
 from ..overlay import render_overlay
 from .metrics import entity_scores, summarise
@@ -53,6 +54,9 @@ class BenchConfig(SamplingOptions, EntityOptions):
         self.output_dir = Path(self.output_dir)
         if self.n < 1 or self.size < 16 or self.sheet < 0:
             raise ValueError("n must be >= 1, size >= 16, sheet >= 0")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"-o {self.output_dir} is a file; give the folder the report and the contact sheet go "
+                             "to")
 
 
 def mask_kind(mask: np.ndarray) -> str:
@@ -106,9 +110,14 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     if pipe is None:
         if not config.model:
             raise ValueError("give the model to benchmark with --model")
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_eligen_pipeline(config.model, load_default_lora=False).to(device)
+        device = resolve_device(config.device)  # the one device check every command makes, before loading
+        with loading("the model", config.model):
+            pipe = load_eligen_pipeline(config.model, load_default_lora=False).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if config.size % pipe.patch_grid:
+        grid = pipe.patch_grid
+        raise ValueError(f"--size {config.size} is off the model's {grid}-pixel patch grid; use a multiple of {grid} "
+                         f"(e.g. {config.size // grid * grid} or {(config.size // grid + 1) * grid})")
     lora = config.lora or next(iter(model_loras(config.model) if config.model else []), None)
     config = dataclasses.replace(config, **resolve_sampling(config, pipeline_sampling_defaults(pipe)))
     assert config.true_cfg is not None  # resolve_sampling fills every sampling option
@@ -140,7 +149,7 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
     summary = report(scores)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"lora": lora, **{name: getattr(config, name) for name in SAMPLING_FIELDS}}
-    record = {"config": {k: str(v) for k, v in asdict(config).items()}, "resolved": settings, "summary": summary,
+    record = {"config": jsonable(config), "resolved": settings, "summary": summary,
               "scores": scores}
     write_json(config.output_dir / "shapesbench.json", record)
     save_sheet(sheet, config.output_dir / "contact_sheet.png", columns=len(variants))

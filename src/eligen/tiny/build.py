@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -24,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from eligen.families.base import Branch
 from eligen.families.flux.model import FLUX, vae_latents
 
+from ..config import jsonable
 from ..models import DEFAULTS_FILE
 from ..train.loss import flow_loss, noisy_latents, per_sample_loss
 from .build_config import TinyBuildConfig
@@ -189,13 +189,13 @@ def build(config: TinyBuildConfig) -> Path:
         rank=config.lora_rank, learning_rate=config.lora_learning_rate, warmup_steps=50, max_steps=config.lora_steps,
         batch_size=config.lora_batch_size, guidance=1.0, max_sequence_length=config.max_sequence_length,
         drop_entities=0.1, checkpoint_every=max(1, config.lora_steps), log_every=50, seed=config.seed,
-        cache_text_embeddings=True,
+        cache_text_embeddings=True, progress=config.progress,
     ))
     (base_dir / LORA_FILE).write_bytes(result.lora_files["diffusers"].read_bytes())
     defaults = {"max_sequence_length": config.max_sequence_length, "steps": 20, "true_cfg": 3.0, "guidance": 3.5,
                 "lora": LORA_FILE, "native_size": [config.size, config.size]}
     (base_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=1))
-    report = {"config": {k: str(v) for k, v in asdict(config).items()}, "minutes": (time.perf_counter() - started) / 60,
+    report = {"config": jsonable(config), "minutes": (time.perf_counter() - started) / 60,
               "vae_loss_last": float(np.mean(vae_losses[-20:])), "base_loss_last": float(np.mean(base_losses[-20:])),
               "lora_loss_last": float(np.mean(result.losses[-20:]))}
     (base_dir / "build_report.json").write_text(json.dumps(report, indent=1))

@@ -86,16 +86,19 @@ class TrainConfig:
 
 
 # Options a resumed run may change: they steer the run, not what it learns. Any other change is refused by name.
-RESUMABLE_CHANGES = frozenset({"config", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+RESUMABLE_CHANGES = frozenset({"config", "output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
                                "validate_every", "validation_layouts", "validation_steps", "num_workers", "progress",
                                "resume", "overwrite", "gradient_checkpointing", "cache_text_embeddings",
                                "validation_guidance"})
 
 
-def changed_options(stored: dict[str, Any], config: TrainConfig) -> list[str]:
-    """The options of ``config`` that differ from a checkpoint's ``stored`` ones and that a resume cannot apply."""
+def changed_options(stored: dict[str, Any], config: TrainConfig, same_data: bool = False) -> list[str]:
+    """The options of ``config`` that differ from a checkpoint's ``stored`` ones and that a resume cannot apply.
+    The output folder is the checkpoint's own (it may have moved); ``same_data``: the dataset file holds what the
+    run started with (compared by content, so a moved folder or another working directory is no change)."""
     current = jsonable_config(config)
-    return sorted(k for k in current if k not in RESUMABLE_CHANGES and k in stored and stored[k] != current[k])
+    exempt = RESUMABLE_CHANGES | ({"dataset"} if same_data else set())
+    return sorted(k for k in current if k not in exempt and k in stored and stored[k] != current[k])
 
 
 def jsonable_config(config: TrainConfig) -> dict[str, Any]:
@@ -126,6 +129,8 @@ def load_train_config(given: dict[str, Any]) -> TrainConfig:
                 stored[key] = str(base / stored[key])
         if isinstance(stored.get("model"), str) and (base / stored["model"]).exists():
             stored["model"] = str(base / stored["model"])
-        stored["validation_layouts"] = [str(base / p) if not Path(p).is_absolute() else p
-                                        for p in stored.get("validation_layouts", [])]
+        layouts = stored.get("validation_layouts")
+        if isinstance(layouts, list):  # anything else is named by the type check below
+            stored["validation_layouts"] = [str(base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+                                            for p in layouts]
     return config_from_mapping(TrainConfig, stored, given)

@@ -9,6 +9,7 @@ optimizer, LR schedule, every RNG and the data position, so a resumed run contin
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families.base import Branch
-from ..files import atomic_path
+from ..files import atomic_path, file_sha256
 from ..masks import latent_grid_size, pixel_masks_to_covers
 from ..options import pipeline_sampling_defaults
 from ..regional.sequence import TokenSequence
@@ -186,7 +187,8 @@ def lr_lambda(warmup_steps: int):
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer.json").exists()]
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer.json").exists()
+             and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]  # a user's checkpoint-best/ is not ours
     return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
@@ -235,6 +237,8 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(self._load_adapter_only)
         self.step = 0
         self.data_state = self.sampler.state_dict()
+        assert config.dataset is not None  # require()
+        self.dataset_sha256 = file_sha256(config.dataset)  # a resume compares the data by content, not by its path
 
     def _load_model(self, config: TrainConfig, precision: str) -> TrainConfig:
         """The pipeline in the run's precision with a fresh trainable LoRA on the family's layers; returns the config
@@ -311,6 +315,8 @@ class Trainer:
         from .data import collate
 
         while True:
+            if self.sampler.position >= len(self.sampler):  # resumed at an epoch's end: the next epoch, from 0
+                self.sampler.set_epoch(self.sampler.epoch + 1)
             start = self.sampler.state_dict()
             # counted here, not by the sampler: worker processes fetch batches ahead of their use
             self.data_state = {"epoch": start["epoch"], "position": start["position"]}
@@ -375,14 +381,12 @@ class Trainer:
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its own state file into it
-        rank = self.accelerator.process_index
-        torch.save({"generator": self.generator.get_state(), "sampler": dict(self.data_state),
-                    "lr_schedule": self.lr_schedule.state_dict()}, tmp / f"eligen_state_{rank}.pt")
-        self.accelerator.wait_for_everyone()
+        try:
+            self._write_state(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint stays behind
+            raise
         if self.is_main:
-            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": jsonable_config(self.config)}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -390,6 +394,18 @@ class Trainer:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _write_state(self, tmp: Path) -> None:
+        """A checkpoint's files into ``tmp``: accelerate's state, each rank's RNG and data position, the run."""
+        self.accelerator.save_state(str(tmp))
+        tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its own state file into it
+        rank = self.accelerator.process_index
+        torch.save({"generator": self.generator.get_state(), "sampler": dict(self.data_state),
+                    "lr_schedule": self.lr_schedule.state_dict()}, tmp / f"eligen_state_{rank}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": jsonable_config(self.config),
+                                                          "dataset_sha256": self.dataset_sha256}))
 
     def start_or_resume(self) -> None:
         """Resume from the newest readable checkpoint (an unreadable one is skipped, with a note), refusing changed
@@ -407,11 +423,12 @@ class Trainer:
             return
         for path in reversed(found):
             try:
-                stored = json.loads((path / "trainer.json").read_text())["config"]
-            except (OSError, ValueError, KeyError) as exc:
+                record = json.loads((path / "trainer.json").read_text())
+                stored = record["config"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 print(f"note: skipping {path.name}, its record is unreadable ({exc})", file=sys.stderr)
                 continue
-            changed = changed_options(stored, config)
+            changed = changed_options(stored, config, record.get("dataset_sha256") == self.dataset_sha256)
             if changed:
                 raise ValueError(f"--resume with options changed since {path.name}: {', '.join(changed)}; rerun "
                                  "with the checkpoint's values, or start a new run in another output_dir")
@@ -548,6 +565,28 @@ class Trainer:
         return result
 
 
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def refused_write(exc: BaseException) -> str | None:
+    """Why the system refused a write (a full disk, a read-only or forbidden folder), whoever wrote: eligen,
+    accelerate's trackers, torch.save or safetensors; None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+    if type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "file write failed" in str(exc)):
+        return str(exc)
+    return None
+
+
 def train(config: TrainConfig) -> TrainResult:
-    return Trainer(config).train()
+    """Train as ``config`` says; a write the system refuses is one line naming the output folder and why (the
+    checkpoint being written is removed, the last complete one kept)."""
+    try:
+        return Trainer(config).train()
+    except Exception as exc:
+        reason = refused_write(exc)
+        if reason is None:
+            raise
+        raise ValueError(f"cannot write {config.output_dir}: {reason}; free space or choose another folder (the last "
+                         "complete checkpoint is kept: rerun with --resume to go on)") from None
 

@@ -186,7 +186,8 @@ class App:
 
     def _server_side(self) -> dict[str, Any]:
         """What a job takes from the server, never from the page."""
-        return {"model": self.config.model, "lora": self.loras, "progress": False, "device": self.device,
+        # the LoRAs as given (none: the model's own, which a record names by leaving them out, so it travels)
+        return {"model": self.config.model, "lora": list(self.config.lora), "progress": False, "device": self.device,
                 "dtype": self.dtype, "ip_adapter": self.config.ip_adapter, "ip_scale": self.config.ip_scale}
 
     def _param_problems(self, config_class: type, params: dict, server_side: dict, mode: str) -> list[dict]:
@@ -258,6 +259,7 @@ class App:
         image, metadata = render(self.pipe, config, layout, submission.seed, self.device, self.dtype, on_step_end)
         if submission.source_name is not None:
             metadata["params"]["image"] = submission.source_name  # the user's name for it, never a server path
+            metadata.get("inputs", {}).get("image", {})["path"] = submission.source_name
         folder = self.workdir / "jobs" / job.id
         job.files = {"image.png": folder / "image.png", "overlay.png": folder / "overlay.png",
                      "layout.json": folder / "layout.json"}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ...choices import SCALE_LIMIT
 from ...entities import LayoutError, load_reference_image
 from ...regional.processors import install_regional_processors
 
@@ -45,6 +46,8 @@ class EntityIPAdapterMixin:
         folder holding one, or a hub id (its ``ip_adapter.safetensors``). The CLIP image encoder is
         ``image_encoder``, else an ``image_encoder/`` folder beside the file, else :data:`DEFAULT_IMAGE_ENCODER`;
         it runs in the transformer's dtype. Then ``set_ip_adapter_scale(scale)``."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
+            raise ValueError(f"the IP-Adapter scale must be a number in 0..{SCALE_LIMIT}, got {scale!r}")
         folder, weight_name = ip_adapter_location(path_or_hub_id)
         if image_encoder is None:
             beside = Path(folder) / "image_encoder"
