@@ -252,7 +252,7 @@ def test_every_problem_of_a_request_is_listed_in_the_pages_words(client):
     assert {(e["entity"], e["field"]) for e in answer["errors"]} == {(1, "prompt"), (None, "steps"),
                                                                       (None, "true_cfg"), (None, "output")}
     text = " | ".join(e["message"] for e in answer["errors"])
-    assert "Steps must be at least 1" in text and "True CFG must be at least 1" in text and "--" not in text, text
+    assert "Steps must be at least 1" in text and "True CFG must be in 1..100" in text and "--" not in text, text
 
 
 def test_bad_layouts_and_options_are_refused_naming_the_problem(client):
@@ -410,18 +410,32 @@ def test_sigterm_stops_the_app_and_removes_its_temporary_folder(tmp_path):
     import signal
     import subprocess
     import sys
+    import time
+    import urllib.request
 
     env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "eligen.cli", "ui", "--port", "0"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert process.stdout is not None
+        url = ""
         for line in process.stdout:
             if line.startswith("eligen ui: http"):
+                url = line.split()[2]
                 break
+        deadline = time.monotonic() + 60
+        while True:  # serving (the page answers), as when a service manager stops it
+            try:
+                with urllib.request.urlopen(url + "api/info", timeout=5) as answer:
+                    assert answer.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app never answered"
+                time.sleep(0.2)
         assert [p for p in tmp_path.iterdir() if p.name.startswith("eligen-ui-")]  # serving from its folder
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        code = process.wait(60)
+        assert code == 130, process.stdout.read()[-3000:]  # unwound as Ctrl-C is
     finally:
         process.kill()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("eligen-ui-")]

@@ -98,7 +98,7 @@ class GenerateConfig(SamplingOptions, EntityOptions):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
-        check_lora_scales(self.lora_scale, self.lora)
+        check_lora_scales(self.lora_scale, self.lora or model_loras(self.model))  # the model's own LoRA counts
         check_scale("--ip-scale", self.ip_scale, 0)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")

@@ -10,9 +10,11 @@ import errno
 import ipaddress
 import json
 import secrets
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from importlib import resources
@@ -272,10 +274,17 @@ def announce(config: UIConfig, port: int, reachable: list[str], key: str | None)
     return local
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(config: UIConfig) -> None:
-    """Run the app until interrupted (Ctrl-C); the temporary folder goes with it."""
+    """Run the app until interrupted (Ctrl-C or SIGTERM); the temporary folder goes with it. SIGTERM unwinds like
+    Ctrl-C whenever it comes: while the model loads, or while serving (uvicorn stops gracefully, then re-raises it)."""
     import uvicorn
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     sock = bind(config.host, config.port)  # before the model loads: a busy port is told at once
     try:
         with tempfile.TemporaryDirectory(prefix="eligen-ui-") as workdir:
@@ -296,3 +305,5 @@ def serve(config: UIConfig) -> None:
                 app.jobs.close()
     finally:
         sock.close()
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
