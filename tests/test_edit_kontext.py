@@ -209,3 +209,46 @@ def test_keep_outside_leaves_the_input_outside_the_union(pipes):
     for e in ENTITIES:
         union |= e.rasterize(32, 32)
     assert np.array_equal(pixels[~union], np.asarray(square)[~union])  # pasted back
+
+
+# -- eligen edit --------------------------------------------------------------------------------------------------
+
+
+def test_cli_edit_end_to_end(dirs, tmp_path, capsys):
+    import json
+
+    from eligen.cli import main
+    from eligen.families.flux.testing import save_tiny_pipeline
+    from eligen.generate import read_metadata
+
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"prompt": PROMPT, "seed": 3,
+                                  "entities": [{"prompt": "a dog", "box": [2, 2, 14, 10]},
+                                               {"prompt": "a blue square", "box": [16, 12, 30, 30]}]}))
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8)).save(photo)
+    fast = ["--steps", "2", "--max-sequence-length", str(MSL), "--no-auto-resize"]
+    out = tmp_path / "edited.png"
+    assert main(["edit", str(photo), str(layout), "-o", str(out), "--model", str(dirs["full"]), *fast]) == 0
+    record = read_metadata(out)
+    assert record["command"] == "edit" and record["params"]["keep_outside"] is True
+    before, after = np.asarray(Image.open(photo)), np.asarray(Image.open(out))
+    assert after.shape == before.shape
+    union = np.zeros((H, W), bool)
+    for box in ([2, 2, 14, 10], [16, 12, 30, 30]):
+        union |= Entity("x", box=tuple(box)).rasterize(W, H)
+    assert np.array_equal(before[~union], after[~union]) and not np.array_equal(before[union], after[union])
+    again = tmp_path / "again.png"
+    assert main(["edit", "--from", str(out), "-o", str(again)]) == 0
+    assert np.array_equal(after, np.asarray(Image.open(again)))
+    free = tmp_path / "free.png"
+    assert main(["edit", str(photo), str(layout), "-o", str(free), "--model", str(dirs["full"]), *fast,
+                 "--no-keep-outside"]) == 0
+    assert np.asarray(Image.open(free)).shape == before.shape  # the layout's size, not the model's 1024x1024
+    assert not np.array_equal(before[~union], np.asarray(Image.open(free))[~union])
+    capsys.readouterr()
+    flux = save_tiny_pipeline(tmp_path / "flux")
+    assert main(["edit", str(photo), str(layout), "-o", str(tmp_path / "no.png"), "--model", str(flux), *fast]) == 2
+    assert "not an edit model" in capsys.readouterr().err
+    assert main(["inpaint", "--from", str(out), "-o", str(tmp_path / "x.png")]) == 2
+    assert "eligen edit --from" in capsys.readouterr().err

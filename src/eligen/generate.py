@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import secrets
 import sys
@@ -16,7 +17,7 @@ from . import __version__
 from .choices import DTYPE_NAMES
 from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
-from .families import titles
+from .families import edit_titles, titles
 from .files import atomic_path, open_image, write_text_atomic
 from .models import model_loras
 from .options import EntityOptions, InpaintOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
@@ -128,6 +129,35 @@ class InpaintConfig(GenerateConfig, InpaintOptions):
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"image": self.image, "inpaint": True, **InpaintOptions.pipeline_kwargs(self)}
+
+
+@dataclass
+class EditConfig(InpaintConfig):
+    """`eligen edit`: an input image edited by an edit model (a card with the "edit" feature), the layout's global
+    prompt the overall instruction and each entity a local instruction with its region (docs/design.md section
+    21)."""
+
+    keep_outside: bool = option(True, "keep the input outside the union of the entity masks (inpainting fusion and "
+                                "paste-back); --no-keep-outside lets the model change the whole image")
+    auto_resize: bool = option(True, "show the model the input resized to the nearest of its preferred resolutions, "
+                               "as the diffusers pipeline does")
+
+    def input_size(self) -> tuple[int, int] | None:
+        if self.image is None:
+            raise ValueError("give the input image: eligen edit INPUT.png LAYOUT.json -o OUT.png")
+        return open_image(self.image, "input image").size
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        from .inpaint import to_rgb_array
+
+        assert self.image is not None  # input_size ran first
+        return {"image": Image.fromarray(to_rgb_array(self.image)[0]), "keep_outside": self.keep_outside,
+                "_auto_resize": self.auto_resize, **InpaintOptions.pipeline_kwargs(self)}
+
+
+def command_of(config: GenerateConfig) -> str:
+    """The command a config belongs to (recorded in the PNG, so --from names it)."""
+    return "edit" if isinstance(config, EditConfig) else "inpaint" if isinstance(config, InpaintConfig) else "generate"
 
 
 @dataclass
@@ -337,7 +367,12 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
         negative = ""
+    if isinstance(config, EditConfig) and "max_area" in inspect.signature(pipe.__call__).parameters:
+        sizing = {"max_area": layout.width * layout.height}  # the layout's size, not the edit model's 1024x1024
+    else:
+        sizing = {}
     image = pipe(
+        **sizing,
         prompt=layout.prompt,
         negative_prompt=negative,
         entities=layout.entities,
@@ -361,7 +396,7 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
     metadata = {
         "version": __version__,
-        "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
+        "command": command_of(config),
         "layout": layout_to_dict(layout, embed_masks=True),
         "params": params,
         "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
@@ -391,6 +426,9 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale,
                          config.ip_adapter, config.ip_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
+    if isinstance(config, EditConfig) and "edit" not in pipe.family.card.features:
+        raise ValueError(f"eligen edit: {config.model} is a {pipe.family.card.title} model, not an edit model; give an "
+                         f"edit model ({edit_titles()}) or use eligen inpaint")
     layout = fit_patch_grid(pipe, config, layout)
     results = []
     for index, path in enumerate(paths):
