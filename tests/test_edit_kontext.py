@@ -109,7 +109,7 @@ class ReferenceProcessor:
     """FLUX's attention written out: text first in double-stream blocks, the whole stream in single-stream ones."""
 
     def __init__(self, mask):
-        self.mask = mask
+        self.mask = mask  # applies to the sequence of its length; any other (a negative branch's) is unmasked
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         def heads(x):
@@ -122,7 +122,7 @@ class ReferenceProcessor:
             q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(text))), q], 1)
             k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(text))), k], 1)
             v = torch.cat([heads(attn.add_v_proj(text)), v], 1)
-        out = masked_attention(q, k, v, image_rotary_emb, self.mask)
+        out = masked_attention(q, k, v, image_rotary_emb, self.mask if self.mask.shape[-1] == q.shape[1] else None)
         if text is None:
             return out
         return attn.to_out[1](attn.to_out[0](out[:, text.shape[1]:])), attn.to_add_out(out[:, :text.shape[1]])
@@ -149,6 +149,15 @@ def test_entities_equal_the_reference(pipes, attention):
     torch.testing.assert_close(mine, reference_run(stock, ENTITIES, 4), atol=1e-5, rtol=1e-5)
     plain = ours(**kwargs(), generator=gen(4)).images
     assert (mine - plain).abs().max() > 1e-3  # the entities matter
+
+
+def test_entities_with_true_cfg_equal_the_reference(pipes):
+    """True CFG: the negative branch runs its prompt without entities and without a mask (section 2)."""
+    ours, stock = pipes
+    cfg = {"true_cfg_scale": 2.5, "negative_prompt": "blurry"}
+    mine = ours(**kwargs(**cfg), entities=ENTITIES, keep_outside=False, generator=gen(8)).images
+    expected = reference_run(stock, ENTITIES, 8, **cfg)
+    torch.testing.assert_close(mine, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_reference_tokens_are_seen_by_entity_text(pipes):
