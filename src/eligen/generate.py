@@ -152,7 +152,14 @@ class EditConfig(InpaintConfig):
 
         assert self.image is not None  # input_size ran first
         return {"image": Image.fromarray(to_rgb_array(self.image)[0]), "keep_outside": self.keep_outside,
-                "_auto_resize": self.auto_resize, **InpaintOptions.pipeline_kwargs(self)}
+                **InpaintOptions.pipeline_kwargs(self)}
+
+    def sizing(self, pipe, layout: Layout) -> dict[str, Any]:
+        """The size arguments the edit pipeline takes: the output at the layout's size where the pipeline would
+        render about 1024x1024 (``max_area``), and ``auto_resize`` where it resizes the input itself."""
+        accepted = inspect.signature(pipe.__call__).parameters
+        sizing = {"max_area": layout.width * layout.height, "_auto_resize": self.auto_resize}
+        return {name: value for name, value in sizing.items() if name in accepted}
 
 
 def command_of(config: GenerateConfig) -> str:
@@ -367,10 +374,7 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
         negative = ""
-    if isinstance(config, EditConfig) and "max_area" in inspect.signature(pipe.__call__).parameters:
-        sizing = {"max_area": layout.width * layout.height}  # the layout's size, not the edit model's 1024x1024
-    else:
-        sizing = {}
+    sizing = config.sizing(pipe, layout) if isinstance(config, EditConfig) else {}
     image = pipe(
         **sizing,
         prompt=layout.prompt,

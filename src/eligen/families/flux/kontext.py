@@ -22,7 +22,8 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 
 from ...entities import Entity
 from ...inpaint import InpaintSource
-from ...pipelines.arguments import Call, InpaintArgs, eligen_call_doc
+from ...masks import reference_cover
+from ...pipelines.arguments import Call, edit_arguments, eligen_call_doc
 from ...pipelines.mixin import logger
 from ..base import Branch
 from .model import FLUX_KONTEXT
@@ -39,13 +40,6 @@ class EditReference:
     tokens: int
     packed: torch.Tensor | None = None
     ids: torch.Tensor | None = None
-
-
-def reference_cover(cover: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Entity covers ``(B, N, n_img)`` -> ``(B, N, n_img + tokens)``: every entity covers every reference token, so
-    under the regional rule each token sees them and they see each token (docs/design.md section 21)."""
-    extra = torch.ones(*cover.shape[:-1], tokens, dtype=cover.dtype, device=cover.device)
-    return torch.cat([cover, extra], dim=-1)
 
 
 class EliGenFluxKontextPipeline(FluxHooks, FluxKontextPipeline):
@@ -179,14 +173,7 @@ class EliGenFluxKontextPipeline(FluxHooks, FluxKontextPipeline):
         compile: bool = False,
         entity_steps: int | None = None,
     ) -> Any:
-        arguments = dict(locals())
-        arguments["edit_image"] = arguments.pop("image")
-        keep = arguments.pop("keep_outside") and image is not None and (bool(entities) or bool(entity_masks))
-        arguments.update(image=image if keep else None, inpaint=keep)
-        if not keep:  # the inpainting options act only with keep-outside
-            for name in ("strength", "fusion", "mask_dilate", "mask_blur", "paste_back"):
-                arguments[name] = getattr(InpaintArgs, name)
         try:
-            return self._eligen_call(Call.of(arguments, "joint_attention_kwargs"))
+            return self._eligen_call(Call.of(edit_arguments(locals()), "joint_attention_kwargs"))
         finally:
             self._edit_reference = None
