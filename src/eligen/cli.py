@@ -17,8 +17,8 @@ from .data.generate import DataGenerateConfig
 from .data.plan import PlanConfig
 from .entities import LayoutError
 from .evals.harness import CocoMigConfig, LayoutSamConfig, OverLayBenchConfig
-from .families import cards, titles
-from .generate import GenerateConfig, InpaintConfig, from_source, generate
+from .families import cards, edit_titles, titles
+from .generate import EditConfig, GenerateConfig, InpaintConfig, from_source, generate
 from .lora import (
     LoraConvertConfig,
     LoraFormatError,
@@ -52,7 +52,13 @@ GENERATE_EPILOG = _examples("generate layout.json -o out.png", """\
 INPAINT_EPILOG = _examples("inpaint photo.png layout.json -o out.png", """\
   eligen inpaint photo.png layout.json -o out.png --model DIR --fusion paper --mask-blur 1.5
 """)
-COMMAND_CONFIGS = {"generate": GenerateConfig, "inpaint": InpaintConfig}
+EDIT_EPILOG = "examples:\n" + "".join(
+    f"  eligen edit photo.png layout.json -o out.png {c.example}\n"
+    for family in cards().values() for c in family.all_cards() if "edit" in c.features) + """\
+  eligen edit photo.png layout.json -o out.png --model DIR --no-keep-outside
+  eligen edit --from out.png -o again.png          # reproduce from the PNG's metadata
+"""
+COMMAND_CONFIGS = {"generate": GenerateConfig, "inpaint": InpaintConfig, "edit": EditConfig}
 
 
 def sampling_help(config: type) -> dict[str, str]:
@@ -98,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
              "an image in one pass (inpainting fusion)", "Repaint the regions of INPUT marked by the layout's "
              "entities, all in one denoising pass; everything else stays the input (byte for byte with paste-back). "
              "The layout's width/height default to the input's size.", epilog=INPAINT_EPILOG, formatter_class=raw)
+    _command(commands, "edit", EditConfig, partial(run_render, "edit"), "edit an image region by region in one pass "
+             f"with an edit model ({edit_titles()})", "Edit INPUT with an instruction-following edit model: the "
+             "layout's prompt is the overall instruction, each entity a local instruction applied to its own region, "
+             "all in one pass. By default everything outside the entities' regions stays the input (byte for byte "
+             "with paste-back). The layout's width/height default to the input's size.", epilog=EDIT_EPILOG,
+             formatter_class=raw)
     _command(commands, "train", TrainConfig, run_train, "train an EliGen LoRA on entity-annotated data",
              "Train an EliGen LoRA (the paper's recipe: rank-64 LoRA on every block linear, AdamW, rectified flow) "
              "under accelerate. Any field can come from CONFIG.yaml; flags override it. For several GPUs or "
@@ -292,7 +304,7 @@ def run_lora_convert(given: dict) -> int:
 
 
 def run_render(command: str, given: dict) -> int:
-    """`eligen generate` and `eligen inpaint`: defaults < a --from PNG's record < the flags given."""
+    """`eligen generate`, `eligen inpaint` and `eligen edit`: defaults < a --from PNG's record < the flags given."""
     config_class = COMMAND_CONFIGS[command]
     stored_layout: dict | None = None
     stored_params: dict = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import secrets
 import sys
@@ -16,7 +17,7 @@ from . import __version__
 from .choices import DTYPE_NAMES
 from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
-from .families import titles
+from .families import edit_titles, titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
 from .models import loading, model_loras, portable_name
 from .options import (
@@ -160,6 +161,42 @@ class InpaintConfig(GenerateConfig, InpaintOptions):
 
 
 @dataclass
+class EditConfig(InpaintConfig):
+    """`eligen edit`: an input image edited by an edit model (a card with the "edit" feature), the layout's global
+    prompt the overall instruction and each entity a local instruction with its region (docs/design.md section
+    21)."""
+
+    keep_outside: bool = option(True, "keep the input outside the union of the entity masks (inpainting fusion and "
+                                "paste-back); --no-keep-outside lets the model change the whole image")
+    auto_resize: bool = option(True, "show the model the input resized to the nearest of its preferred resolutions, "
+                               "as the diffusers pipeline does")
+
+    def input_size(self) -> tuple[int, int] | None:
+        if self.image is None:
+            raise ValueError("give the input image: eligen edit INPUT.png LAYOUT.json -o OUT.png")
+        return open_image(self.image, "input image").size
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        from .inpaint import to_rgb_array
+
+        assert self.image is not None  # input_size ran first
+        return {"image": Image.fromarray(to_rgb_array(self.image)[0]), "keep_outside": self.keep_outside,
+                **InpaintOptions.pipeline_kwargs(self)}
+
+    def sizing(self, pipe, layout: Layout) -> dict[str, Any]:
+        """The size arguments the edit pipeline takes: the output at the layout's size where the pipeline would
+        render about 1024x1024 (``max_area``), and ``auto_resize`` where it resizes the input itself."""
+        accepted = inspect.signature(pipe.__call__).parameters
+        sizing = {"max_area": layout.width * layout.height, "_auto_resize": self.auto_resize}
+        return {name: value for name, value in sizing.items() if name in accepted}
+
+
+def command_of(config: GenerateConfig) -> str:
+    """The command a config belongs to (recorded in the PNG, so --from names it)."""
+    return "edit" if isinstance(config, EditConfig) else "inpaint" if isinstance(config, InpaintConfig) else "generate"
+
+
+@dataclass
 class GenerateResult:
     image: Image.Image
     path: Path
@@ -276,19 +313,19 @@ def from_source(command: str, source: Path, given: dict[str, Any]) -> tuple[dict
         return None, {}, {**given, "layout": source}
     record = checked_record(record, source)
     made_by = record.get("command", "generate")
-    if made_by not in ("generate", "inpaint"):
+    if made_by not in ("generate", "inpaint", "edit"):
         raise ValueError(f"{source}: its record names no eligen command ({made_by!r})")
     if made_by != command:
         raise ValueError(f"{source} was made by `eligen {made_by}`; reproduce it with `eligen {made_by} --from`")
     params = dict(record["params"])
-    if command == "inpaint" and given.get("image") is None and isinstance(params.get("image"), str):
+    if command in ("inpaint", "edit") and given.get("image") is None and isinstance(params.get("image"), str):
         inputs = record.get("inputs")
         entry = inputs.get("image") if isinstance(inputs, dict) else None
-        params["image"] = str(locate_input(entry, params["image"], source))
+        params["image"] = str(locate_input(entry, params["image"], source, command))
     return record["layout"], params, given
 
 
-def locate_input(entry: Any, recorded: str, source: Path) -> Path:
+def locate_input(entry: Any, recorded: str, source: Path, command: str = "inpaint") -> Path:
     """The input image a record was made from: the recorded path, else a file of that name beside the record, if
     its SHA-256 is the recorded one (a record without one: the recorded path). Refused naming the file."""
     digest = entry.get("sha256") if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) else None
@@ -301,7 +338,7 @@ def locate_input(entry: Any, recorded: str, source: Path) -> Path:
     what = f"{name.name} (sha256 {digest[:16]}...)" if digest else str(name)
     found = f"; {', '.join(other)} holds another image" if other else ""
     raise ValueError(f"{source} was made from the input image {what}, which is not at {name} nor beside "
-                     f"{source.name}{found}; give it: eligen inpaint IMAGE --from {source} -o OUT.png")
+                     f"{source.name}{found}; give it: eligen {command} IMAGE --from {source} -o OUT.png")
 
 
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
@@ -441,7 +478,9 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     negative = layout.negative_prompt
     if negative is None and config.true_cfg > 1:
         negative = ""
+    sizing = config.sizing(pipe, layout) if isinstance(config, EditConfig) else {}
     image = pipe(
+        **sizing,
         prompt=layout.prompt,
         negative_prompt=negative,
         entities=layout.entities,
@@ -465,7 +504,7 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
     metadata = {
         "version": __version__,
-        "command": "inpaint" if isinstance(config, InpaintConfig) else "generate",
+        "command": command_of(config),
         "layout": layout_to_dict(layout, embed_masks=True),
         "params": params,
         **({"inputs": inputs} if (inputs := config.inputs()) else {}),
@@ -511,6 +550,9 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale,
                          config.ip_adapter, config.ip_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
+    if isinstance(config, EditConfig) and "edit" not in pipe.family.card.features:
+        raise ValueError(f"eligen edit: {config.model} is a {pipe.family.card.title} model, not an edit model; give an "
+                         f"edit model ({edit_titles()}) or use eligen inpaint")
     layout = fit_patch_grid(pipe, config, layout)
     results = []
     for index, path in enumerate(paths):

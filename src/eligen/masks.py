@@ -51,3 +51,11 @@ def pixel_masks_to_covers(masks: torch.Tensor, vae_scale_factor: int, patch: int
     latents = [latent_mask(m, height, width, vae_scale_factor, patch) for m in flat]  # the inference path's rule
     latent = torch.stack(latents) if latents else torch.zeros(0, lat_h, lat_w, dtype=torch.bool)
     return token_cover(latent, patch).reshape(batch, n, (lat_h // patch) * (lat_w // patch)).to(masks.device)
+
+
+def reference_cover(cover: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Entity covers ``(B, N, n_img)`` -> ``(B, N, n_img + tokens)`` for an edit model that appends ``tokens``
+    reference-image tokens after the image tokens: every entity covers every one of them, so under the regional rule
+    each token sees them and they see each token (docs/design.md section 21)."""
+    extra = torch.ones(*cover.shape[:-1], tokens, dtype=cover.dtype, device=cover.device)
+    return torch.cat([cover, extra], dim=-1)

@@ -43,6 +43,11 @@ def titles() -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
+def edit_titles() -> str:
+    """``"FLUX.1 Kontext"``: the edit models (cards with the ``"edit"`` feature), as `eligen edit` names them."""
+    return ", ".join(c.title for family in cards().values() for c in family.all_cards() if "edit" in c.features)
+
+
 def family_of_pipeline_class(class_name: str | None) -> str | None:
     return next((c.name for c in cards().values() if class_name in c.pipelines), None)
 

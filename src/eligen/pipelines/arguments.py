@@ -184,6 +184,23 @@ def check_whole(name: str, value: Any, least: int, unit: str = "") -> None:
         raise ValueError(f"{name} must be a whole number{unit} >= {least}, got {value!r}")
 
 
+def edit_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """An edit pipeline's ``__call__`` locals -> what :meth:`Call.of` sorts: ``image`` (the input to edit) moves to
+    ``extra["edit_image"]``, and with ``keep_outside`` and entities it (the last of a list) is also the inpainting
+    input (fusion by the entity union, docs/design.md section 21); without, the inpainting options keep their
+    defaults."""
+    arguments = dict(arguments)
+    image = arguments["edit_image"] = arguments.pop("image")
+    given = bool(arguments.get("entities")) or bool(arguments.get("entity_masks"))
+    keep = bool(arguments.pop("keep_outside")) and image is not None and given
+    arguments.update(image=(image[-1] if isinstance(image, list) else image) if keep else None, inpaint=keep)
+    if not keep:
+        for f in dataclasses.fields(InpaintArgs):
+            if f.name not in ("image", "inpaint"):
+                arguments[f.name] = f.default
+    return arguments
+
+
 ELIGEN_ARGUMENTS = """
         Entities:
             entities: :class:`eligen.Entity` list (a prompt and one of mask / box / polygon each).

@@ -8,7 +8,8 @@
 4. decode (and for inpainting restore the input's size and paste its pixels back).
 
 A pipeline supplies the family hooks below (``_check_parent_inputs``, ``_encode_branch``, ``_negative_given``,
-``_initial_latents``, and optionally ``_image_prompts`` and ``_timestep_shift``); everything else is shared.
+``_initial_latents``, and optionally ``_image_prompts``, ``_timestep_shift`` and ``_regional_cover``); everything
+else is shared.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class EliGenCallMixin(EliGenMixin):
         """The schedule's shift ``mu`` when the parent fixes it (a distilled checkpoint's); None: diffusers'
         resolution-dependent shift from the scheduler's config."""
         return None
+
+    def _regional_cover(self, cover: torch.Tensor) -> torch.Tensor:
+        """The token covers ``(B, N, n_img)`` the regional mask is built from; an edit pipeline appends the tokens of
+        its input image (docs/design.md section 21). By default the entities' own."""
+        return cover
 
     def _image_prompts(self, call: Call, branches: dict[str, Branch], ents: ResolvedEntities | None, batch: int,
                        size: tuple[int, int], device: torch.device) -> None:
@@ -185,7 +191,8 @@ class EliGenCallMixin(EliGenMixin):
             install_regional_processors(self.transformer, self.family.processors)
             check_regional_attention_support(self.transformer, backend=form)
             sequence = ents.sequence(positive.context.shape[1])
-            self._join(positive, sequence, ents.embeds, sequence.mask(ents.cover, form, self._flex_slot("cond")))
+            cover = self._regional_cover(ents.cover)
+            self._join(positive, sequence, ents.embeds, sequence.mask(cover, form, self._flex_slot("cond")))
         self._place(positive)
         if negative is None:
             return branches
@@ -194,7 +201,8 @@ class EliGenCallMixin(EliGenMixin):
             length = negative.context.shape[1]
             sequence = TokenSequence.of([length] * len(ents.embeds), length)
             same = sequence == positive.sequence
-            mask = positive.attention_mask if same else sequence.mask(ents.cover, form, self._flex_slot("uncond"))
+            mask = positive.attention_mask if same else sequence.mask(self._regional_cover(ents.cover), form,
+                                                                      self._flex_slot("uncond"))
             self._join(negative, sequence, [negative.context] * len(ents.embeds), mask)
         self._place(negative)
         return branches

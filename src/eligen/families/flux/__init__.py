@@ -1,15 +1,36 @@
-"""FLUX.1: diffusers' ``FluxPipeline`` with EliGen (docs/design.md section 2). The card is torch-free; the model is
-:mod:`.model`, the pipeline :mod:`.pipeline`, the IP-Adapter :mod:`.ip_adapter`, the LoRA key formats
-:mod:`.lora_keys` and the tiny random test pipeline :mod:`.testing`."""
+"""FLUX.1: diffusers' ``FluxPipeline`` with EliGen (docs/design.md section 2), and its edit model FLUX.1 Kontext
+(``FluxKontextPipeline``, the same transformer class: a variant card, section 21). The cards are torch-free; the
+model is :mod:`.model`, the pipelines :mod:`.pipeline` and :mod:`.kontext`, the IP-Adapter :mod:`.ip_adapter`, the
+LoRA key formats :mod:`.lora_keys` and the tiny random test pipelines :mod:`.testing`."""
 
 from __future__ import annotations
 
 from ..card import FamilyCard, SamplingDefaults
 
+# FluxKontextPipeline's own defaults; no EliGen reference exists for Kontext, so the commands run them too
+_KONTEXT_DEFAULTS = SamplingDefaults(steps=28, true_cfg=1.0, guidance=3.5, max_sequence_length=512)
+
+KONTEXT_CARD = FamilyCard(
+    name="flux",
+    title="FLUX.1 Kontext",
+    pipelines=("FluxKontextPipeline", "EliGenFluxKontextPipeline"),
+    transformers=("FluxTransformer2DModel",),
+    eligen_pipeline="eligen.families.flux.kontext:EliGenFluxKontextPipeline",
+    family="eligen.families.flux.model:FLUX_KONTEXT",
+    lora_keys="eligen.families.flux.lora_keys:KEY_FORMATS",
+    tiny_pipeline="eligen.families.flux.testing:save_tiny_kontext_pipeline",
+    defaults=_KONTEXT_DEFAULTS,
+    reference=_KONTEXT_DEFAULTS,
+    default_cfg="plain",
+    example="--model black-forest-labs/FLUX.1-Kontext-dev",
+    hub_names=r"kontext",
+    features=frozenset({"ip_adapter", "edit"}),
+)
+
 CARD = FamilyCard(
     name="flux",
     title="FLUX.1",
-    pipelines=("FluxPipeline", "EliGenPipeline"),
+    pipelines=("FluxPipeline", "EliGenPipeline", *KONTEXT_CARD.pipelines),
     transformers=("FluxTransformer2DModel",),
     eligen_pipeline="eligen.families.flux.pipeline:EliGenPipeline",
     family="eligen.families.flux.model:FLUX",
@@ -24,4 +45,5 @@ CARD = FamilyCard(
     example="--model black-forest-labs/FLUX.1-dev --lora modelscope/EliGen --overlay",
     hub_names="",  # an uncached hub id no other family claims is read as FLUX.1
     features=frozenset({"ip_adapter"}),
+    variants=(KONTEXT_CARD,),
 )

@@ -22,7 +22,7 @@ from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, shifted_training_schedule
 from ..base import Branch, ModelFamily
-from . import CARD
+from . import CARD, KONTEXT_CARD
 
 TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 
@@ -206,3 +206,13 @@ def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 FLUX = FluxFamily()
+
+
+class FluxKontextFamily(FluxFamily):
+    """FLUX.1 Kontext (diffusers ``FluxKontextPipeline``): FLUX.1's transformer, text and latents; only the card
+    (defaults, classes) differs. The reference-image tokens are the pipeline's (docs/design.md section 21)."""
+
+    card = KONTEXT_CARD
+
+
+FLUX_KONTEXT = FluxKontextFamily()

@@ -23,11 +23,10 @@ from .ip_adapter import EntityIPAdapterMixin
 from .model import FLUX, FluxBranch
 
 
-class EliGenPipeline(EntityIPAdapterMixin, EliGenCallMixin, FluxPipeline):
-    """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``, and
-    ``"eligen-tiny"``: the small model trained on the shapes world that ships inside the package."""
+class FluxHooks(EntityIPAdapterMixin, EliGenCallMixin):
+    """The FLUX.1 hooks of the shared call, for every pipeline on FLUX.1's transformer (FluxPipeline's and
+    FluxKontextPipeline's ``check_inputs``, ``encode_prompt`` and IP-Adapter are the same)."""
 
-    family = FLUX
     output_class = FluxPipelineOutput
 
     def _check_parent_inputs(self, call: Call, size: tuple[int, int], do_true_cfg: bool) -> None:
@@ -77,6 +76,14 @@ class EliGenPipeline(EntityIPAdapterMixin, EliGenCallMixin, FluxPipeline):
         self._image_prompt_branches(branches, call.entity.entities, ents, x["ip_adapter_image"],
                                     x["ip_adapter_image_embeds"], x["negative_ip_adapter_image"],
                                     x["negative_ip_adapter_image_embeds"], batch, size, device)
+
+
+
+class EliGenPipeline(FluxHooks, FluxPipeline):
+    """FLUX with EliGen entity control. Loads any diffusers FLUX directory or hub id via ``from_pretrained``, and
+    ``"eligen-tiny"``: the small model trained on the shapes world that ships inside the package."""
+
+    family = FLUX
 
     @torch.no_grad()
     @eligen_call_doc("diffusers' FluxPipeline", """

@@ -105,6 +105,19 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyFluxConfig =
     return path
 
 
+def save_tiny_kontext_pipeline(path: str | Path, seed: int = 0, config: TinyFluxConfig = TinyFluxConfig(),
+                               layers: int | None = None) -> Path:
+    """The same random components saved as a diffusers FluxKontextPipeline directory (FLUX.1 Kontext: the same
+    classes as FLUX.1-dev), ``layers`` as :func:`save_tiny_pipeline`."""
+    from diffusers import FluxKontextPipeline
+
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers, num_single_layers=0)
+    path = Path(path)
+    FluxKontextPipeline(**build_components(seed, config)).save_pretrained(path)  # type: ignore[attr-defined]
+    return path
+
+
 WEIGHT_NAME = "ip_adapter.safetensors"
 IMAGE_TOKENS = 4  # diffusers reads 4 image tokens from a projection that is not 65536 rows tall
 

@@ -1,15 +1,36 @@
-"""Qwen-Image: diffusers' ``QwenImagePipeline`` with the reference's Qwen-Image EliGen (docs/design.md section 11).
-The card is torch-free; the model is :mod:`.model`, the pipeline :mod:`.pipeline`, the LoRA key formats
-:mod:`.lora_keys` and the tiny random test pipeline :mod:`.testing`."""
+"""Qwen-Image: diffusers' ``QwenImagePipeline`` with the reference's Qwen-Image EliGen (docs/design.md section 11),
+and its edit model Qwen-Image-Edit-Plus (``QwenImageEditPlusPipeline``, the same transformer class: a variant card,
+section 21). The cards are torch-free; the model is :mod:`.model`, the pipelines :mod:`.pipeline` and :mod:`.edit`,
+the LoRA key formats :mod:`.lora_keys` and the tiny random test pipelines :mod:`.testing`."""
 
 from __future__ import annotations
 
 from ..card import FamilyCard, SamplingDefaults
 
+# QwenImageEditPlusPipeline's own defaults (true CFG 4 needs a negative prompt); no EliGen reference exists for it
+_EDIT_DEFAULTS = SamplingDefaults(steps=50, true_cfg=4.0, guidance=None, max_sequence_length=512)
+
+EDIT_PLUS_CARD = FamilyCard(
+    name="qwen_image",
+    title="Qwen-Image-Edit",
+    pipelines=("QwenImageEditPlusPipeline", "EliGenQwenImageEditPlusPipeline"),
+    transformers=("QwenImageTransformer2DModel",),
+    eligen_pipeline="eligen.families.qwen_image.edit:EliGenQwenImageEditPlusPipeline",
+    family="eligen.families.qwen_image.model:QWEN_IMAGE_EDIT_PLUS",
+    lora_keys="eligen.families.qwen_image.lora_keys:KEY_FORMATS",
+    tiny_pipeline="eligen.families.qwen_image.testing:save_tiny_edit_pipeline",
+    defaults=_EDIT_DEFAULTS,
+    reference=_EDIT_DEFAULTS,
+    default_cfg="rescaled",
+    example="--model Qwen/Qwen-Image-Edit-2509",
+    hub_names=r"qwen.*image.*edit",
+    features=frozenset({"edit"}),
+)
+
 CARD = FamilyCard(
     name="qwen_image",
     title="Qwen-Image",
-    pipelines=("QwenImagePipeline", "EliGenQwenImagePipeline"),
+    pipelines=("QwenImagePipeline", "EliGenQwenImagePipeline", *EDIT_PLUS_CARD.pipelines),
     transformers=("QwenImageTransformer2DModel",),
     eligen_pipeline="eligen.families.qwen_image.pipeline:EliGenQwenImagePipeline",
     family="eligen.families.qwen_image.model:QWEN_IMAGE",
@@ -21,4 +42,5 @@ CARD = FamilyCard(
     default_cfg="rescaled",
     example="--model Qwen/Qwen-Image --lora DiffSynth-Studio/Qwen-Image-EliGen-V2",
     hub_names=r"qwen.*image",
+    variants=(EDIT_PLUS_CARD,),
 )

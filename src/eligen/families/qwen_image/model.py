@@ -22,7 +22,7 @@ from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, exponential_training_schedule
 from ..base import Branch, ModelFamily
-from . import CARD
+from . import CARD, EDIT_PLUS_CARD
 
 TRAIN_SHIFT_MU = 0.8  # the reference's Qwen-Image training scheduler: exponential shift mu 0.8, terminal sigma 0.02
 TRAIN_SHIFT_TERMINAL = 0.02
@@ -164,3 +164,24 @@ class QwenImageFamily(ModelFamily):
 
 
 QWEN_IMAGE = QwenImageFamily()
+
+
+class QwenImageEditPlusFamily(QwenImageFamily):
+    """Qwen-Image-Edit-Plus (diffusers ``QwenImageEditPlusPipeline``): Qwen-Image's transformer, latents and mask
+    rule; its text template is the edit one. Entity instructions are encoded with it and without the input images
+    (docs/design.md section 21)."""
+
+    card = EDIT_PLUS_CARD
+
+    def encode_entities(self, pipe, prompts: Sequence[str], max_sequence_length: int,
+                        device: torch.device) -> list[torch.Tensor]:
+        return [pipe._get_qwen_prompt_embeds(text, image=None, device=device)[0][:, :max_sequence_length]
+                for text in prompts]
+
+    def encode_texts(self, pipe, prompts: Sequence[str],
+                     max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(pipe._get_qwen_prompt_embeds(text, image=None)[0][0, :max_sequence_length].cpu(), None)
+                for text in prompts]
+
+
+QWEN_IMAGE_EDIT_PLUS = QwenImageEditPlusFamily()

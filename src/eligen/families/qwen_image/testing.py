@@ -194,3 +194,31 @@ def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
                   num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
     return (RealShapes("Qwen-Image", config, "diffusers QwenImageTransformer2DModel defaults = Qwen-Image config.json",
                        latent_dim=64, text_dim=3584, text_tokens=128, depth=("num_layers",)),)
+
+
+def build_edit_processor(tokenizer: Qwen2Tokenizer):
+    """The Qwen2-VL processor of the edit pipelines (the tiny vision tower's 14-pixel patches, 2x2 merge), without
+    torchvision (:class:`~.processor.NoVideoQwen2VLProcessor`)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processor import NoVideoQwen2VLProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
+                                               min_pixels=28 * 28, max_pixels=56 * 56)
+    return NoVideoQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def save_tiny_edit_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig(),
+                            layers: int | None = None) -> Path:
+    """The same random components with the Qwen2-VL processor, saved as a diffusers QwenImageEditPlusPipeline
+    directory; ``layers`` as :func:`save_tiny_pipeline`. Its ``model_index.json`` names the processor's module
+    (:mod:`.processor`), which the EliGen edit pipeline imports: import it before loading with diffusers' own class."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers)
+    path = Path(path)
+    components = build_components(seed, config)
+    pipe = QwenImageEditPlusPipeline(**components, processor=build_edit_processor(components["tokenizer"]))
+    pipe.save_pretrained(path)  # type: ignore[attr-defined]
+    return path
