@@ -154,3 +154,21 @@ class ModelFamily:
     def training_schedule(self) -> TrainingSchedule:
         """The reference trainer's noise levels and loss weights for this family."""
         raise NotImplementedError
+
+
+def framed_latent_statistics(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frame-axis VAE's per-channel latent mean and ``1 / std`` (its config's ``latents_mean`` / ``latents_std``),
+    shaped ``(1, C, 1, 1, 1)`` as diffusers makes them."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
+    return mean, inv_std
+
+
+def encode_framed(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` pixels in [-1, 1] -> packed, normalised latents through a frame-axis VAE (one frame), as the
+    pipelines of such a VAE prepare an input image."""
+    z = pipe.vae.encode(pixels[:, :, None]).latent_dist.mode()  # (B, C, 1, h, w): one frame
+    mean, inv_std = framed_latent_statistics(pipe.vae, z.device, z.dtype)
+    z = ((z - mean) * inv_std)[:, :, 0]
+    return pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])

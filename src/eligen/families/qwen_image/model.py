@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, exponential_training_schedule
-from ..base import Branch, ModelFamily
+from ..base import Branch, ModelFamily, encode_framed, framed_latent_statistics
 from . import CARD, EDIT_PLUS_CARD
 
 TRAIN_SHIFT_MU = 0.8  # the reference's Qwen-Image training scheduler: exponential shift mu 0.8, terminal sigma 0.02
@@ -122,22 +122,12 @@ class QwenImageFamily(ModelFamily):
         joins it to the regional mask (:func:`_qwen_mask`)."""
         return valid, regional
 
-    def _statistics(self, vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's per-channel latent mean and ``1 / std``, shaped ``(1, C, 1, 1, 1)`` (as diffusers makes them)."""
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
-        return mean, inv_std
-
     def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
-        z = pipe.vae.encode(pixels[:, :, None]).latent_dist.mode()  # (B, C, 1, h, w): one frame
-        mean, inv_std = self._statistics(pipe.vae, z.device, z.dtype)
-        z = ((z - mean) * inv_std)[:, :, 0]
-        return pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
+        return encode_framed(pipe, pixels)
 
     def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
-        mean, inv_std = self._statistics(pipe.vae, latents.device, latents.dtype)
+        mean, inv_std = framed_latent_statistics(pipe.vae, latents.device, latents.dtype)
         latents = (latents / inv_std + mean).to(get_module_execution_device(pipe.vae))
         return pipe.vae.decode(latents, return_dict=False)[0][:, :, 0]
 
