@@ -8,7 +8,7 @@
 4. decode (and for inpainting restore the input's size and paste its pixels back).
 
 A pipeline supplies the family hooks below (``_check_parent_inputs``, ``_encode_branch``, ``_negative_given``,
-``_initial_latents``, and optionally ``_image_prompts``, ``_timestep_shift`` and ``_regional_cover``); everything
+``_initial_latents``, and optionally ``_image_prompts``, ``_schedule_mu`` and ``_regional_cover``); everything
 else is shared.
 """
 
@@ -75,10 +75,10 @@ class EliGenCallMixin(EliGenMixin):
         """The parent's ``prepare_latents``: packed latents ``(B, n_img, C)``."""
         raise NotImplementedError
 
-    def _timestep_shift(self, image_seq_len: int) -> float | None:
-        """The schedule's shift ``mu`` when the parent fixes it (a distilled checkpoint's); None: diffusers'
-        resolution-dependent shift from the scheduler's config."""
-        return None
+    def _schedule_mu(self, image_seq_len: int, num_inference_steps: int) -> float:
+        """The schedule's shift ``mu`` for this call: the family's rule (:meth:`ModelFamily.schedule_mu`); a pipeline
+        whose parent fixes it for some checkpoints (a distilled one's) overrides this."""
+        return self.family.schedule_mu(self.scheduler.config, image_seq_len, num_inference_steps)
 
     def _regional_cover(self, cover: torch.Tensor) -> torch.Tensor:
         """The token covers ``(B, N, n_img)`` the regional mask is built from; an edit pipeline appends the tokens of
@@ -269,9 +269,7 @@ class EliGenCallMixin(EliGenMixin):
             raise ValueError(f"`latents` hold {latents.shape[1]} tokens but the entity masks were rasterised for "
                              f"{ents.cover.shape[-1]} ({size[1]}x{size[0]}); pass matching height/width")
         assert call.num_inference_steps is not None  # filled by _fill_defaults
-        mu = self._timestep_shift(latents.shape[1])  # a checkpoint's fixed shift, else the family's rule
-        if mu is None:
-            mu = self.family.schedule_mu(self.scheduler.config, latents.shape[1], call.num_inference_steps)
+        mu = self._schedule_mu(latents.shape[1], call.num_inference_steps)
         scheduler, timesteps, steps = flow_timesteps(self.scheduler, call.num_inference_steps, call.sigmas,
                                                      call.shift_sigmas, latents.shape[1], latents.device, mu)
         lat_h, lat_w = latent_grid_size(*size, self.vae_scale_factor, self.family.patch_size)

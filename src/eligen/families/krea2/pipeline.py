@@ -80,9 +80,11 @@ class EliGenKrea2Pipeline(EliGenCallMixin, Krea2Pipeline):
         assert call.true_cfg_scale is not None
         self._guidance_scale = krea_g(call.true_cfg_scale)  # Krea2Pipeline's `guidance_scale` property
 
-    def _timestep_shift(self, image_seq_len: int) -> float | None:
-        """Krea2Pipeline's fixed shift for the distilled checkpoint; the resolution shift otherwise."""
-        return DISTILLED_SHIFT_MU if self.config.get("is_distilled", False) else None
+    def _schedule_mu(self, image_seq_len: int, num_inference_steps: int) -> float:
+        """Krea2Pipeline's fixed shift for the distilled checkpoint; the family's resolution shift otherwise."""
+        if self.config.get("is_distilled", False):
+            return DISTILLED_SHIFT_MU
+        return super()._schedule_mu(image_seq_len, num_inference_steps)
 
     def _check_parent_inputs(self, call: Call, size: tuple[int, int], do_true_cfg: bool) -> None:
         if self.patch_size != self.family.patch_size:
