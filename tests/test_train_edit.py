@@ -101,3 +101,16 @@ def test_records_and_model_must_agree_on_editing(tmp_path, edits):
     assert item["input_image"].dtype == torch.uint8 and item["input_image"].shape == (3, 32, 32)
     before = np.asarray(Image.open(edits.parent / "in0.png"))
     assert np.array_equal(item["input_image"].permute(1, 2, 0).numpy(), before)  # the same crop as the image: none
+    root = edits.parent  # the records' paths are relative to their file
+    Image.new("RGB", (16, 32)).save(root / "narrow.png")
+    narrow = {**json.loads(edits.read_text().splitlines()[0]), "input_image": "narrow.png"}
+    (root / "mixed.jsonl").write_text(edits.read_text() + json.dumps(narrow) + "\n")
+    dataset = EntityDataset(root / "mixed.jsonl", 32, multiple=4, edit=True, max_bad_fraction=0.5)
+    assert len(dataset) == 2 and dataset.stats.reasons == {"input image of another size than the image": 1}
+
+
+def test_validation_layouts_are_refused_on_an_edit_model(tmp_path, edit_model, edits):
+    layout = tmp_path / "val.json"
+    layout.write_text(json.dumps({"prompt": "paint it", "width": 32, "height": 32, "entities": []}))
+    with pytest.raises(ValueError, match="is an edit model: the validation renders need an input image"):
+        Trainer(config(tmp_path, edit_model, edits, validation_layouts=[str(layout)]))
