@@ -116,7 +116,8 @@ class QwenEditHooks(EliGenCallMixin):
         no_noise = torch.empty(0)  # the noise is the trainer's: none is drawn here
         _, packed = self.prepare_latents(images.vae, batch, self.transformer.config.in_channels // 4,
                                          self.patch_grid, self.patch_grid, dtype, device, None, no_noise)
-        context, _ = self.encode_prompt(image=images.condition, prompt=prompt, device=device)
+        # on the text encoder's execution device, as the trainer's text cache encodes the entity instructions
+        context, _ = self.encode_prompt(image=images.condition, prompt=prompt)
         return images.reference(packed, context)
 
     def _velocity(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
