@@ -199,6 +199,13 @@ def test_single_image_entity_instructions_leave_the_vision_block_out(all_pipes):
     assert "<|image_pad|>" in single.prompt_template_encode  # the template is left as it was
     with pytest.raises(ValueError, match="no images were passed"):
         all_pipes["single"][1]._get_qwen_prompt_embeds("a dog", image=None)
+    template = single.prompt_template_encode
+    single.prompt_template_encode = plus.prompt_template_encode  # a template without the block: refused by name
+    try:
+        with pytest.raises(ValueError, match="has no vision block"):
+            single.family.instruction_embeds(single, "a dog")
+    finally:
+        single.prompt_template_encode = template
 
 
 # -- locality and keep-outside ------------------------------------------------------------------------------------
