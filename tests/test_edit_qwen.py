@@ -1,10 +1,13 @@
-"""EliGenQwenImageEditPlusPipeline on the tiny random Qwen-Image-Edit-Plus pipeline (docs/design.md section 21).
+"""EliGenQwenImageEditPlusPipeline and EliGenQwenImageEditPipeline on the tiny random Qwen-Image-Edit-Plus and
+Qwen-Image-Edit pipelines (docs/design.md section 21); ``kind`` "plus" / "single" names which.
 
-The tiny pipeline has VAE scale factor 2: a 32x32 output is an 8x8 token grid (n_img = 64). diffusers sizes the
-input for the VAE at about 1024x1024 and for the text encoder at about 384x384 (module constants); the tests set them
-to 32x32 (64 reference tokens) and 56x56 (the tiny vision tower's 2x2 merged 14-pixel patches), for the stock and
-the EliGen pipeline alike. The reference is written from the rules: each entity instruction encoded alone with the
-edit template and no image, the global instruction with the image as the stock pipeline encodes it,
+The tiny pipelines have VAE scale factor 2: a 32x32 output is an 8x8 token grid (n_img = 64). diffusers' Plus
+pipeline sizes the input for the VAE at about 1024x1024 and for the text encoder at about 384x384 (module
+constants); the tests set them to 32x32 (64 reference tokens) and 56x56 (the tiny vision tower's 2x2 merged 14-pixel
+patches). The single-image pipeline sizes its one input (for both) with ``calculate_dimensions(1024 * 1024, ratio)``:
+the tests make that 32x32. Stock and EliGen pipelines alike. The reference is written from the rules: each entity
+instruction encoded alone with the Plus edit template and no image (for the single-image model too: its template
+less the vision block is that template), the global instruction with the image as the stock pipeline encodes it,
 ``[e_1 | ... | e_N | global | image | reference]``, text RoPE restarting for every segment, the suite's mask oracle
 with the reference tokens covered by every entity, attention as an explicit masked softmax.
 """
@@ -14,15 +17,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import QwenImageEditPlusPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as single_module
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as stock_module
 from PIL import Image
 
 import eligen.families.qwen_image.processor  # noqa: F401  (the saved pipelines name their processor class there)
-from eligen import EliGenQwenImageEditPlusPipeline, Entity
+from eligen import EliGenQwenImageEditPipeline, EliGenQwenImageEditPlusPipeline, Entity
 from eligen.families import model_card
-from eligen.families.qwen_image.testing import save_tiny_edit_pipeline
+from eligen.families.qwen_image.testing import save_tiny_edit_pipeline, save_tiny_single_edit_pipeline
 from families import oracles
 from reference import reference_mask_segments
 
@@ -39,6 +43,8 @@ def small_inputs():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stock_module, "VAE_IMAGE_SIZE", 32 * 32)
         patch.setattr(stock_module, "CONDITION_IMAGE_SIZE", 56 * 56)
+        calculate = single_module.calculate_dimensions
+        patch.setattr(single_module, "calculate_dimensions", lambda area, ratio: calculate(32 * 32, ratio))
         yield
 
 
@@ -61,17 +67,40 @@ def load(cls, path):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_edit")
-    return {"full": save_tiny_edit_pipeline(root / "full"), "one": save_tiny_edit_pipeline(root / "one", layers=1)}
+    return {"plus": save_tiny_edit_pipeline(root / "full"), "one": save_tiny_edit_pipeline(root / "one", layers=1),
+            "single": save_tiny_single_edit_pipeline(root / "single")}
+
+
+KINDS = {"plus": (EliGenQwenImageEditPlusPipeline, QwenImageEditPlusPipeline),
+         "single": (EliGenQwenImageEditPipeline, QwenImageEditPipeline)}
 
 
 @pytest.fixture(scope="module")
-def pipes(dirs):
-    return load(EliGenQwenImageEditPlusPipeline, dirs["full"]), load(QwenImageEditPlusPipeline, dirs["full"])
+def all_pipes(dirs):
+    """kind -> ``(EliGen pipeline, stock pipeline)`` on the same weights (call them, never change them)."""
+    return {kind: (load(ours, dirs[kind]), load(stock, dirs[kind])) for kind, (ours, stock) in KINDS.items()}
 
 
-def test_the_checkpoint_is_served_by_the_edit_card(dirs):
-    card = model_card(str(dirs["full"]))
-    assert card.pipeline_class_name == "EliGenQwenImageEditPlusPipeline" and card.name == "qwen_image"
+@pytest.fixture
+def pipes(all_pipes, kind):
+    return all_pipes[kind]
+
+
+@pytest.fixture(params=list(KINDS))
+def kind(request):
+    return request.param
+
+
+def test_the_checkpoint_is_served_by_the_edit_card(dirs, kind):
+    card = model_card(str(dirs[kind]))
+    assert card.pipeline_class_name == KINDS[kind][0].__name__ and card.name == "qwen_image"
+    assert "edit" in card.features
+
+
+@pytest.mark.parametrize(("hub_id", "kind"), [("Qwen/Qwen-Image-Edit", "single"), ("Qwen/Qwen-Image-Edit-2509", "plus"),
+                                               ("Qwen/Qwen-Image-Edit-2511", "plus")])
+def test_an_uncached_hub_id_is_read_by_its_name(hub_id, kind):
+    assert model_card(hub_id).pipeline_class_name == KINDS[kind][0].__name__
 
 
 @pytest.mark.parametrize("output_type", ["latent", "pt"])
@@ -121,10 +150,16 @@ class ReferenceProcessor:
         return attn.to_out[0](out[:, text_len:]), attn.to_add_out(out[:, :text_len])
 
 
-def reference_run(stock, entities, seed, **call):
-    segments = [stock._get_qwen_prompt_embeds(e.prompt, image=None)[0] for e in entities]
-    side = stock_module.calculate_dimensions(stock_module.CONDITION_IMAGE_SIZE, 1.0)
-    condition = [stock.image_processor.resize(INPUT, side[1], side[0])]
+def reference_run(all_pipes, kind, entities, seed, **call):
+    """The stock pipeline of ``kind`` with the rules' sequence and mask; entity segments from the Plus pipeline's
+    template (the same random text encoder in both tiny pipelines)."""
+    plus, stock = all_pipes["plus"][1], all_pipes[kind][1]
+    segments = [plus._get_qwen_prompt_embeds(e.prompt, image=None)[0] for e in entities]
+    if kind == "plus":
+        side = stock_module.calculate_dimensions(stock_module.CONDITION_IMAGE_SIZE, 1.0)
+        condition = [stock.image_processor.resize(INPUT, side[1], side[0])]
+    else:  # one image, at the VAE's size, in the template's own vision block
+        condition = stock.image_processor.resize(INPUT, H, W)
     segments.append(stock._get_qwen_prompt_embeds(PROMPT, image=condition)[0])
     lengths = [s.shape[1] for s in segments]
     covers = [cover_tokens(e) + [True] * N_REF for e in entities]
@@ -138,20 +173,39 @@ def reference_run(stock, entities, seed, **call):
         stock.transformer.set_attn_processor(originals)
 
 
-@pytest.mark.parametrize("attention", ["dense", "flex", "segmented"])
-def test_entities_equal_the_reference(pipes, attention):
-    ours, stock = pipes
+@pytest.mark.parametrize(("kind", "attention"), [("plus", "dense"), ("plus", "flex"), ("plus", "segmented"),
+                                                 ("single", "dense")])
+def test_entities_equal_the_reference(all_pipes, kind, attention):
+    ours, _ = all_pipes[kind]
     mine = ours(**kwargs(), entities=ENTITIES, keep_outside=False, attention=attention, generator=gen(4)).images
-    torch.testing.assert_close(mine, reference_run(stock, ENTITIES, 4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine, reference_run(all_pipes, kind, ENTITIES, 4), atol=1e-5, rtol=1e-5)
     plain = ours(**kwargs(), generator=gen(4)).images
     assert (mine - plain).abs().max() > 1e-3  # the entities matter
 
 
-def test_entities_with_true_cfg_equal_the_reference(pipes):
-    ours, stock = pipes
+def test_entities_with_true_cfg_equal_the_reference(all_pipes, kind):
+    ours, _ = all_pipes[kind]
     mine = ours(**kwargs(negative_prompt="blurry"), entities=ENTITIES, keep_outside=False, generator=gen(5)).images
-    torch.testing.assert_close(mine, reference_run(stock, ENTITIES, 5, negative_prompt="blurry"), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(mine, reference_run(all_pipes, kind, ENTITIES, 5, negative_prompt="blurry"),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_single_image_entity_instructions_leave_the_vision_block_out(all_pipes):
+    """The single-image template less its vision block is the Plus template: the same segment. The template as it
+    is cannot encode text without its image (the processor refuses an image placeholder with no image)."""
+    single, plus = all_pipes["single"][0], all_pipes["plus"][0]
+    mine = single.family.instruction_embeds(single, "a dog")
+    assert torch.equal(mine, plus.family.instruction_embeds(plus, "a dog"))
+    assert "<|image_pad|>" in single.prompt_template_encode  # the template is left as it was
+    with pytest.raises(ValueError, match="no images were passed"):
+        all_pipes["single"][1]._get_qwen_prompt_embeds("a dog", image=None)
+    template = single.prompt_template_encode
+    single.prompt_template_encode = plus.prompt_template_encode  # a template without the block: refused by name
+    try:
+        with pytest.raises(ValueError, match="has no vision block"):
+            single.family.instruction_embeds(single, "a dog")
+    finally:
+        single.prompt_template_encode = template
 
 
 # -- locality and keep-outside ------------------------------------------------------------------------------------
@@ -159,7 +213,7 @@ def test_entities_with_true_cfg_equal_the_reference(pipes):
 
 @pytest.mark.parametrize("attention", ["dense", "flex", "segmented"])
 def test_an_entity_instruction_moves_only_the_tokens_it_covers(dirs, attention):
-    pipe = load(EliGenQwenImageEditPlusPipeline, dirs["one"])
+    pipe = load(EliGenQwenImageEditPlusPipeline, dirs["one"])  # the rule is the same for both kinds
     assert len(pipe.transformer.transformer_blocks) == 1
 
     def one_step(first_prompt):
@@ -184,7 +238,7 @@ def test_keep_outside_leaves_the_input_outside_the_union(pipes):
     assert (free[0][outside] - z_init[outside]).abs().max() > 1e-3  # off: the model may touch everything
 
 
-def test_cli_edit_end_to_end(dirs, tmp_path):
+def test_cli_edit_end_to_end(dirs, kind, tmp_path):
     import json
 
     from eligen.cli import main
@@ -196,7 +250,7 @@ def test_cli_edit_end_to_end(dirs, tmp_path):
     photo = tmp_path / "photo.png"
     INPUT.save(photo)
     out = tmp_path / "edited.png"
-    assert main(["edit", str(photo), str(layout), "-o", str(out), "--model", str(dirs["full"]), "--steps", "2"]) == 0
+    assert main(["edit", str(photo), str(layout), "-o", str(out), "--model", str(dirs[kind]), "--steps", "2"]) == 0
     assert read_metadata(out)["command"] == "edit"
     union = Entity("x", box=(2, 2, 14, 10)).rasterize(W, H)
     before, after = np.asarray(INPUT), np.asarray(Image.open(out))

@@ -51,7 +51,7 @@ def test_unequal_prompt_lengths_are_masked_not_attended(tmp_path, tiny_qwen_dir,
     trainer = Trainer(config(tmp_path, tiny_qwen_dir, dataset, batch_size=2, drop_entities=0.0))
     batch = next(trainer.batches())
     batch["prompts"] = ["a dog", "a very long caption of a red square on a gray background"]
-    _, _, branch = trainer.encode_batch(batch)
+    _, _, branch, _ = trainer.encode_batch(batch)
     short = len(QWEN_IMAGE.encode_texts(trainer.pipe, ["a dog"], 16)[0][0])
     long = len(QWEN_IMAGE.encode_texts(trainer.pipe, [batch["prompts"][1]], 16)[0][0])
     assert short < long

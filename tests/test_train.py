@@ -142,7 +142,7 @@ def test_reference_metadata_json_and_mixed_entity_counts(tmp_path, tiny_pipeline
     trainer = Trainer(config(tmp_path, tiny_pipeline_dir, folder / "metadata.json", batch_size=4, drop_entities=0.0))
     batch = next(trainer.batches())
     assert sorted(batch["entity_counts"]) == [0, 1, 2, 3]
-    x0, _, branch = trainer.encode_batch(batch)
+    x0, _, branch, _ = trainer.encode_batch(batch)
     context, mask = branch.context, branch.attention_mask
     n_img = x0.shape[1]
     assert context.shape[1] == 4 * 16 and mask.shape == (4, 1, 4 * 16 + n_img, 4 * 16 + n_img)

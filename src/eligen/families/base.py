@@ -9,7 +9,7 @@ files, training) is shared. A family subclasses :class:`ModelFamily` in its pack
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +42,26 @@ class Branch:
     def __post_init__(self) -> None:
         if self.sequence is None:
             self.sequence = TokenSequence((), self.context.shape[1])
+
+
+@dataclass
+class ReferenceTokens:
+    """What an edit pipeline appends after the image tokens of every forward (docs/design.md section 21): the input
+    image's packed latents ``packed (B, n_ref, C)``, ``extend`` taking the image geometry to that of
+    ``[image | reference]``, and ``context (1, T, D)``: the global instruction encoded with the input where the
+    pipeline's text encoder sees it (Qwen-Image-Edit), else None."""
+
+    packed: torch.Tensor
+    extend: Callable[[Any], Any]
+    context: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.packed.shape[1]
+
+    def join(self, latents: torch.Tensor, geometry: Any) -> tuple[torch.Tensor, Any]:
+        """``(B, n_img, C)`` latents and their geometry -> ``(B, n_img + n_ref, C)`` and the joined geometry."""
+        return torch.cat([latents, self.packed.to(latents.dtype)], dim=1), self.extend(geometry)
 
 
 def rescaled_cfg(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:

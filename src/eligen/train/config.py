@@ -19,7 +19,8 @@ class TrainConfig:
     config: Path | None = option(None, "YAML file with any of these fields (flags override it)", positional=True)
     model: str | None = option("eligen-tiny", f"diffusers {titles()} pipeline directory or hub id to train "
                                "on (default: the shipped tiny model)")
-    dataset: Path | None = option(None, "training data: our JSONL or the reference metadata.json")
+    dataset: Path | None = option(None, "training data: our JSONL or the reference metadata.json (records with "
+                                  "input_image for an edit model)")
     output_dir: Path | None = option(None, "where checkpoints, logs, validation grids and the LoRA go")
     resolution: int | None = option(None, "training side length (aspect-ratio buckets keep about this many pixels; "
                                     "default: the model's native size)")

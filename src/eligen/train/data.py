@@ -7,6 +7,10 @@ Two record formats are read (docs/design.md section 6), detected from the conten
 - the reference ``metadata.json``: a JSON list of ``{"image", "prompt", "eligen_entity_prompts": [...],
   "eligen_entity_masks": [mask png paths]}``.
 
+Either may carry ``"input_image": "rel/before.png"``: an edit record (docs/design.md section 21), ``image`` the
+edited image (the target), ``input_image`` the image before the edit, of the same size, ``prompt`` the instruction.
+An edit model trains on edit records only, any other model on none (:class:`EntityDataset` ``edit``).
+
 Paths are relative to the data file. Boxes are pixel corners of the original image, rasterised with the
 pixel-centre rule of :func:`eligen.entities.box_to_mask`.
 
@@ -42,6 +46,8 @@ Bucket = tuple[int, int]  # (height, width) in pixels
 MALFORMED_JSON = "malformed JSON line"
 NOT_AN_OBJECT = "record is not a JSON object"
 MISSING_IMAGE_FIELD = "missing or invalid 'image' field"
+INVALID_INPUT_IMAGE_FIELD = "invalid 'input_image' field"
+INPUT_SIZE_MISMATCH = "input image of another size than the image"
 MISSING_PROMPT_FIELD = "missing or invalid 'prompt' field"
 MALFORMED_ENTITY = "malformed entity"
 LENGTH_MISMATCH = "entity prompts/masks length mismatch"
@@ -68,9 +74,9 @@ class Record:
     """One parsed, not yet loaded, training example.
 
     ``entities`` holds ``(entity prompt, {"box": [x0, y0, x1, y1]})`` or ``(entity prompt, {"mask": Path})`` in the
-    original image's pixel coordinates. A structurally malformed record keeps ``error`` (one of the reason
-    strings above), ``detail`` (what exactly) and ``source`` (``"line 3"`` / ``"record 3"``) so that
-    :class:`EntityDataset` can count it instead of crashing.
+    original image's pixel coordinates; ``input_image`` is the image before the edit of an edit record, else None.
+    A structurally malformed record keeps ``error`` (one of the reason strings above), ``detail`` (what exactly) and
+    ``source`` (``"line 3"`` / ``"record 3"``) so that :class:`EntityDataset` can count it instead of crashing.
     """
 
     image: Path
@@ -79,6 +85,7 @@ class Record:
     error: str | None = None
     detail: str = ""
     source: str = ""
+    input_image: Path | None = None
 
 
 @dataclass
@@ -168,6 +175,14 @@ def _parse_reference(data: dict, image: Path, prompt: str, base: Path) -> Record
     return Record(image, prompt, entities)
 
 
+def _parse_input_image(value: Any, base: Path) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _RecordError(INVALID_INPUT_IMAGE_FIELD, f"'input_image' must be a path string, got {value!r}")
+    return _resolve(value, base)
+
+
 def _parse_record(data: Any, base: Path, source: str) -> Record:
     """Either format, chosen per record: an ``entities`` key means ours, otherwise the reference keys."""
     try:
@@ -176,6 +191,7 @@ def _parse_record(data: Any, base: Path, source: str) -> Record:
             record = _parse_ours(data, image, prompt, base)
         else:
             record = _parse_reference(data, image, prompt, base)
+        record.input_image = _parse_input_image(data.get("input_image"), base)
     except _RecordError as exc:
         raw_image = data.get("image") if isinstance(data, dict) else None
         path = _resolve(raw_image, base) if isinstance(raw_image, str) and raw_image else Path()
@@ -365,6 +381,10 @@ def _validate_record(record: Record) -> tuple[int, int]:
     if record.error is not None:
         raise _RecordError(record.error, record.detail)
     width, height = _image_size(record.image)
+    if record.input_image is not None and _image_size(record.input_image) != (width, height):
+        input_width, input_height = _image_size(record.input_image)
+        raise _RecordError(INPUT_SIZE_MISMATCH, f"input image {record.input_image} is {input_width}x{input_height}, "
+                                                f"the image is {width}x{height}")
     for i, (prompt, spatial) in enumerate(record.entities):
         if not prompt.strip():
             raise _RecordError(EMPTY_ENTITY_PROMPT, f"entity {i} has an empty prompt")
@@ -389,11 +409,15 @@ class EntityDataset(torch.utils.data.Dataset):
 
     Every record is checked up front (image header, mask files and sizes, boxes, entity prompts); bad records are
     skipped and counted in :attr:`stats`. Item ``i`` is ``{"image": (3, H, W) float in [-1, 1], "prompt": str,
-    "entity_prompts": list[str] (N), "entity_masks": (N, H, W) bool}`` with ``(H, W) = bucket_of(i)``.
+    "entity_prompts": list[str] (N), "entity_masks": (N, H, W) bool}`` with ``(H, W) = bucket_of(i)``, and for an
+    edit record ``"input_image": (3, H, W) uint8``, the input under the same transform as the image.
+
+    ``edit``: the data is for an edit model, so every record must be an edit record (``input_image``); otherwise
+    none may be. A record that breaks this is an error naming it (the data and the model do not fit), not a skip.
     """
 
     def __init__(self, path: str | Path, resolution: int, multiple: int = 64, buckets: bool = True,
-                 max_bad_fraction: float = 0.1, max_entities: int | None = None):
+                 max_bad_fraction: float = 0.1, max_entities: int | None = None, edit: bool = False):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
         if max_entities is not None and max_entities < 0:
@@ -407,6 +431,7 @@ class EntityDataset(torch.utils.data.Dataset):
         self.sizes: list[tuple[int, int]] = []  # (width, height) of each original image
         self.buckets: list[Bucket] = []
         self.bad_records: list[Record] = []  # with error, detail and source filled in
+        self.edit = edit
         self._load(max_entities)
         self._check(max_bad_fraction)
 
@@ -416,6 +441,7 @@ class EntityDataset(torch.utils.data.Dataset):
         for record in records:
             if max_entities is not None:
                 record = replace(record, entities=record.entities[:max_entities])
+            self._check_kind(record)
             try:
                 width, height = _validate_record(record)
             except _RecordError as exc:
@@ -426,6 +452,17 @@ class EntityDataset(torch.utils.data.Dataset):
             self.sizes.append((width, height))
             self.buckets.append(nearest_bucket(width, height, self.available_buckets))
         self.stats = DatasetStats(total=len(records), bad=sum(reasons.values()), reasons=dict(reasons.most_common()))
+
+    def _check_kind(self, record: Record) -> None:
+        """An edit model's data holds edit records only, any other model's none."""
+        if record.error is not None or (record.input_image is not None) == self.edit:
+            return
+        if self.edit:
+            raise ValueError(f"{self.path} {record.source}: no 'input_image'; an edit model learns from edit records: "
+                             "give each record the image before the edit as 'input_image' beside 'image' (the edited "
+                             "one), or train a model that is not an edit model")
+        raise ValueError(f"{self.path} {record.source}: an edit record ('input_image'), but this model is not an edit "
+                         "model; drop 'input_image', or train an edit model (eligen edit lists them)")
 
     def _check(self, max_bad_fraction: float) -> None:
         stats = self.stats
@@ -470,8 +507,12 @@ class EntityDataset(torch.utils.data.Dataset):
         masks = [self._entity_mask(spatial, transform) for _, spatial in record.entities]
         entity_masks = (torch.from_numpy(np.stack(masks)) if masks
                         else torch.zeros((0, out_h, out_w), dtype=torch.bool))
-        return {"image": image_tensor, "prompt": record.prompt,
+        item = {"image": image_tensor, "prompt": record.prompt,
                 "entity_prompts": [prompt for prompt, _ in record.entities], "entity_masks": entity_masks}
+        if record.input_image is not None:
+            with Image.open(record.input_image) as image:
+                item["input_image"] = torch.from_numpy(np.array(transform.image(image))).permute(2, 0, 1).contiguous()
+        return item
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -569,7 +610,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples of one bucket: ``{"images": (B, 3, H, W), "prompts": [B], "entity_prompts": B lists padded
-    with "" to N_max, "entity_masks": (B, N_max, H, W) bool (padding all False, inert), "entity_counts": [B]}``.
+    with "" to N_max, "entity_masks": (B, N_max, H, W) bool (padding all False, inert), "entity_counts": [B]}``,
+    and for edit records ``"input_images": (B, 3, H, W) uint8``.
     """
     if not samples:
         raise ValueError("collate got an empty batch")
@@ -592,4 +634,5 @@ def collate(samples: list[dict]) -> dict:
         "entity_prompts": [list(s["entity_prompts"]) + [""] * (n_max - len(s["entity_prompts"])) for s in samples],
         "entity_masks": masks,
         "entity_counts": counts,
+        **({"input_images": torch.stack([s["input_image"] for s in samples])} if "input_image" in samples[0] else {}),
     }

@@ -2,8 +2,11 @@
 
 Per optimisation step: VAE-encode the batch, draw noise and a noise level, run the DiT with the entity prompts
 and the batch's regional mask (dense, per sample: padded entities have empty masks and are exactly inert),
-regress the velocity ``noise - x0``, step AdamW on the LoRA parameters only. Checkpoints hold the adapter,
-optimizer, LR schedule, every RNG and the data position, so a resumed run continues bit for bit.
+regress the velocity ``noise - x0``, step AdamW on the LoRA parameters only. An edit model (a card with the "edit"
+feature) learns from edit records: the input image's reference tokens, made by the edit pipeline's own code, follow
+the noisy image tokens as at inference, and the loss is on the image tokens only (docs/design.md section 21).
+Checkpoints hold the adapter, optimizer, LR schedule, every RNG and the data position, so a resumed run continues
+bit for bit.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from typing import Any, cast
 import torch
 from tqdm.auto import tqdm
 
-from ..families.base import Branch
+from ..families.base import Branch, ReferenceTokens
 from ..files import atomic_path, file_sha256
-from ..masks import latent_grid_size, pixel_masks_to_covers
+from ..masks import latent_grid_size, pixel_masks_to_covers, reference_cover
 from ..options import pipeline_sampling_defaults
 from ..regional.sequence import TokenSequence
 from .config import TrainConfig, changed_options, jsonable_config
@@ -249,6 +252,11 @@ class Trainer:
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.pipe = load_eligen_pipeline(config.model, dtype=weight_dtype, load_default_lora=False)
         self.family = self.pipe.family
+        self.edit = "edit" in self.family.card.features
+        if self.edit and config.validation_layouts:
+            raise ValueError(f"{self.family.card.title} is an edit model: the validation renders need an input image, "
+                             "which a layout does not give; drop --validation-layouts (check the LoRA with eligen "
+                             "edit)")
         # what the run leaves out is the model's, as for generation: its token length and native size
         tokens = config.max_sequence_length or pipeline_sampling_defaults(self.pipe)["max_sequence_length"]
         config = dataclasses.replace(
@@ -280,7 +288,8 @@ class Trainer:
         assert config.resolution is not None and config.max_sequence_length is not None  # _load_model()
         multiple = self.pipe.patch_grid
         self.dataset = EntityDataset(config.dataset, config.resolution, multiple=multiple, buckets=config.buckets,
-                                     max_bad_fraction=config.max_bad_fraction, max_entities=config.max_entities)
+                                     max_bad_fraction=config.max_bad_fraction, max_entities=config.max_entities,
+                                     edit=self.edit)
         self.sampler = BucketBatchSampler(self.dataset, config.batch_size, seed=config.seed,
                                           rank=self.accelerator.process_index,
                                           world_size=self.accelerator.num_processes)
@@ -328,9 +337,11 @@ class Trainer:
             self.sampler.set_epoch(start["epoch"] + 1)
 
     def encode_batch(self, batch: dict):
-        """Latents ``(B, n_img, C)``, the image geometry and the positive branch (text sequence, pooled vectors,
-        text positions, regional mask) for one batch. Segments of unequal lengths in the batch are padded after
-        their text; the family's padding rule says how the padding is masked."""
+        """Latents ``(B, n_img, C)``, the image geometry, the positive branch (text sequence, pooled vectors, text
+        positions, regional mask) and, for edit records, the input images' reference tokens (else None) for one
+        batch. Segments of unequal lengths in the batch are padded after their text; the family's padding rule says
+        how the padding is masked. The reference tokens are image tokens every real entity covers (as at inference);
+        padded and dropped entities cover nothing."""
         config, pipe, family = self.config, self.pipe, self.family
         images = batch["images"].to(self.device, pipe.vae.dtype)
         x0 = family.encode_image(pipe, images).float()
@@ -338,9 +349,11 @@ class Trainer:
         lat_h, lat_w = latent_grid_size(images.shape[2], images.shape[3], pipe.vae_scale_factor, family.patch_size)
         geometry = family.geometry(pipe, b, lat_h, lat_w, self.device, x0.dtype)
         prompts, entity_prompts = batch["prompts"], batch["entity_prompts"]
+        reference, instructions = self.edit_references(batch)
         n = max((len(e) for e in entity_prompts), default=0)
-        self.text.encode([*prompts, *(p for e in entity_prompts for p in e)], pooled=True)
-        global_seq, global_valid = pad_stack([self.text.sequences[p] for p in prompts])
+        self.text.encode([*(prompts if instructions is None else []), *(p for e in entity_prompts for p in e)],
+                         pooled=True)
+        global_seq, global_valid = pad_stack(instructions or [self.text.sequences[p] for p in prompts])
         pooled = torch.stack([self.text.pooled[p] for p in prompts]).to(self.device) if family.has_pooled else None
         segments = [pad_stack([self.text.sequences[e[i]] for e in entity_prompts]) for i in range(n)]
         sequence = TokenSequence.of([s.shape[1] for s, _ in segments], global_seq.shape[1])
@@ -348,16 +361,35 @@ class Trainer:
         valid = sequence.text_valid(global_valid, [v for _, v in segments]).to(self.device)
         cover = pixel_masks_to_covers(batch["entity_masks"], pipe.vae_scale_factor, family.patch_size)
         keep = torch.rand(b, generator=self.generator) >= config.drop_entities  # global-only samples
+        if reference is not None:
+            real = torch.arange(n)[None, :] < torch.tensor(batch["entity_counts"])[:, None]  # (B, N)
+            cover = reference_cover(cover, reference.tokens) & real[..., None]
         cover = cover & keep[:, None, None]
         regional = sequence.mask(cover).to(self.device) if n else None
         text_mask, mask = family.padding(sequence, None if valid.all() else valid, regional)
         positions = family.positions(sequence, self.device, torch.float32)
-        return x0, geometry, Branch(context, pooled, text_mask, mask, positions, sequence)
+        return x0, geometry, Branch(context, pooled, text_mask, mask, positions, sequence), reference
+
+    @torch.no_grad()
+    def edit_references(self, batch: dict) -> tuple[ReferenceTokens | None, list[torch.Tensor] | None]:
+        """The batch's input images as the edit pipeline makes its reference tokens (``edit_reference``), one
+        sample at a time, stacked (every sample of a batch has one bucket, so one reference size); and each
+        instruction ``(T_i, D)`` where the pipeline encodes it with its input image (else None, the text cache's).
+        ``(None, None)`` for a batch without edit records."""
+        if "input_images" not in batch:
+            return None, None
+        from PIL import Image
+
+        made = [self.pipe.edit_reference(Image.fromarray(pixels.permute(1, 2, 0).numpy()), prompt, 1, self.device,
+                                         self.pipe.vae.dtype)
+                for pixels, prompt in zip(batch["input_images"], batch["prompts"], strict=True)]
+        instructions = [r.context[0].cpu() for r in made if r.context is not None]
+        return ReferenceTokens(torch.cat([r.packed for r in made]), made[0].extend), instructions or None
 
     # -- one step -------------------------------------------------------------------------------------
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x0, geometry, branch = self.encode_batch(batch)
+        x0, geometry, branch, reference = self.encode_batch(batch)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         sigmas, weights = sample_sigmas(x0.shape[0], self.config.timestep_sampling, self.generator, self.schedule)
         sigmas, weights = sigmas.to(self.device), weights.to(self.device)
@@ -365,9 +397,10 @@ class Trainer:
         guidance = None  # only guidance-distilled transformers take the embedded guidance value
         if getattr(self.transformer.config, "guidance_embeds", False):  # a config without the key has none
             guidance = torch.full((x0.shape[0],), self.config.guidance, device=self.device)
+        tokens, joined = (x_t, geometry) if reference is None else reference.join(x_t, geometry)
         with self.accelerator.autocast():
-            prediction = self.family.forward(self.model, x_t, sigmas, branch, geometry, guidance)
-        per_sample = per_sample_loss(prediction, x0, noise)
+            prediction = self.family.forward(self.model, tokens, sigmas, branch, joined, guidance)
+        per_sample = per_sample_loss(prediction[:, : x0.shape[1]], x0, noise)  # the image tokens only
         return flow_loss(per_sample, weights), per_sample.detach(), sigmas.detach()
 
     # -- checkpoints ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ...inpaint import InpaintSource
 from ...masks import reference_cover
 from ...pipelines.arguments import Call, edit_arguments, eligen_call_doc
 from ...pipelines.mixin import logger
-from ..base import Branch
+from ..base import Branch, ReferenceTokens
 from .model import FLUX_KONTEXT
 from .pipeline import FluxHooks
 
@@ -33,13 +33,11 @@ from .pipeline import FluxHooks
 @dataclasses.dataclass
 class EditReference:
     """The input image as FluxKontextPipeline prepares it: ``pixels (B, 3, H, W)`` (resized to a Kontext
-    resolution) or ``latents`` given directly ``(B, C, h, w)``; after ``_initial_latents`` its packed latents
-    ``(B, n_ref, 4 C)`` and ids ``(n_ref, 3)``."""
+    resolution) or ``latents`` given directly ``(B, C, h, w)``; after ``_initial_latents`` its reference tokens."""
 
     image: torch.Tensor
     tokens: int
-    packed: torch.Tensor | None = None
-    ids: torch.Tensor | None = None
+    joined: ReferenceTokens | None = None
 
 
 class EliGenFluxKontextPipeline(FluxHooks, FluxKontextPipeline):
@@ -82,18 +80,29 @@ class EliGenFluxKontextPipeline(FluxHooks, FluxKontextPipeline):
             None if reference is None else reference.image, batch, self.transformer.config.in_channels // 4, *size,
             dtype, device, call.generator, call.latents)
         if reference is not None:
-            reference.packed, reference.ids = packed, ids
+            reference.joined = _reference_tokens(packed, ids)
         return latents
+
+    def edit_reference(self, image: Any, prompt: str, batch: int, device: torch.device,
+                       dtype: torch.dtype) -> ReferenceTokens:
+        """Training on edit records: the input image's reference tokens as a call prepares them (resized to the
+        nearest Kontext resolution, VAE-encoded, packed); ``prompt`` is encoded apart (Kontext's text encoders do
+        not see the image)."""
+        reference = self._prepare_reference(image, auto_resize=True)
+        assert reference is not None  # an image was given
+        no_noise = torch.empty(0)  # the noise is the trainer's: none is drawn here
+        _, packed, _, ids = self.prepare_latents(reference.image, batch, self.transformer.config.in_channels // 4,
+                                                 self.patch_grid, self.patch_grid, dtype, device, None, no_noise)
+        return _reference_tokens(packed, ids)
 
     def _velocity(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                   guidance: torch.Tensor | None) -> torch.Tensor:
         """The forward on ``[image | reference]`` tokens, as FluxKontextPipeline runs it; the image tokens'
         velocity."""
         reference = self._edit_reference
-        if reference is None or reference.packed is None or reference.ids is None:
+        if reference is None or reference.joined is None:
             return super()._velocity(latents, timestep, branch, geometry, guidance)
-        joined = torch.cat([latents, reference.packed], dim=1)
-        ids = torch.cat([geometry, reference.ids], dim=0)
+        joined, ids = reference.joined.join(latents, geometry)
         return super()._velocity(joined, timestep, branch, ids, guidance)[:, : latents.shape[1]]
 
     # -- the size ---------------------------------------------------------------------------------------------------
@@ -177,3 +186,8 @@ class EliGenFluxKontextPipeline(FluxHooks, FluxKontextPipeline):
             return self._eligen_call(Call.of(edit_arguments(locals()), "joint_attention_kwargs"))
         finally:
             self._edit_reference = None
+
+
+def _reference_tokens(packed: torch.Tensor, ids: torch.Tensor) -> ReferenceTokens:
+    """Kontext's reference: its ids ``(n_ref, 3)`` (frame 1) follow the image's."""
+    return ReferenceTokens(packed, lambda image_ids: torch.cat([image_ids, ids], dim=0))

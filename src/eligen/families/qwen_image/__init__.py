@@ -1,7 +1,8 @@
 """Qwen-Image: diffusers' ``QwenImagePipeline`` with the reference's Qwen-Image EliGen (docs/design.md section 11),
-and its edit model Qwen-Image-Edit-Plus (``QwenImageEditPlusPipeline``, the same transformer class: a variant card,
-section 21). The cards are torch-free; the model is :mod:`.model`, the pipelines :mod:`.pipeline` and :mod:`.edit`,
-the LoRA key formats :mod:`.lora_keys` and the tiny random test pipelines :mod:`.testing`."""
+and its edit models Qwen-Image-Edit-Plus (``QwenImageEditPlusPipeline``) and Qwen-Image-Edit
+(``QwenImageEditPipeline``, one input image), on the same transformer class: a variant card each, section 21. The
+cards are torch-free; the model is :mod:`.model`, the pipelines :mod:`.pipeline` and :mod:`.edit`, the LoRA key
+formats :mod:`.lora_keys` and the tiny random test pipelines :mod:`.testing`."""
 
 from __future__ import annotations
 
@@ -23,14 +24,31 @@ EDIT_PLUS_CARD = FamilyCard(
     reference=_EDIT_DEFAULTS,
     default_cfg="rescaled",
     example="--model Qwen/Qwen-Image-Edit-2509",
-    hub_names=r"qwen.*image.*edit",
+    hub_names=r"qwen.*image.*edit.*(2509|2511|plus)",
+    features=frozenset({"edit"}),
+)
+
+EDIT_CARD = FamilyCard(
+    name="qwen_image",
+    title="Qwen-Image-Edit (single image)",
+    pipelines=("QwenImageEditPipeline", "EliGenQwenImageEditPipeline"),
+    transformers=("QwenImageTransformer2DModel",),
+    eligen_pipeline="eligen.families.qwen_image.edit:EliGenQwenImageEditPipeline",
+    family="eligen.families.qwen_image.model:QWEN_IMAGE_EDIT",
+    lora_keys="eligen.families.qwen_image.lora_keys:KEY_FORMATS",
+    tiny_pipeline="eligen.families.qwen_image.testing:save_tiny_single_edit_pipeline",
+    defaults=_EDIT_DEFAULTS,  # QwenImageEditPipeline's are the Plus one's
+    reference=_EDIT_DEFAULTS,
+    default_cfg="rescaled",
+    example="--model Qwen/Qwen-Image-Edit",
+    hub_names=r"qwen.*image.*edit",  # Qwen/Qwen-Image-Edit; the Plus card's pattern is tried first
     features=frozenset({"edit"}),
 )
 
 CARD = FamilyCard(
     name="qwen_image",
     title="Qwen-Image",
-    pipelines=("QwenImagePipeline", "EliGenQwenImagePipeline", *EDIT_PLUS_CARD.pipelines),
+    pipelines=("QwenImagePipeline", "EliGenQwenImagePipeline", *EDIT_PLUS_CARD.pipelines, *EDIT_CARD.pipelines),
     transformers=("QwenImageTransformer2DModel",),
     eligen_pipeline="eligen.families.qwen_image.pipeline:EliGenQwenImagePipeline",
     family="eligen.families.qwen_image.model:QWEN_IMAGE",
@@ -42,5 +60,5 @@ CARD = FamilyCard(
     default_cfg="rescaled",
     example="--model Qwen/Qwen-Image --lora DiffSynth-Studio/Qwen-Image-EliGen-V2",
     hub_names=r"qwen.*image",
-    variants=(EDIT_PLUS_CARD,),
+    variants=(EDIT_PLUS_CARD, EDIT_CARD),
 )

@@ -22,7 +22,7 @@ from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, exponential_training_schedule
 from ..base import Branch, ModelFamily, encode_framed, framed_latent_statistics
-from . import CARD, EDIT_PLUS_CARD
+from . import CARD, EDIT_CARD, EDIT_PLUS_CARD
 
 TRAIN_SHIFT_MU = 0.8  # the reference's Qwen-Image training scheduler: exponential shift mu 0.8, terminal sigma 0.02
 TRAIN_SHIFT_TERMINAL = 0.02
@@ -163,15 +163,43 @@ class QwenImageEditPlusFamily(QwenImageFamily):
 
     card = EDIT_PLUS_CARD
 
+    def instruction_embeds(self, pipe, text: str, device: torch.device | None = None) -> torch.Tensor:
+        """``(1, T, D)``: one instruction encoded with the edit template, without the input images."""
+        return pipe._get_qwen_prompt_embeds(text, image=None, device=device)[0]
+
     def encode_entities(self, pipe, prompts: Sequence[str], max_sequence_length: int,
                         device: torch.device) -> list[torch.Tensor]:
-        return [pipe._get_qwen_prompt_embeds(text, image=None, device=device)[0][:, :max_sequence_length]
-                for text in prompts]
+        return [self.instruction_embeds(pipe, text, device)[:, :max_sequence_length] for text in prompts]
 
     def encode_texts(self, pipe, prompts: Sequence[str],
                      max_sequence_length: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        return [(pipe._get_qwen_prompt_embeds(text, image=None)[0][0, :max_sequence_length].cpu(), None)
-                for text in prompts]
+        return [(self.instruction_embeds(pipe, text)[0, :max_sequence_length].cpu(), None) for text in prompts]
 
 
 QWEN_IMAGE_EDIT_PLUS = QwenImageEditPlusFamily()
+
+# the single-image edit template's vision block (QwenImageEditPipeline.prompt_template_encode holds one)
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+class QwenImageEditFamily(QwenImageEditPlusFamily):
+    """Qwen-Image-Edit (diffusers ``QwenImageEditPipeline``, one input image): as Qwen-Image-Edit-Plus, but its
+    template holds the input's vision block itself. An entity instruction is encoded with the template less that
+    block, which is then the Plus template, text for text: no image placeholder without its image, the same tokens
+    dropped (docs/design.md section 21)."""
+
+    card = EDIT_CARD
+
+    def instruction_embeds(self, pipe, text: str, device: torch.device | None = None) -> torch.Tensor:
+        template = pipe.prompt_template_encode
+        if VISION_BLOCK not in template:
+            raise ValueError("this QwenImageEditPipeline's prompt template has no vision block to leave out of the "
+                             "entity instructions; EliGen reads diffusers' own template")
+        pipe.prompt_template_encode = template.replace(VISION_BLOCK, "", 1)
+        try:
+            return super().instruction_embeds(pipe, text, device)
+        finally:
+            pipe.prompt_template_encode = template
+
+
+QWEN_IMAGE_EDIT = QwenImageEditFamily()

@@ -208,17 +208,33 @@ def build_edit_processor(tokenizer: Qwen2Tokenizer):
     return NoVideoQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def save_tiny_edit_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig(),
-                            layers: int | None = None) -> Path:
-    """The same random components with the Qwen2-VL processor, saved as a diffusers QwenImageEditPlusPipeline
-    directory; ``layers`` as :func:`save_tiny_pipeline`. Its ``model_index.json`` names the processor's module
-    (:mod:`.processor`), which the EliGen edit pipeline imports: import it before loading with diffusers' own class."""
-    from diffusers import QwenImageEditPlusPipeline
-
+def _save_edit(pipeline_class, path: str | Path, seed: int, config: TinyQwenImageConfig, layers: int | None) -> Path:
     if layers is not None:
         config = dataclasses.replace(config, num_layers=layers)
     path = Path(path)
     components = build_components(seed, config)
-    pipe = QwenImageEditPlusPipeline(**components, processor=build_edit_processor(components["tokenizer"]))
-    pipe.save_pretrained(path)  # type: ignore[attr-defined]
+    pipeline_class(**components, processor=build_edit_processor(components["tokenizer"])).save_pretrained(path)
     return path
+
+
+def save_tiny_edit_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig(),
+                            layers: int | None = None) -> Path:
+    """The same random components with the Qwen2-VL processor, saved as a diffusers QwenImageEditPlusPipeline
+    directory; ``layers`` as :func:`save_tiny_pipeline`. Its ``model_index.json`` names the processor's module
+    (:mod:`.processor`), which the EliGen edit pipeline imports: import it before loading with diffusers' own class.
+    diffusers sizes the inputs at about 1024x1024 (``VAE_IMAGE_SIZE``) and 384x384 (``CONDITION_IMAGE_SIZE``):
+    tests set those module constants small."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    return _save_edit(QwenImageEditPlusPipeline, path, seed, config, layers)
+
+
+def save_tiny_single_edit_pipeline(path: str | Path, seed: int = 0,
+                                   config: TinyQwenImageConfig = TinyQwenImageConfig(),
+                                   layers: int | None = None) -> Path:
+    """As :func:`save_tiny_edit_pipeline`, saved as a diffusers QwenImageEditPipeline (Qwen-Image-Edit, one input
+    image) directory. That pipeline sizes its input with ``calculate_dimensions(1024 * 1024, ratio)`` (a literal, no
+    module constant): tests replace the module's ``calculate_dimensions`` by one at a small area."""
+    from diffusers import QwenImageEditPipeline
+
+    return _save_edit(QwenImageEditPipeline, path, seed, config, layers)
