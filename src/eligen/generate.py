@@ -21,6 +21,7 @@ from .families import edit_titles, titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
 from .models import loading, model_loras, portable_name
 from .options import (
+    EditOptions,
     EntityOptions,
     InpaintOptions,
     SamplingOptions,
@@ -161,15 +162,10 @@ class InpaintConfig(GenerateConfig, InpaintOptions):
 
 
 @dataclass
-class EditConfig(InpaintConfig):
+class EditConfig(InpaintConfig, EditOptions):
     """`eligen edit`: an input image edited by an edit model (a card with the "edit" feature), the layout's global
     prompt the overall instruction and each entity a local instruction with its region (docs/design.md section
-    21)."""
-
-    keep_outside: bool = option(True, "keep the input outside the union of the entity masks (inpainting fusion and "
-                                "paste-back); --no-keep-outside lets the model change the whole image")
-    auto_resize: bool = option(True, "show the model the input resized to the nearest of its preferred resolutions, "
-                               "as the diffusers pipeline does")
+    21); its own options are :class:`~eligen.options.EditOptions` (the web app's controls come from them too)."""
 
     def input_size(self) -> tuple[int, int] | None:
         if self.image is None:
