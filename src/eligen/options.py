@@ -158,7 +158,7 @@ class EditOptions:
     """How an edit model treats the input beyond inpainting's options (docs/design.md section 21)."""
 
     keep_outside: bool = option(True, "keep the input outside the union of the entity masks (inpainting fusion and "
-                                "paste-back); --no-keep-outside lets the model change the whole image")
+                                "paste-back); off, the model may change the whole image")
     auto_resize: bool = option(True, "show the model the input resized to the nearest of its preferred resolutions, "
                                "as the diffusers pipeline does")
 
