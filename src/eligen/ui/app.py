@@ -91,7 +91,7 @@ class Submission:
     config: GenerateConfig
     layout: Any
     seed: int
-    source: Path | None = None  # the image to inpaint (copied into the job's folder when it is queued)
+    source: Path | None = None  # the image to inpaint or edit (copied into the job's folder when it is queued)
     source_name: str | None = None
 
 
@@ -337,7 +337,7 @@ class App:
     # -- files the page sends ---------------------------------------------------------------------------------
 
     def upload(self, body: Any) -> dict[str, Any]:
-        """An input image for inpainting (``{"name", "data"}``): decoded in memory under the caps, kept as an RGB
+        """An input image to inpaint or edit (``{"name", "data"}``): decoded in memory under the caps, kept as an RGB
         PNG under a random id."""
         try:
             _, raw = file_bytes(body, self.config.max_upload_bytes)
