@@ -32,6 +32,14 @@ def tiny_qwen_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_kontext_dir(tmp_path_factory):
+    """A random tiny FluxKontextPipeline directory (an edit model: the same components as :func:`tiny_pipeline_dir`)."""
+    from eligen.families.flux.testing import save_tiny_kontext_pipeline
+
+    return save_tiny_kontext_pipeline(tmp_path_factory.mktemp("tiny-kontext") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipeline_dir):
     from eligen import EliGenPipeline
 

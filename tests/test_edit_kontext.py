@@ -261,3 +261,8 @@ def test_cli_edit_end_to_end(dirs, tmp_path, capsys):
     assert "not an edit model" in capsys.readouterr().err
     assert main(["inpaint", "--from", str(out), "-o", str(tmp_path / "x.png")]) == 2
     assert "eligen edit --from" in capsys.readouterr().err
+    sized = tmp_path / "sized.json"
+    sized.write_text(json.dumps({"prompt": PROMPT, "width": W, "height": H, "entities": []}))
+    for command in (["generate", str(sized)], ["inpaint", str(photo), str(layout)]):  # an edit model only edits
+        assert main([*command, "-o", str(tmp_path / "no.png"), "--model", str(dirs["full"]), "--steps", "1"]) == 2
+        assert "is a FLUX.1 Kontext model, an edit model; edit with it" in capsys.readouterr().err

@@ -331,6 +331,96 @@ def test_loading_a_png_or_a_layout_restores_it(client):
     assert status == 400 and "no eligen record" in answer["errors"][0]["message"]
 
 
+EDIT = 32  # the tiny Kontext pipeline's test size
+EDIT_FAST = {"steps": 2, "seed": 3, "max_sequence_length": 16, "auto_resize": False}  # the input shown at its size
+
+
+@pytest.fixture(scope="module")
+def edit_client(tiny_kontext_dir, tmp_path_factory) -> Client:
+    """The app on an edit model (the tiny FLUX.1 Kontext pipeline)."""
+    from starlette.testclient import TestClient
+
+    app = make_app(UIConfig(model=str(tiny_kontext_dir), port=0, max_steps=8), tmp_path_factory.mktemp("ui-edit"))
+    try:
+        with TestClient(make_asgi(app, {"testserver"})) as test_client:
+            yield Client(test_client)
+    finally:
+        app.jobs.close()
+
+
+def edit_layout() -> dict:
+    boxes = ((2, 2, 14, 10), (16, 12, 30, 30))
+    masks = [np.zeros((EDIT, EDIT), bool) for _ in boxes]
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
+        mask[y0:y1, x0:x1] = True
+    return {"prompt": "make it brighter", "width": EDIT, "height": EDIT,
+            "entities": [{"prompt": p, "mask": mask_to_png_data_uri(m)}
+                         for p, m in zip(("a dog", "a blue square"), masks, strict=True)]}
+
+
+def test_edit_mode_equals_eligen_edit_and_its_record_reloads(edit_client, tiny_kontext_dir, tmp_path):
+    _, info = edit_client.json("GET", "/api/info")
+    assert info["modes"] == ["edit"] and info["family"] == "FLUX.1 Kontext"
+    edit_options = {o["name"]: o for o in info["options"] if o["group"] == "EditOptions"}
+    assert set(edit_options) == {"keep_outside", "auto_resize"} and edit_options["keep_outside"]["default"] is True
+    photo = (np.random.default_rng(0).random((EDIT, EDIT, 3)) * 255).astype(np.uint8)
+    status, upload = edit_client.json("POST", "/api/upload", file_body(png_bytes(Image.fromarray(photo))))
+    assert status == 200, upload
+    layout = edit_layout()
+    status, job = edit_client.json("POST", "/api/jobs", {"layout": layout, "mode": "edit", "background": upload["id"],
+                                                        "params": EDIT_FAST})
+    assert status == 200, job
+    done = edit_client.wait(job["id"])
+    assert done["state"] == "done", done
+    assert done["result"]["mode"] == "edit"
+    _, png = edit_client.get(done["result"]["image"])
+    app_png = tmp_path / "app.png"
+    app_png.write_bytes(png)
+    record = read_metadata(app_png)
+    assert record["command"] == "edit" and record["params"]["keep_outside"] is True
+    assert record["params"]["image"] == "uploaded image" and record["inputs"]["image"]["path"] == "uploaded image"
+    union = np.logical_or(*[binarize_mask(e["mask"]) for e in layout["entities"]])
+    out = np.asarray(Image.open(app_png).convert("RGB"))
+    assert (out[~union] == photo[~union]).all() and not (out[union] == photo[union]).all()  # kept outside
+
+    # the CLI on the same input (the app's stored copy) and layout: the same pixels and the same record
+    _, stored = edit_client.get(upload["url"])
+    (tmp_path / "input.png").write_bytes(stored)
+    (tmp_path / "layout.json").write_text(json.dumps(layout))
+    assert main(["edit", str(tmp_path / "input.png"), str(tmp_path / "layout.json"), "-o", str(tmp_path / "cli.png"),
+                 "--model", str(tiny_kontext_dir), "--seed", "3", "--steps", "2", "--max-sequence-length", "16",
+                 "--no-auto-resize", "--no-progress"]) == 0
+    cli = read_metadata(tmp_path / "cli.png")
+    assert np.array_equal(out, np.asarray(Image.open(tmp_path / "cli.png").convert("RGB")))
+    for made in (record, cli):
+        made["params"].pop("image"), made["inputs"]["image"].pop("path")
+    assert record == cli  # the input by the same hash; only the name differs
+
+    status, loaded = edit_client.json("POST", "/api/load", file_body(png))
+    assert status == 200 and loaded["command"] == "edit"
+    assert loaded["params"]["auto_resize"] is False and loaded["params"]["keep_outside"] is True
+    assert [e["prompt"] for e in loaded["layout"]["entities"]] == ["a dog", "a blue square"]
+
+
+def test_edit_mode_is_refused_naming_the_problem(client, edit_client):
+    status, answer = edit_client.json("POST", "/api/jobs", {"layout": edit_layout(), "mode": "edit",
+                                                           "params": EDIT_FAST})
+    assert status == 400 and answer["errors"][0]["field"] == "image"
+    assert answer["errors"][0]["message"].startswith("Image to edit: choose one")
+    status, answer = edit_client.json("POST", "/api/jobs", {"layout": edit_layout(), "params": {"steps": 2},
+                                                           "mode": "generate"})
+    assert status == 400 and answer["errors"][0]["field"] == "mode"
+    assert "FLUX.1 Kontext, an edit model: use Edit" in answer["errors"][0]["message"]
+    status, answer = client.json("POST", "/api/jobs", {"layout": page_layout(), "mode": "edit",
+                                                      "background": "upload:x", "params": {"steps": 2}})
+    assert status == 400 and answer["errors"][0]["field"] == "mode"
+    assert "Edit needs an edit model (FLUX.1 Kontext" in answer["errors"][0]["message"]
+    status, answer = client.json("POST", "/api/jobs", {"layout": page_layout(), "params": {"keep_outside": False}})
+    assert status == 400 and answer["errors"][0]["message"] == "'keep_outside' is not an option of generate"
+    _, info = client.json("GET", "/api/info")
+    assert info["modes"] == ["generate", "inpaint"] and "keep_outside" not in {o["name"] for o in info["options"]}
+
+
 def test_the_planner_fills_the_editor_within_the_pixel_cap(vlm_server, tmp_path):  # noqa: F811
     config = UIConfig(port=0, plan_vlm="openai", plan_base_url=vlm_server.base_url, plan_model="m",
                       max_pixels=1024 * 1024)

@@ -44,10 +44,21 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url():
     """`eligen ui` as a user starts it, on a free loopback port, with a 1 MiB upload cap."""
+    yield from serve("--max-upload-mb", "1")
+
+
+@pytest.fixture(scope="module")
+def edit_app_url(tiny_kontext_dir):
+    """`eligen ui` on an edit model (the tiny FLUX.1 Kontext pipeline), started only for the Edit test."""
+    yield from serve("--model", str(tiny_kontext_dir), "--max-steps", "8")
+
+
+def serve(*flags: str):
+    """`eligen ui FLAGS` on a free loopback port: its address while it runs, then stopped."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "eligen.cli", "ui", "--port", "0", "--max-upload-mb", "1"],
+    process = subprocess.Popen([sys.executable, "-m", "eligen.cli", "ui", "--port", "0", *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url, seen = None, []
     deadline = time.monotonic() + WAIT_S
@@ -142,21 +153,21 @@ def open_app(driver, url: str, fresh: bool = True) -> None:
     wait_for(driver, lambda d: body_data(d, "ready") == "1", "the page")
 
 
-def canvas_offset(canvas, x: float, y: float) -> tuple[int, int]:
-    """Image pixel ``(x, y)`` -> selenium's offset from the canvas's centre, in CSS pixels (the canvas is shown
-    larger than the image; its on-screen size is read, not assumed)."""
+def canvas_offset(canvas, x: float, y: float, size: int = SIZE) -> tuple[int, int]:
+    """Image pixel ``(x, y)`` of a ``size`` x ``size`` image -> selenium's offset from the canvas's centre, in CSS
+    pixels (the canvas is shown larger than the image; its on-screen size is read, not assumed)."""
     width, height = canvas.rect["width"], canvas.rect["height"]
-    return round((x / SIZE - 0.5) * width), round((y / SIZE - 0.5) * height)
+    return round((x / size - 0.5) * width), round((y / size - 0.5) * height)
 
 
-def drag(driver, points: list[tuple[float, float]]) -> None:
+def drag(driver, points: list[tuple[float, float]], size: int = SIZE) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
     canvas = driver.find_element("id", "canvas")
     actions = ActionChains(driver, duration=10)
-    actions.move_to_element_with_offset(canvas, *canvas_offset(canvas, *points[0])).click_and_hold()
+    actions.move_to_element_with_offset(canvas, *canvas_offset(canvas, *points[0], size)).click_and_hold()
     for point in points[1:]:
-        actions.move_to_element_with_offset(canvas, *canvas_offset(canvas, *point))
+        actions.move_to_element_with_offset(canvas, *canvas_offset(canvas, *point, size))
     actions.release().perform()
 
 
@@ -603,3 +614,42 @@ def test_the_first_view_shows_generate_and_the_result(app_url, browser, screensh
         first_view(browser, screenshots, 800)
     finally:
         viewport(browser, 1400, 900)
+
+
+def test_edit_mode_on_an_edit_model_uploads_draws_and_edits(edit_app_url, browser, screenshots, tmp_path):
+    from PIL import Image
+
+    edit = 32  # the tiny Kontext pipeline's test size
+    open_app(browser, edit_app_url)
+    assert browser.find_element("id", "mode-edit").is_selected()  # the model's only mode
+    assert not browser.find_element("id", "mode-generate").is_displayed()
+    assert not browser.find_element("id", "mode-inpaint").is_displayed()
+    assert browser.find_element("id", "keep-outside").is_selected()  # on by default
+    photo = tmp_path / "photo.png"
+    pixels = (np.random.default_rng(1).random((edit, edit, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(photo)
+    browser.find_element("id", "upload-image").send_keys(str(photo))
+    wait_for(browser, lambda d: "photo.png: 32×32" in d_text(d, "background-status"), "the upload")
+    browser.find_element("id", "prompt").send_keys("make it brighter")
+    browser.find_element("id", "tool-rect").click()
+    drag(browser, [(4, 4), (20, 16)], edit)
+    browser.find_elements("css selector", ".entity-prompt")[0].send_keys("a dog")
+    browser.find_element("id", "auto-resize").click()  # the tiny model sees the input at its own size
+    fixed_seed(browser, 4)
+    set_value(browser, "steps", 2)
+    set_value(browser, "max-sequence-length", 16)
+    wait_for(browser, lambda d: d_text(d, "errors") == "", "the errors to clear")
+    generate_and_wait(browser)
+    assert d_text(browser, "result-caption").startswith("edited: seed 4, 32×32")
+    png = fetch(browser.find_element("id", "download-png").get_attribute("href"))
+    image = Image.open(io.BytesIO(png))
+    record = json.loads(image.text["eligen"])
+    assert record["command"] == "edit" and record["params"]["auto_resize"] is False
+    assert record["layout"]["entities"][0]["prompt"] == "a dog"
+    mask = page_masks(browser)[0]
+    rect = np.zeros((edit, edit), bool)
+    rect[4:16, 4:20] = True
+    assert iou(mask, rect) > 0.8, iou(mask, rect)
+    out = np.asarray(image.convert("RGB"))
+    assert (out[~mask] == pixels[~mask]).all() and not (out[mask] == pixels[mask]).all()  # kept outside
+    browser.save_screenshot(str(screenshots / "edit.png"))

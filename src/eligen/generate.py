@@ -21,6 +21,7 @@ from .families import edit_titles, titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
 from .models import loading, model_loras, portable_name
 from .options import (
+    EditOptions,
     EntityOptions,
     InpaintOptions,
     SamplingOptions,
@@ -161,15 +162,10 @@ class InpaintConfig(GenerateConfig, InpaintOptions):
 
 
 @dataclass
-class EditConfig(InpaintConfig):
+class EditConfig(InpaintConfig, EditOptions):
     """`eligen edit`: an input image edited by an edit model (a card with the "edit" feature), the layout's global
     prompt the overall instruction and each entity a local instruction with its region (docs/design.md section
-    21)."""
-
-    keep_outside: bool = option(True, "keep the input outside the union of the entity masks (inpainting fusion and "
-                                "paste-back); --no-keep-outside lets the model change the whole image")
-    auto_resize: bool = option(True, "show the model the input resized to the nearest of its preferred resolutions, "
-                               "as the diffusers pipeline does")
+    21); its own options are :class:`~eligen.options.EditOptions` (the web app's controls come from them too)."""
 
     def input_size(self) -> tuple[int, int] | None:
         if self.image is None:
@@ -531,6 +527,19 @@ def check_outputs(config: GenerateConfig, paths: list[Path]) -> None:
                              "output name")
 
 
+def check_command(pipe, config: GenerateConfig) -> None:
+    """An edit model runs `eligen edit` alone and `eligen edit` runs only on one: without an input image one edit
+    pipeline cannot render and another renders at its own size whatever the layout's, and none takes an inpainting
+    call (docs/design.md section 15)."""
+    card, command = pipe.family.card, command_of(config)
+    if command == "edit" and "edit" not in card.features:
+        raise ValueError(f"eligen edit: {config.model} is a {card.title} model, not an edit model; give an edit "
+                         f"model ({edit_titles()}) or use eligen inpaint")
+    if command != "edit" and "edit" in card.features:
+        raise ValueError(f"eligen {command}: {config.model} is a {card.title} model, an edit model; edit with it "
+                         "(eligen edit INPUT.png LAYOUT.json -o OUT.png) or give its base model")
+
+
 def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None) -> list[GenerateResult]:
     """Render a layout to ``config.output`` (``num_images`` of them, and overlays), recording layout and parameters
     in each image. Everything about the outputs is checked before the model loads, so no result is lost."""
@@ -550,9 +559,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale,
                          config.ip_adapter, config.ip_scale)
     pipe.set_progress_bar_config(disable=not config.progress)
-    if isinstance(config, EditConfig) and "edit" not in pipe.family.card.features:
-        raise ValueError(f"eligen edit: {config.model} is a {pipe.family.card.title} model, not an edit model; give an "
-                         f"edit model ({edit_titles()}) or use eligen inpaint")
+    check_command(pipe, config)
     layout = fit_patch_grid(pipe, config, layout)
     results = []
     for index, path in enumerate(paths):

@@ -153,6 +153,19 @@ class InpaintOptions:
 INPAINT_FIELDS = tuple(f.name for f in dataclasses.fields(InpaintOptions))
 
 
+@dataclass
+class EditOptions:
+    """How an edit model treats the input beyond inpainting's options (docs/design.md section 21)."""
+
+    keep_outside: bool = option(True, "keep the input outside the union of the entity masks (inpainting fusion and "
+                                "paste-back); off, the model may change the whole image")
+    auto_resize: bool = option(True, "show the model the input resized to the nearest of its preferred resolutions, "
+                               "as the diffusers pipeline does")
+
+
+EDIT_FIELDS = tuple(f.name for f in dataclasses.fields(EditOptions))
+
+
 def schema(classes: tuple[type, ...], defaults: dict[str, Any]) -> list[dict[str, Any]]:
     """The fields of option dataclasses as the web app renders its controls from them: name, kind (int, float,
     bool, choice), default (``defaults`` first, e.g. the model's resolved sampling options), choices and help."""

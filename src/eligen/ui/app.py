@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..config import config_from_mapping
 from ..entities import LayoutError, layout_to_dict
+from ..families import edit_titles
 from ..files import write_text_atomic
 from ..generate import (
+    EditConfig,
     GenerateConfig,
     InpaintConfig,
     default_dtype,
@@ -35,9 +37,9 @@ from ..overlay import PALETTE, render_overlay
 from .config import NATIVE_AREAS, UIConfig
 from .jobs import Job, JobQueue, QueueFull
 from .layouts import (
-    INPAINT_PARAMS,
+    EDIT_OPTIONS,
+    MODE_PARAMS,
     PAGE_OPTIONS,
-    PAGE_PARAMS,
     Limits,
     check_page_layout,
     layout_for_page,
@@ -51,6 +53,8 @@ from .uploads import UploadError, UploadStore, decode_image, file_bytes
 if TYPE_CHECKING:
     from ..data.vlm import VLMBackend
 
+MODE_CONFIGS: dict[str, type[GenerateConfig]] = {"generate": GenerateConfig, "inpaint": InpaintConfig,
+                                                "edit": EditConfig}  # what each of the page's modes runs
 PLAN_MIN_SIDE = 16  # `eligen plan`'s smallest side
 REQUEST_SLACK = 2**16  # a request body may be this much larger than the upload cap's base64 form (the JSON around it)
 
@@ -87,7 +91,7 @@ class Submission:
     config: GenerateConfig
     layout: Any
     seed: int
-    source: Path | None = None  # the image to inpaint (copied into the job's folder when it is queued)
+    source: Path | None = None  # the image to inpaint or edit (copied into the job's folder when it is queued)
     source_name: str | None = None
 
 
@@ -104,6 +108,8 @@ class App:
         self.uploads = UploadStore(workdir / "uploads")
         self.jobs = JobQueue(on_error=page_error, on_forget=self._forget, max_waiting=config.max_queue)
         self._planner: VLMBackend | None = None
+        # an edit model edits an input (the page's Edit mode); any other generates and inpaints (design section 15)
+        self.modes = ("edit",) if "edit" in pipe.family.card.features else ("generate", "inpaint")
 
     @property
     def max_body_bytes(self) -> int:
@@ -120,7 +126,7 @@ class App:
         """What the page reads first: the model, its sizes, the limits, and the option schema it renders its
         controls from (each option's default is what a job that leaves it out runs)."""
         height, width = self.pipe.native_size()
-        options = schema(PAGE_OPTIONS, self.defaults)
+        options = schema(EDIT_OPTIONS if "edit" in self.modes else PAGE_OPTIONS, self.defaults)
         return {
             "model": self.config.model, "family": self.pipe.family.card.title,
             "native_size": [width, height], "token_pixels": self.pipe.patch_grid,
@@ -129,7 +135,7 @@ class App:
             "palette": [list(c) for c in PALETTE], "max_entities": self.limits.max_entities,
             "max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.limits.max_pixels,
             "max_steps": self.config.max_steps, "max_queue": self.config.max_queue,
-            "plan": self.config.plan_vlm is not None, "ip_adapter": self.has_ip_adapter,
+            "plan": self.config.plan_vlm is not None, "ip_adapter": self.has_ip_adapter, "modes": list(self.modes),
         }
 
     def check(self, body: Any) -> dict[str, Any]:
@@ -161,21 +167,23 @@ class App:
     def _checked(self, body: Any) -> Submission:
         if not isinstance(body, dict):
             raise refused("the request is a JSON object with 'layout', 'params' and 'mode'")
-        mode = body.get("mode", "generate")
-        if mode not in ("generate", "inpaint"):
-            raise refused(f"mode must be generate or inpaint, got {mode!r}", "mode")
+        mode = body.get("mode", self.modes[0])
+        if mode not in MODE_CONFIGS:
+            raise refused(f"mode must be one of {', '.join(MODE_CONFIGS)}, got {mode!r}", "mode")
+        if mode not in self.modes:
+            raise refused(self._mode_refusal(mode), "mode")
         params = body.get("params", {})
         if not isinstance(params, dict):
             raise refused("params is a JSON object", "params")
-        config_class = InpaintConfig if mode == "inpaint" else GenerateConfig
+        config_class = MODE_CONFIGS[mode]
         server_side = self._server_side()
         problems = self._param_problems(config_class, params, server_side, mode)
         found = layout_problems(body.get("layout"), self.limits, self.pipe.entity_latent_masks)
         problems += _merged(found, self._reference_problems(body.get("layout")))
         source = None
-        if mode == "inpaint":
+        if mode != "generate":
             try:
-                source = self._source(body.get("background"))
+                source = self._source(body.get("background"), mode)
             except RequestError as exc:
                 problems += exc.errors
         if problems:
@@ -183,6 +191,14 @@ class App:
         if source is not None:
             server_side["image"] = str(source[0])
         return self._resolved(config_class, params, server_side, body["layout"], source)
+
+    def _mode_refusal(self, mode: str) -> str:
+        """Why this app's model does not run ``mode``, and what to do instead."""
+        title = self.pipe.family.card.title
+        if mode == "edit":
+            return (f"Mode: Edit needs an edit model ({edit_titles()}); this app serves {title}: use Generate or "
+                    "Inpaint")
+        return f"Mode: this app serves {title}, an edit model: use Edit (upload the image to edit)"
 
     def _server_side(self) -> dict[str, Any]:
         """What a job takes from the server, never from the page."""
@@ -192,7 +208,7 @@ class App:
 
     def _param_problems(self, config_class: type, params: dict, server_side: dict, mode: str) -> list[dict]:
         """Every option the page set that is unknown, of the wrong type, out of range or over this app's limits."""
-        allowed = PAGE_PARAMS if mode == "inpaint" else PAGE_PARAMS - INPAINT_PARAMS
+        allowed = MODE_PARAMS[mode]
         problems = [refusal(f"{name!r} is not an option of {mode}", name) for name in sorted(set(params) - allowed)]
         for name in sorted(set(params) & allowed):
             try:
@@ -274,8 +290,8 @@ class App:
                 "layout_name": f"eligen_{submission.seed}.json", "prompt": layout.prompt,
                 "mode": metadata["command"]}
 
-    def _source(self, reference: Any) -> tuple[Path, str]:
-        """An inpainting input named by the page: an upload id or a finished job's image (never a path)."""
+    def _source(self, reference: Any, mode: str = "inpaint") -> tuple[Path, str]:
+        """An inpainting or edit input named by the page: an upload id or a finished job's image (never a path)."""
         if isinstance(reference, str) and reference.startswith("upload:"):
             path = self.uploads.get(reference.removeprefix("upload:"))
             if path is not None:
@@ -285,7 +301,7 @@ class App:
             if job is not None and job.state == "done":
                 assert job.result is not None  # a done job holds its result
                 return job.files["image.png"], f"result {job.result['name']}"
-        raise refused("Image to inpaint: choose one (upload an image, or use a result as the background); an "
+        raise refused(f"Image to {mode}: choose one (upload an image, or use a result as the background); an "
                       "upload is kept for an hour", "image")
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -321,7 +337,7 @@ class App:
     # -- files the page sends ---------------------------------------------------------------------------------
 
     def upload(self, body: Any) -> dict[str, Any]:
-        """An input image for inpainting (``{"name", "data"}``): decoded in memory under the caps, kept as an RGB
+        """An input image to inpaint or edit (``{"name", "data"}``): decoded in memory under the caps, kept as an RGB
         PNG under a random id."""
         try:
             _, raw = file_bytes(body, self.config.max_upload_bytes)

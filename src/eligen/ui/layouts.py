@@ -27,7 +27,7 @@ from ..entities import (
 )
 from ..entities import resize_nearest as resize_mask
 from ..generate import METADATA_KEY, checked_record
-from ..options import INPAINT_FIELDS, EntityOptions, InpaintOptions, SamplingOptions
+from ..options import EDIT_FIELDS, INPAINT_FIELDS, EditOptions, EntityOptions, InpaintOptions, SamplingOptions
 from .messages import page_problem
 
 PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
@@ -36,10 +36,16 @@ NOT_A_PATH = ("the web app takes reference images as files chosen in the page, n
               "choose the image in the page")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What a page may set for one generation (the option classes it renders its controls from, a seed and the LoRA
-# scales); the model, LoRA files, device and outputs belong to the server.
+# scales); the model, LoRA files, device and outputs belong to the server. Edit mode's own options are shown only
+# on an edit model (:data:`EDIT_OPTIONS`).
 PAGE_OPTIONS = (SamplingOptions, EntityOptions, InpaintOptions)
-PAGE_PARAMS = frozenset({"seed", "lora_scale", *(f.name for cls in PAGE_OPTIONS for f in dataclasses.fields(cls))})
+EDIT_OPTIONS = (*PAGE_OPTIONS, EditOptions)
+PAGE_PARAMS = frozenset({"seed", "lora_scale",
+                         *(f.name for cls in EDIT_OPTIONS for f in dataclasses.fields(cls))})
 INPAINT_PARAMS = frozenset(INPAINT_FIELDS)
+EDIT_PARAMS = frozenset(EDIT_FIELDS)
+MODE_PARAMS = {"generate": PAGE_PARAMS - INPAINT_PARAMS - EDIT_PARAMS, "inpaint": PAGE_PARAMS - EDIT_PARAMS,
+               "edit": PAGE_PARAMS}  # what each mode's job reads (an edit is an inpainting with its own options)
 
 
 def problem(error: Exception) -> dict[str, Any]:

@@ -12,7 +12,7 @@ const MAX_ASPECT = 8;    // a longer side beyond this many times the shorter is 
 const UNDO_LIMIT = 100;
 const state = {
   info: null, width: 64, height: 64, entities: [], active: 0, tool: "brush", zoom: 1, nextId: 1,
-  background: null,  // the image to inpaint: {ref: "upload:<id>" | "job:<id>", image, name, url}
+  background: null,  // the image to inpaint or edit: {ref: "upload:<id>" | "job:<id>", image, name, url}
   guide: null,       // a picture to draw over, in this page only: {image, name}
   reference: null,   // the whole picture's reference image (IP-Adapter), a data URI
   shown: null, running: null, attempted: false, undo: [], redo: [],
@@ -361,7 +361,7 @@ function tinted(layer, colour) {
 }
 
 function underlay() {
-  if (mode() === "inpaint") return state.background && state.background.image;
+  if (mode() !== "generate") return state.background && state.background.image;
   return state.guide && state.guide.image;
 }
 
@@ -653,10 +653,12 @@ function layoutPayload() {
   return layout;
 }
 
-function mode() { return $("mode-inpaint").checked ? "inpaint" : "generate"; }
+function mode() { return document.querySelector("input[name=mode]:checked").value; }
 
 function setMode(name) {
-  $(`mode-${name}`).checked = true;
+  // the modes the model runs (an edit model only edits; docs/design.md section 15): another falls back to the first
+  const modes = state.info ? state.info.modes : ["generate", "inpaint"];
+  $(`mode-${modes.includes(name) ? name : modes[0]}`).checked = true;
   modeChanged();
 }
 
@@ -715,7 +717,8 @@ function params() {
     out.seed = Number.isFinite(seed) && $("seed").value.trim() !== "" ? seed : $("seed").value;
   }
   for (const input of document.querySelectorAll("[data-option]")) {
-    if (mode() !== "inpaint" && input.closest("#inpaint-options")) continue;
+    if (mode() === "generate" && input.closest("#inpaint-options")) continue;
+    if (mode() !== "edit" && input.closest("#edit-options")) continue;
     out[input.dataset.option] = readOption(input);
   }
   return out;
@@ -763,9 +766,10 @@ async function applyRecord(record, undoable = true) {
   setParams(given, given.seed ?? layout.seed);
   if (command) {
     state.background = null;  // the image it was made on is not part of the record
-    setMode(command === "inpaint" ? "inpaint" : "generate");
+    setMode(["inpaint", "edit"].includes(command) ? command : "generate");
     $("background-status").textContent = "no image yet";
     if (command === "inpaint") notice("this layout was inpainted: upload its input image again to repaint it");
+    if (command === "edit") notice("this layout was an edit: upload its input image again to edit it");
   }
   referenceChanged();
   modeChanged();
@@ -824,7 +828,7 @@ async function generate() {
   state.attempted = true;
   notice("");
   const body = { layout: layoutPayload(), params: params(), mode: mode() };
-  if (mode() === "inpaint") body.background = state.background ? state.background.ref : null;
+  if (mode() !== "generate") body.background = state.background ? state.background.ref : null;
   $("generate").disabled = true;
   const { ok, data } = await api("POST", "/api/jobs", body);
   if (!ok) {
@@ -906,7 +910,8 @@ function showResult(result) {
   }
   $("use-background").disabled = false;
   $("seed").value = result.seed;
-  $("result-caption").textContent = `${result.mode === "inpaint" ? "inpainted" : "generated"}: seed ${result.seed}, `
+  const made = { inpaint: "inpainted", edit: "edited" }[result.mode] || "generated";
+  $("result-caption").textContent = `${made}: seed ${result.seed}, `
     + `${result.width}×${result.height} — click to open full size`;
   $("status").textContent = `done: seed ${result.seed}, ${result.width}×${result.height}`;
   for (const button of document.querySelectorAll("#history button")) {
@@ -955,7 +960,7 @@ async function setBackground(ref, url, name) {
   state.background = { ref, image, name, url };
   setCanvasSize(image.naturalWidth, image.naturalHeight);
   $("background-status").textContent = `${name}: ${image.naturalWidth}×${image.naturalHeight}`;
-  setMode("inpaint");
+  setMode(mode() === "generate" ? "inpaint" : mode());
   changed();
 }
 
@@ -1035,9 +1040,11 @@ function exampleLayout() {
 }
 
 function modeChanged() {
-  const inpaint = mode() === "inpaint";
-  $("inpaint-panel").hidden = !inpaint;
-  $("width").disabled = $("height").disabled = inpaint && !!state.background;
+  const input = mode() !== "generate";  // inpaint and edit work on an uploaded image
+  $("inpaint-panel").hidden = !input;
+  $("edit-options").hidden = mode() !== "edit";
+  $("upload-label").textContent = mode() === "edit" ? "Upload image to edit" : "Upload image to inpaint";
+  $("width").disabled = $("height").disabled = input && !!state.background;
   redraw();
   saveSoon();
 }
@@ -1078,7 +1085,7 @@ async function restorePage() {
     if (page.background) {
       try { await setBackground(page.background.ref, page.background.url, page.background.name); } catch (error) { /* expired */ }
     }
-    setMode(page.mode === "inpaint" ? "inpaint" : "generate");
+    setMode(page.mode || "generate");
     if (page.shown) {
       const { ok, data } = await api("GET", `/api/jobs/${page.shown}`);
       if (ok && data.state === "done") showResult(data.result);
@@ -1110,8 +1117,14 @@ function loraControls(names) {
 function buildControls(info) {
   $("model-name").textContent = `${info.model} (${info.family})`;
   for (const id of ["width", "height"]) { $(id).step = info.token_pixels; $(id).min = info.token_pixels; }
-  $("sampling-options").replaceChildren(...info.options.filter((o) => o.group !== "InpaintOptions").map(optionControl));
+  const input = ["InpaintOptions", "EditOptions"];
+  $("sampling-options").replaceChildren(...info.options.filter((o) => !input.includes(o.group)).map(optionControl));
   $("inpaint-options").replaceChildren(...info.options.filter((o) => o.group === "InpaintOptions").map(optionControl));
+  $("edit-options").replaceChildren(...info.options.filter((o) => o.group === "EditOptions").map(optionControl));
+  for (const name of ["generate", "inpaint", "edit"]) $(`mode-${name}-label`).hidden = !info.modes.includes(name);
+  $(`mode-${info.modes[0]}`).checked = true;
+  $("start-generate").hidden = info.modes.includes("edit");
+  $("start-edit").hidden = !info.modes.includes("edit");
   $("lora-scales").replaceChildren(...loraControls(info.loras));
   const steps = document.querySelector("[data-option=steps]");
   if (steps) steps.max = info.max_steps;
@@ -1198,6 +1211,7 @@ async function start() {
   setBrush(Math.max(1, Math.round(Math.max(width, height) / 8)));
   if (!(await restorePage())) {
     state.entities = [makeEntity()];
+    modeChanged();  // the model's first mode (an edit model's is Edit)
     changed();
   }
   state.undo = [];
