@@ -68,8 +68,10 @@ def _decoded_once(kind: str, source: str, decode: Callable[[], Any]) -> Any:
 MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 DATA_URI_PREFIX = "data:image/png;base64,"
 
-LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image"})
-ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
+LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image",
+                         "control_image"})
+ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale", "control_image",
+                         "control_scale"})
 IMAGE_DATA_URI = "data:image/"  # a reference image inline: data:image/<png|jpeg|webp>;base64,...
 SPATIAL_FIELDS = ("mask", "box", "polygon")
 
@@ -97,6 +99,10 @@ class Entity:
     ``image`` (optional): a reference image for this entity alone (a path, data URI, PIL image, numpy array or
     tensor); with an IP-Adapter loaded its image-prompt branch reaches only the image tokens the entity covers, at
     ``image_scale`` (docs/design.md section 14).
+
+    ``control_image`` (optional): a ControlNet condition (a pose, depth or edge map; the same kinds of value as
+    ``image``) for this entity alone; with a ControlNet pipeline its residuals reach only the image tokens the entity
+    covers, at ``control_scale`` (docs/design.md section 23).
     """
 
     prompt: str
@@ -105,6 +111,8 @@ class Entity:
     polygon: Sequence[Sequence[float]] | None = None
     image: Any = None
     image_scale: float = 1.0
+    control_image: Any = None
+    control_scale: float = 1.0
 
     @property
     def spatial_field(self) -> str:
@@ -127,12 +135,15 @@ class Entity:
             _check_polygon(self.polygon, index, width, height)
         else:
             binarize_mask(self.mask, index=index)
-        scale = self.image_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
-            raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the image off), got {scale!r}",
-                              entity=index, field="image_scale")
+        for name, what in (("image_scale", "image"), ("control_scale", "control")):
+            scale = getattr(self, name)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
+                raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the {what} off), got {scale!r}",
+                                  entity=index, field=name)
         if self.image is not None:
             load_reference_image(self.image, index)
+        if self.control_image is not None:
+            load_reference_image(self.control_image, index, "control_image")
 
     def resolve(self, index: int, width: int, height: int) -> np.ndarray:
         """:meth:`validate` then :meth:`rasterize`: the entity's binary mask ``(H, W)``, its file decoded once."""
@@ -166,6 +177,7 @@ class Layout:
     negative_prompt: str | None = None
     seed: int | None = None
     ip_adapter_image: Any = None  # the global reference image (path, data URI or image), for an IP-Adapter
+    control_image: Any = None  # the global ControlNet condition (path, data URI or image), for a ControlNet
 
     def validate(self) -> None:
         """Check the layout and every entity; raises :class:`LayoutError` naming the first problem."""
@@ -186,6 +198,8 @@ class Layout:
             entity.validate(i, self.width, self.height)
         if self.ip_adapter_image is not None:
             load_reference_image(self.ip_adapter_image, field="ip_adapter_image")
+        if self.control_image is not None:
+            load_reference_image(self.control_image, field="control_image")
 
     def resized(self, width: int, height: int) -> Layout:
         """The same layout at another output size: boxes and polygons scale with it, masks are size-free."""
@@ -198,7 +212,7 @@ class Layout:
             return dataclasses.replace(entity, box=box, polygon=polygon)
 
         return Layout(self.prompt, width, height, [scale(e) for e in self.entities], self.negative_prompt, self.seed,
-                      self.ip_adapter_image)
+                      self.ip_adapter_image, self.control_image)
 
     def masks(self) -> list[np.ndarray]:
         """Every entity rasterised: ``(H, W)`` bool each (boxes and polygons at the output size)."""
@@ -521,9 +535,11 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
             mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
         binarize_mask(mask, index)  # unreadable files fail now, not mid-generation (and are decoded once)
     image = _layout_image(data.get("image"), base_dir, index, "image")
+    control = _layout_image(data.get("control_image"), base_dir, index, "control_image")
     prompt: Any = data.get("prompt")  # any JSON value: Entity.validate names a missing or non-string prompt
     return Entity(prompt=prompt, mask=mask, box=data.get("box"), polygon=data.get("polygon"),
-                  image=image, image_scale=data.get("image_scale", 1.0))
+                  image=image, image_scale=data.get("image_scale", 1.0), control_image=control,
+                  control_scale=data.get("control_scale", 1.0))
 
 
 def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: str) -> str | None:
@@ -569,6 +585,7 @@ def layout_from_dict(
         negative_prompt=data.get("negative_prompt"),
         seed=data.get("seed"),
         ip_adapter_image=_layout_image(data.get("ip_adapter_image"), base, None, "ip_adapter_image"),
+        control_image=_layout_image(data.get("control_image"), base, None, "control_image"),
     )
     layout.validate()
     return layout
@@ -603,6 +620,10 @@ def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:
         out["image"] = _image_field(entity.image, embed_masks)
     if entity.image_scale != 1.0:
         out["image_scale"] = float(entity.image_scale)
+    if entity.control_image is not None:
+        out["control_image"] = _image_field(entity.control_image, embed_masks)
+    if entity.control_scale != 1.0:
+        out["control_scale"] = float(entity.control_scale)
     return out
 
 
@@ -620,6 +641,8 @@ def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
     out["entities"] = [entity_to_dict(e, embed_masks) for e in layout.entities]
     if layout.ip_adapter_image is not None:
         out["ip_adapter_image"] = _image_field(layout.ip_adapter_image, embed_masks)
+    if layout.control_image is not None:
+        out["control_image"] = _image_field(layout.control_image, embed_masks)
     return out
 
 
