@@ -145,6 +145,9 @@ def test_entity_control_needs_a_controlnet_pipeline_and_one_controlnet(tiny_pipe
     with pytest.raises(ValueError, match="needs a control image"):
         pipe(prompt="a cat", height=SIZE, width=SIZE, num_inference_steps=1, max_sequence_length=16,
              output_type="latent")
+    with pytest.raises(ValueError, match="a control image tensor is 16x16 but the image is 32x32"):
+        pipe(prompt="a cat", height=SIZE, width=SIZE, num_inference_steps=1, max_sequence_length=16,
+             control_image=torch.zeros(1, 3, 16, 16), output_type="latent")
     multi = type(pipe)(**{**pipe.components, "controlnet": FluxMultiControlNetModel([flux_controlnet])})
     with pytest.raises(LayoutError, match="one ControlNet model, not a MultiControlNet"):
         multi(prompt="a cat", entities=[entity], height=SIZE, width=SIZE, num_inference_steps=1,
@@ -228,3 +231,17 @@ def test_cli_refuses_control_without_a_controlnet_and_a_family_without_one(cli_f
     err = capsys.readouterr().err
     assert "is a Z-Image model, and eligen runs no ControlNet on it; ControlNet runs on FLUX.1, Qwen-Image" in err
     assert "Traceback" not in err
+
+
+def test_a_saved_controlnet_pipeline_is_its_own_card_and_runs_entity_control_from_the_cli(cli_files, tmp_path):
+    """A FluxControlNetPipeline folder (the ControlNet saved inside) is the ControlNet variant's checkpoint: the CLI
+    loads it with its ControlNet and needs no --controlnet."""
+    from eligen.families import card, model_card
+    from eligen.families.flux.testing import save_tiny_controlnet_pipeline
+
+    folder = save_tiny_controlnet_pipeline(tmp_path / "cn-pipe")
+    assert model_card(folder) is card("flux").variants[1] and "controlnet" in model_card(folder).features
+    out = tmp_path / "out.png"
+    assert main(["generate", str(cli_files / "layout.json"), "-o", str(out), "--model", str(folder), "--steps", "1",
+                 "--no-progress", "--max-sequence-length", "16"]) == 0
+    assert Image.open(out).size == (SIZE, SIZE)

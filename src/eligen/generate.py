@@ -427,17 +427,24 @@ def check_controls(config: GenerateConfig, layout: Layout) -> Layout:
         layout = dataclasses.replace(layout, control_image=str(config.control_image))
         layout.validate()
     controlled = [i for i, e in enumerate(layout.entities) if e.control_image is not None]
-    if config.controlnet is None:
+    controls = bool(controlled) or layout.control_image is not None
+    if config.controlnet is not None and not controls:
+        raise ValueError("--controlnet needs a control image: pass --control-image IMG, or give the layout (or an "
+                         "entity) a control_image")
+    if controls and config.controlnet is None and not saved_with_controlnet(config.model):
         if controlled:
             raise LayoutError("a control image needs a ControlNet: pass --controlnet PATH_OR_ID", entity=controlled[0],
                               field="control_image")
-        if layout.control_image is not None:
-            raise ValueError("the layout's control_image (or --control-image) needs a ControlNet: pass --controlnet "
-                             "PATH_OR_ID")
-    elif layout.control_image is None and not controlled:
-        raise ValueError("--controlnet needs a control image: pass --control-image IMG, or give the layout (or an "
-                         "entity) a control_image")
+        raise ValueError("the layout's control_image (or --control-image) needs a ControlNet: pass --controlnet "
+                         "PATH_OR_ID")
     return layout
+
+
+def saved_with_controlnet(model: str | None) -> bool:
+    """Whether the model is a ControlNet pipeline's folder (saved with its ControlNet)."""
+    from .families import model_card
+
+    return model is not None and "controlnet" in model_card(model).features
 
 
 def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float],
@@ -552,7 +559,7 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
 
 def control_kwargs(config: GenerateConfig, layout: Layout) -> dict[str, Any]:
     """The ControlNet arguments of a call: the global control image (decoded) at ``--control-scale``."""
-    if config.controlnet is None:
+    if layout.control_image is None and config.controlnet is None:
         return {}
     from .entities import load_reference_image
 
