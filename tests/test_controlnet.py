@@ -88,7 +88,7 @@ def _first_block_input(pipe, entities, latents, **call):
                                              with_kwargs=True),
              pipe.controlnet.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)]
     try:
-        pipe(prompt="a cat", entities=entities, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=3.5,
+        pipe(prompt="a cat", entities=entities, height=SIZE, width=SIZE, num_inference_steps=1,
              max_sequence_length=16, latents=latents, output_type="latent",
              generator=torch.Generator().manual_seed(3), **call)
     finally:
@@ -104,11 +104,11 @@ def test_an_entity_control_image_reaches_only_its_tokens_and_equals_the_masked_r
     latents = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(5))
     others = [Entity("a red ball", box=(16, 0, 32, 32))]
     plain, _ = _first_block_input(pipe, [Entity("a dog", box=BOX), *others], latents, control_image=_control(0),
-                                  controlnet_conditioning_scale=0.0)
-    uncontrolled, _ = _first_block_input(pipe, [Entity("a dog", box=BOX), *others], latents,
+                                  controlnet_conditioning_scale=0.0, guidance_scale=3.5)
+    uncontrolled, _ = _first_block_input(pipe, [Entity("a dog", box=BOX), *others], latents, guidance_scale=3.5,
                                          control_image=_control(0), controlnet_conditioning_scale=0.8)
     controlled = [Entity("a dog", box=BOX, control_image=_control(1), control_scale=0.6), *others]
-    got, calls = _first_block_input(pipe, controlled, latents, control_image=_control(0),
+    got, calls = _first_block_input(pipe, controlled, latents, control_image=_control(0), guidance_scale=3.5,
                                     controlnet_conditioning_scale=0.8)
     assert len(calls) == 2  # the global input, then the entity's
 
@@ -132,6 +132,34 @@ def test_an_entity_control_image_reaches_only_its_tokens_and_equals_the_masked_r
     assert torch.allclose(uncontrolled, global_only, atol=1e-5)
     assert torch.equal(got[:, outside], uncontrolled[:, outside])  # the entity's residual: nothing outside its mask
     assert (got[:, ~outside] - uncontrolled[:, ~outside]).abs().max() > 1e-3  # and something inside
+
+
+def test_qwen_entity_control_reaches_only_its_tokens_with_the_global_prompt_and_its_padding_mask(tiny_qwen_dir):
+    """Qwen-Image: true CFG on, the entity's residual (the ControlNet on the global prompt and its padding mask,
+    recomputed here) on its tokens only, nothing elsewhere."""
+    from eligen.families.qwen_image.controlnet import EliGenQwenImageControlNetPipeline
+    from eligen.families.qwen_image.testing import build_controlnet
+
+    pipe = EliGenQwenImageControlNetPipeline.from_pretrained(tiny_qwen_dir, controlnet=build_controlnet(0))
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(5))
+    call = dict(negative_prompt="ugly", true_cfg_scale=4.0)
+    uncontrolled, _ = _first_block_input(pipe, [Entity("a dog", box=BOX)], latents, **call,
+                                         control_image=_control(0), controlnet_conditioning_scale=0.0)
+    got, calls = _first_block_input(pipe, [Entity("a dog", box=BOX, control_image=_control(1), control_scale=0.6)],
+                                    latents, **call)
+    assert len(calls) == 1
+    embeds, text_mask = pipe.encode_prompt("a cat", max_sequence_length=16)
+    with torch.no_grad():
+        residual = pipe.controlnet(hidden_states=calls[0]["hidden_states"], controlnet_cond=calls[0]["controlnet_cond"],
+                                   conditioning_scale=0.6, timestep=calls[0]["timestep"], encoder_hidden_states=embeds,
+                                   encoder_hidden_states_mask=text_mask, img_shapes=calls[0]["img_shapes"],
+                                   return_dict=False)[0]
+    mask = ((torch.arange(64) % 8) < 4).float()[None, :, None]
+    assert torch.allclose(got, uncontrolled + mask * residual, atol=1e-5)
+    outside = mask[0, :, 0] == 0
+    assert torch.equal(got[:, outside], uncontrolled[:, outside])
+    assert (got[:, ~outside] - uncontrolled[:, ~outside]).abs().max() > 1e-3
 
 
 def test_entity_control_needs_a_controlnet_pipeline_and_one_controlnet(tiny_pipe, flux_pipes, flux_controlnet):
