@@ -132,6 +132,11 @@ def test_an_entity_control_image_reaches_only_its_tokens_and_equals_the_masked_r
     assert torch.allclose(uncontrolled, global_only, atol=1e-5)
     assert torch.equal(got[:, outside], uncontrolled[:, outside])  # the entity's residual: nothing outside its mask
     assert (got[:, ~outside] - uncontrolled[:, ~outside]).abs().max() > 1e-3  # and something inside
+    as_tensor = torch.from_numpy(np.asarray(_control(1))).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+    tensor_entity = [Entity("a dog", box=BOX, control_image=as_tensor, control_scale=0.6), *others]
+    again, _ = _first_block_input(pipe, tensor_entity, latents, control_image=_control(0), guidance_scale=3.5,
+                                  controlnet_conditioning_scale=0.8)
+    assert torch.equal(again, got)  # an entity's control image as a tensor is the same image
 
 
 def test_qwen_entity_control_reaches_only_its_tokens_with_the_global_prompt_and_its_padding_mask(tiny_qwen_dir):

@@ -260,19 +260,31 @@ def load_reference_image(image: Any, index: int | None = None, field: str = "ima
 
 
 def _read_reference_image(text: str, index: int | None, field: str) -> Image.Image:
-    """Decode a reference image file or ``data:image/...;base64`` URI (RGB)."""
+    """Decode a reference (or control) image file or ``data:image/...;base64`` URI (RGB)."""
+    what = "control image" if field == "control_image" else "reference image"
     try:
         if text.startswith("data:"):
-            return open_data_uri(text, "reference image").convert("RGB")
-        return open_image(text, "reference image").convert("RGB")
+            return open_data_uri(text, what).convert("RGB")
+        return open_image(text, what).convert("RGB")
     except FileNotFoundError as exc:
-        raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
+        raise LayoutError(f"{what} not found: {text}; paths in a layout file are relative to that file",
                           entity=index, field=field) from exc
     except Exception as exc:
         if text.startswith("data:"):
             raise LayoutError(str(exc), entity=index, field=field) from None
         shown = text
         raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
+
+
+def reference_pil(image: Any, index: int | None = None, field: str = "image") -> Image.Image:
+    """A reference or control image (any form :func:`load_reference_image` takes) as a PIL image: a tensor
+    ``(3, H, W)`` in [0, 1] or a ``(H, W, 3)`` array of 8-bit values becomes RGB pixels."""
+    image = load_reference_image(image, index, field)
+    if _is_tensor(image):
+        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    return image
 
 
 def image_to_data_uri(image: Any) -> str:
@@ -285,12 +297,8 @@ def image_to_data_uri(image: Any) -> str:
         with Image.open(io.BytesIO(data)) as opened:
             fmt = (opened.format or "png").lower()
         return f"{IMAGE_DATA_URI}{fmt};base64," + base64.b64encode(data).decode("ascii")
-    if _is_tensor(image):
-        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image.astype(np.uint8))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    reference_pil(image).save(buffer, format="PNG")
     return f"{IMAGE_DATA_URI}png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

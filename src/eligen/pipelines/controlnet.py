@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..entities import LayoutError, load_reference_image
+from ..entities import LayoutError, reference_pil
 from ..families.base import Branch
 from .arguments import Call
 from .entities import ResolvedEntities
@@ -156,7 +156,7 @@ class ControlNetMixin:
             if multi:
                 raise LayoutError("per-entity control needs one ControlNet model, not a MultiControlNet; load one "
                                   "ControlNet (it serves every entity)", entity=i, field="control_image")
-            image = load_reference_image(entity.control_image, i, "control_image")
+            image = reference_pil(entity.control_image, i, "control_image")
             cond = self._control_condition(image, batch, call, size, device, dtype)
             mode = self._control_mode(call.extra.get("control_mode"), cond.shape[0], device, 1)
             weight = ents.cover[:, i, :, None].to(device)
