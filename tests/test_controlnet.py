@@ -278,3 +278,20 @@ def test_a_saved_controlnet_pipeline_is_its_own_card_and_runs_entity_control_fro
     assert main(["generate", str(cli_files / "layout.json"), "-o", str(out), "--model", str(folder), "--steps", "1",
                  "--no-progress", "--max-sequence-length", "16"]) == 0
     assert Image.open(out).size == (SIZE, SIZE)
+
+
+def test_entity_control_with_inpainting_and_every_attention_form(flux_pipes):
+    """Inpainting keeps the input outside the entity union with a ControlNet too; the attention form does not touch
+    the residuals (segmented and flex equal dense)."""
+    _, pipe = flux_pipes
+    source = _control(7)
+    entity = Entity("a dog", box=BOX, control_image=_control(1), control_scale=0.6)
+    call = dict(prompt="a cat", entities=[entity], image=source, inpaint=True, height=SIZE, width=SIZE,
+                num_inference_steps=2, guidance_scale=3.5, max_sequence_length=16, control_image=_control(0),
+                output_type="np")
+    dense = pipe(**call, attention="dense", generator=torch.Generator().manual_seed(2)).images[0]
+    kept = np.asarray(source)[:, 16:]
+    assert np.array_equal(np.round(dense[:, 16:] * 255).astype(np.uint8), kept)
+    for form in ("segmented", "flex"):
+        other = pipe(**call, attention=form, generator=torch.Generator().manual_seed(2)).images[0]
+        assert np.abs(other - dense).max() < 1e-4, form
