@@ -41,6 +41,12 @@ CHANGES = [
      'image="tabby.jpg"': "image=TABBY", 'ip_adapter_image="watercolor.png"': "ip_adapter_image=STYLE",
      "box=(80, 300, 480, 900)": "box=(5, 18, 30, 56)", "box=(560, 260, 980, 920)": "box=(35, 16, 61, 58)",
      "height=1024, width=1024, num_inference_steps=50": "height=64, width=64, num_inference_steps=2"},
+    {'"InstantX/FLUX.1-dev-Controlnet-Canny", dtype=torch.bfloat16': "TINY_CONTROLNET, dtype=torch.float32",
+     '"black-forest-labs/FLUX.1-dev", controlnet=controlnet': '"eligen-tiny", controlnet=controlnet',
+     'dtype=torch.bfloat16).to("cuda")': 'dtype=torch.float32).to("cpu")',
+     'load_image("garden_edges.png")': "load_image(EDGES)", 'control_image="cat_edges.png"': "control_image=EDGES",
+     "box=(80, 300, 480, 900)": "box=(5, 18, 30, 56)", "box=(560, 260, 980, 920)": "box=(35, 16, 61, 58)",
+     "height=1024, width=1024, num_inference_steps=28": "height=64, width=64, num_inference_steps=2"},
 ]
 
 
@@ -50,7 +56,7 @@ def test_the_table_covers_every_snippet():
 
 @pytest.fixture(scope="module")
 def names(tiny_qwen_dir, tmp_path_factory):
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel, QwenImageTransformer2DModel
 
     from eligen.families.flux.testing import save_tiny_ip_adapter
     from eligen.families.qwen_image.model import QWEN_IMAGE
@@ -69,10 +75,15 @@ def names(tiny_qwen_dir, tmp_path_factory):
     Image.fromarray((np.random.default_rng(2).random((48, 40, 3)) * 255).astype(np.uint8)).save(folder / "tabby.jpg")
     config = FluxTransformer2DModel.load_config(TINY_MODEL_DIR, subfolder="transformer")
     ip = save_tiny_ip_adapter(folder / "ip", type("Config", (), config))
+    transformer = FluxTransformer2DModel.from_pretrained(TINY_MODEL_DIR, subfolder="transformer")
+    FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=config["attention_head_dim"],
+                                         num_attention_heads=config["num_attention_heads"]).save_pretrained(
+        folder / "controlnet")
     return {"TINY_LORA": str(TINY_MODEL_DIR / "eligen_lora.safetensors"), "TINY_QWEN": str(tiny_qwen_dir),
             "QWEN_LORA": str(folder / "qwen_lora.safetensors"), "ROOM": str(room), "TINY_IP": str(folder / "ip"),
             "TINY_IP_ENCODER": ip["image_encoder_pretrained_model_name_or_path"], "STYLE": str(folder / "style.png"),
-            "TABBY": str(folder / "tabby.jpg")}
+            "TABBY": str(folder / "tabby.jpg"), "TINY_CONTROLNET": str(folder / "controlnet"), "EDGES": str(room)}
 
 
 def test_every_python_snippet_runs_on_the_tiny_models(names, monkeypatch):
@@ -88,4 +99,4 @@ def test_every_python_snippet_runs_on_the_tiny_models(names, monkeypatch):
         if index == 2:
             namespace["pipe"] = namespace["flux_pipe"]  # the inpainting snippet continues the FLUX example
     assert isinstance(namespace["image"], Image.Image) and isinstance(namespace["out"], Image.Image)
-    assert isinstance(namespace["styled"], Image.Image)
+    assert isinstance(namespace["styled"], Image.Image) and isinstance(namespace["controlled"], Image.Image)

@@ -68,8 +68,10 @@ def _decoded_once(kind: str, source: str, decode: Callable[[], Any]) -> Any:
 MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 DATA_URI_PREFIX = "data:image/png;base64,"
 
-LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image"})
-ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
+LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image",
+                         "control_image"})
+ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale", "control_image",
+                         "control_scale"})
 IMAGE_DATA_URI = "data:image/"  # a reference image inline: data:image/<png|jpeg|webp>;base64,...
 SPATIAL_FIELDS = ("mask", "box", "polygon")
 
@@ -97,6 +99,10 @@ class Entity:
     ``image`` (optional): a reference image for this entity alone (a path, data URI, PIL image, numpy array or
     tensor); with an IP-Adapter loaded its image-prompt branch reaches only the image tokens the entity covers, at
     ``image_scale`` (docs/design.md section 14).
+
+    ``control_image`` (optional): a ControlNet condition (a pose, depth or edge map; the same kinds of value as
+    ``image``) for this entity alone; with a ControlNet pipeline its residuals reach only the image tokens the entity
+    covers, at ``control_scale`` (docs/design.md section 23).
     """
 
     prompt: str
@@ -105,6 +111,8 @@ class Entity:
     polygon: Sequence[Sequence[float]] | None = None
     image: Any = None
     image_scale: float = 1.0
+    control_image: Any = None
+    control_scale: float = 1.0
 
     @property
     def spatial_field(self) -> str:
@@ -127,12 +135,15 @@ class Entity:
             _check_polygon(self.polygon, index, width, height)
         else:
             binarize_mask(self.mask, index=index)
-        scale = self.image_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
-            raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the image off), got {scale!r}",
-                              entity=index, field="image_scale")
+        for name, what in (("image_scale", "image"), ("control_scale", "control")):
+            scale = getattr(self, name)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
+                raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the {what} off), got {scale!r}",
+                                  entity=index, field=name)
         if self.image is not None:
             load_reference_image(self.image, index)
+        if self.control_image is not None:
+            load_reference_image(self.control_image, index, "control_image")
 
     def resolve(self, index: int, width: int, height: int) -> np.ndarray:
         """:meth:`validate` then :meth:`rasterize`: the entity's binary mask ``(H, W)``, its file decoded once."""
@@ -166,6 +177,7 @@ class Layout:
     negative_prompt: str | None = None
     seed: int | None = None
     ip_adapter_image: Any = None  # the global reference image (path, data URI or image), for an IP-Adapter
+    control_image: Any = None  # the global ControlNet condition (path, data URI or image), for a ControlNet
 
     def validate(self) -> None:
         """Check the layout and every entity; raises :class:`LayoutError` naming the first problem."""
@@ -186,6 +198,8 @@ class Layout:
             entity.validate(i, self.width, self.height)
         if self.ip_adapter_image is not None:
             load_reference_image(self.ip_adapter_image, field="ip_adapter_image")
+        if self.control_image is not None:
+            load_reference_image(self.control_image, field="control_image")
 
     def resized(self, width: int, height: int) -> Layout:
         """The same layout at another output size: boxes and polygons scale with it, masks are size-free."""
@@ -198,7 +212,7 @@ class Layout:
             return dataclasses.replace(entity, box=box, polygon=polygon)
 
         return Layout(self.prompt, width, height, [scale(e) for e in self.entities], self.negative_prompt, self.seed,
-                      self.ip_adapter_image)
+                      self.ip_adapter_image, self.control_image)
 
     def masks(self) -> list[np.ndarray]:
         """Every entity rasterised: ``(H, W)`` bool each (boxes and polygons at the output size)."""
@@ -246,19 +260,31 @@ def load_reference_image(image: Any, index: int | None = None, field: str = "ima
 
 
 def _read_reference_image(text: str, index: int | None, field: str) -> Image.Image:
-    """Decode a reference image file or ``data:image/...;base64`` URI (RGB)."""
+    """Decode a reference (or control) image file or ``data:image/...;base64`` URI (RGB)."""
+    what = "control image" if field == "control_image" else "reference image"
     try:
         if text.startswith("data:"):
-            return open_data_uri(text, "reference image").convert("RGB")
-        return open_image(text, "reference image").convert("RGB")
+            return open_data_uri(text, what).convert("RGB")
+        return open_image(text, what).convert("RGB")
     except FileNotFoundError as exc:
-        raise LayoutError(f"reference image not found: {text}; paths in a layout file are relative to that file",
+        raise LayoutError(f"{what} not found: {text}; paths in a layout file are relative to that file",
                           entity=index, field=field) from exc
     except Exception as exc:
         if text.startswith("data:"):
             raise LayoutError(str(exc), entity=index, field=field) from None
         shown = text
         raise LayoutError(f"{shown} could not be read as an image ({exc})", entity=index, field=field) from exc
+
+
+def reference_pil(image: Any, index: int | None = None, field: str = "image") -> Image.Image:
+    """A reference or control image (any form :func:`load_reference_image` takes) as a PIL image: a tensor
+    ``(3, H, W)`` in [0, 1] or a ``(H, W, 3)`` array of 8-bit values becomes RGB pixels."""
+    image = load_reference_image(image, index, field)
+    if _is_tensor(image):
+        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    return image
 
 
 def image_to_data_uri(image: Any) -> str:
@@ -271,12 +297,8 @@ def image_to_data_uri(image: Any) -> str:
         with Image.open(io.BytesIO(data)) as opened:
             fmt = (opened.format or "png").lower()
         return f"{IMAGE_DATA_URI}{fmt};base64," + base64.b64encode(data).decode("ascii")
-    if _is_tensor(image):
-        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image.astype(np.uint8))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    reference_pil(image).save(buffer, format="PNG")
     return f"{IMAGE_DATA_URI}png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -521,9 +543,11 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
             mask = str(path if path.is_absolute() or base_dir is None else base_dir / path)
         binarize_mask(mask, index)  # unreadable files fail now, not mid-generation (and are decoded once)
     image = _layout_image(data.get("image"), base_dir, index, "image")
+    control = _layout_image(data.get("control_image"), base_dir, index, "control_image")
     prompt: Any = data.get("prompt")  # any JSON value: Entity.validate names a missing or non-string prompt
     return Entity(prompt=prompt, mask=mask, box=data.get("box"), polygon=data.get("polygon"),
-                  image=image, image_scale=data.get("image_scale", 1.0))
+                  image=image, image_scale=data.get("image_scale", 1.0), control_image=control,
+                  control_scale=data.get("control_scale", 1.0))
 
 
 def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: str) -> str | None:
@@ -569,6 +593,7 @@ def layout_from_dict(
         negative_prompt=data.get("negative_prompt"),
         seed=data.get("seed"),
         ip_adapter_image=_layout_image(data.get("ip_adapter_image"), base, None, "ip_adapter_image"),
+        control_image=_layout_image(data.get("control_image"), base, None, "control_image"),
     )
     layout.validate()
     return layout
@@ -603,6 +628,10 @@ def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:
         out["image"] = _image_field(entity.image, embed_masks)
     if entity.image_scale != 1.0:
         out["image_scale"] = float(entity.image_scale)
+    if entity.control_image is not None:
+        out["control_image"] = _image_field(entity.control_image, embed_masks)
+    if entity.control_scale != 1.0:
+        out["control_scale"] = float(entity.control_scale)
     return out
 
 
@@ -620,6 +649,8 @@ def layout_to_dict(layout: Layout, embed_masks: bool = True) -> dict[str, Any]:
     out["entities"] = [entity_to_dict(e, embed_masks) for e in layout.entities]
     if layout.ip_adapter_image is not None:
         out["ip_adapter_image"] = _image_field(layout.ip_adapter_image, embed_masks)
+    if layout.control_image is not None:
+        out["control_image"] = _image_field(layout.control_image, embed_masks)
     return out
 
 

@@ -35,7 +35,7 @@ from .overlay import render_overlay
 METADATA_KEY = "eligen"
 # Fields that describe the output files or the run, not the image: never read back by --from.
 RUN_ONLY_FIELDS = ("layout", "output", "from_png", "overlay", "progress", "device", "attention", "compile",
-                   "num_images", "prompt", "negative_prompt", "ip_image")  # the last three are in the layout
+                   "num_images", "prompt", "negative_prompt", "ip_image", "control_image")  # the last four: layout
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # PNG carries the record inside
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 
@@ -79,11 +79,19 @@ class GenerateConfig(SamplingOptions, EntityOptions):
     ip_image: Path | None = option(None, "global reference image for --ip-adapter (replaces the layout's "
                                    "ip_adapter_image; entities may carry their own 'image')", metavar="PATH")
     ip_scale: float = option(1.0, "IP-Adapter scale in every double-stream block")
+    controlnet: str | None = option(None, "ControlNet of the model's family, where eligen runs one (a diffusers "
+                                    "ControlNet folder or hub id): the layout's control_image (or --control-image) "
+                                    "conditions the whole image, an entity's control_image only the region its mask "
+                                    "covers", metavar="PATH_OR_ID")
+    control_image: Path | None = option(None, "global control image for --controlnet (replaces the layout's "
+                                        "control_image; entities may carry their own)", metavar="PATH")
+    control_scale: float = option(1.0, "ControlNet conditioning scale of the global control image (an entity's is "
+                                  "its control_scale)")
 
     def __post_init__(self) -> None:
         SamplingOptions.__post_init__(self)
         EntityOptions.__post_init__(self)
-        for name in ("layout", "output", "from_png", "ip_image"):
+        for name in ("layout", "output", "from_png", "ip_image", "control_image"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
@@ -102,6 +110,7 @@ class GenerateConfig(SamplingOptions, EntityOptions):
                 raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
         check_lora_scales(self.lora_scale, self.lora or model_loras(self.model))  # the model's own LoRA counts
         check_scale("--ip-scale", self.ip_scale, 0)
+        check_scale("--control-scale", self.control_scale, 0)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
 
@@ -119,7 +128,7 @@ class GenerateConfig(SamplingOptions, EntityOptions):
 
     def inputs_of(self) -> list[Path]:
         """The files this run reads, which no output may replace."""
-        return [p for p in (self.layout, self.from_png, self.ip_image) if p is not None]
+        return [p for p in (self.layout, self.from_png, self.ip_image, self.control_image) if p is not None]
 
     def input_size(self) -> tuple[int, int] | None:
         """``(width, height)`` of an input image the layout must fit (None: text-to-image)."""
@@ -391,6 +400,11 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
     if config.ip_image is not None:  # recorded inside the layout, so --from needs no file
         layout = dataclasses.replace(layout, ip_adapter_image=str(config.ip_image))
         layout.validate()
+    return check_controls(config, check_image_prompts(config, layout))
+
+
+def check_image_prompts(config: GenerateConfig, layout: Layout) -> Layout:
+    """Reference images need an IP-Adapter."""
     if config.ip_adapter is None:
         for i, entity in enumerate(layout.entities):
             if entity.image is not None:
@@ -402,13 +416,41 @@ def resolve_layout(config: GenerateConfig, stored_layout: dict[str, Any] | None 
     return layout
 
 
+def check_controls(config: GenerateConfig, layout: Layout) -> Layout:
+    """``--control-image`` goes into the layout (so ``--from`` needs no file); control images need a ControlNet and
+    a ControlNet needs a control image."""
+    if config.control_image is not None:
+        layout = dataclasses.replace(layout, control_image=str(config.control_image))
+        layout.validate()
+    controlled = [i for i, e in enumerate(layout.entities) if e.control_image is not None]
+    controls = bool(controlled) or layout.control_image is not None
+    if config.controlnet is not None and not controls:
+        raise ValueError("--controlnet needs a control image: pass --control-image IMG, or give the layout (or an "
+                         "entity) a control_image")
+    if controls and config.controlnet is None and not saved_with_controlnet(config.model):
+        if controlled:
+            raise LayoutError("a control image needs a ControlNet: pass --controlnet PATH_OR_ID", entity=controlled[0],
+                              field="control_image")
+        raise ValueError("the layout's control_image (or --control-image) needs a ControlNet: pass --controlnet "
+                         "PATH_OR_ID")
+    return layout
+
+
+def saved_with_controlnet(model: str | None) -> bool:
+    """Whether the model is a ControlNet pipeline's folder (saved with its ControlNet)."""
+    from .families import model_card
+
+    return model is not None and "controlnet" in model_card(model).features
+
+
 def load_pipeline(model: str, device: str, dtype: str, loras: list[str], scales: list[float],
-                  ip_adapter: str | None = None, ip_scale: float = 1.0):
-    """The EliGen pipeline of the model's family on ``device`` in ``dtype``, with the LoRAs stacked at ``scales``
-    and, if given, an IP-Adapter at ``ip_scale``."""
+                  ip_adapter: str | None = None, ip_scale: float = 1.0, controlnet: str | None = None):
+    """The EliGen pipeline of the model's family on ``device`` in ``dtype`` (with ``controlnet``: its ControlNet
+    pipeline), with the LoRAs stacked at ``scales`` and, if given, an IP-Adapter at ``ip_scale``."""
     from .pipelines import load_eligen_pipeline
 
-    pipe = load_eligen_pipeline(model, dtype=torch_dtype(dtype), load_default_lora=False)  # the LoRAs are ours
+    pipe = load_eligen_pipeline(model, controlnet, dtype=torch_dtype(dtype),
+                                load_default_lora=False)  # the LoRAs are ours
     pipe.to(device)
     for i, lora in enumerate(loras):
         pipe.load_eligen_lora(lora, adapter_name=f"lora_{i}")
@@ -495,6 +537,7 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
         output_type="pil",
         callback_on_step_end=callback_on_step_end,
         **({} if layout.ip_adapter_image is None else {"ip_adapter_image": layout.ip_adapter_image}),
+        **control_kwargs(config, layout),
         **config.pipeline_kwargs(),
     ).images[0]
     params = {**config.recorded(), "seed": seed, "dtype": dtype, "height": layout.height, "width": layout.width}
@@ -508,6 +551,17 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
                         "compile": config.compile},
     }
     return image, metadata
+
+
+def control_kwargs(config: GenerateConfig, layout: Layout) -> dict[str, Any]:
+    """The ControlNet arguments of a call: the global control image (decoded) at ``--control-scale``."""
+    if layout.control_image is None and config.controlnet is None:
+        return {}
+    from .entities import load_reference_image
+
+    image = None if layout.control_image is None else load_reference_image(layout.control_image,
+                                                                           field="control_image")
+    return {"control_image": image, "controlnet_conditioning_scale": config.control_scale}
 
 
 def written_paths(config: GenerateConfig, paths: list[Path]) -> list[Path]:
@@ -557,7 +611,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     pipe = load_pipeline(config.model, device, dtype, config.lora or model_loras(config.model), config.lora_scale,
-                         config.ip_adapter, config.ip_scale)
+                         config.ip_adapter, config.ip_scale, config.controlnet)
     pipe.set_progress_bar_config(disable=not config.progress)
     check_command(pipe, config)
     layout = fit_patch_grid(pipe, config, layout)

@@ -59,6 +59,19 @@ def family_of_transformer(transformer: Any) -> str | None:
     return next((c.name for c in cards().values() if names & set(c.transformers)), None)
 
 
+def controlnet_titles() -> str:
+    """``"FLUX.1, Qwen-Image"``: the families whose ControlNet eligen runs (cards with the ``"controlnet"``
+    feature)."""
+    return ", ".join(family.title for family in cards().values()
+                     if any("controlnet" in c.features for c in family.all_cards()))
+
+
+def controlnet_card(family: FamilyCard) -> FamilyCard | None:
+    """The ControlNet variant of a family's card (None: eligen runs no ControlNet on that family)."""
+    main = cards()[family.name]
+    return next((c for c in main.all_cards() if "controlnet" in c.features), None)
+
+
 def card_of_index(index: dict[str, Any], where: str) -> FamilyCard:
     """The card serving a checkpoint whose ``model_index.json`` is ``index`` (a family's, or one of its variants')."""
     name = index.get("_class_name")
@@ -123,6 +136,6 @@ def eligen_pipelines() -> dict[str, FamilyCard]:
     return {c.pipeline_class_name: c for main in cards().values() for c in main.all_cards()}
 
 
-__all__ = ["FAMILIES", "FamilyCard", "UnknownFamilyError", "card", "card_of_index", "cards", "eligen_pipelines",
-           "family_of_index", "family_of_transformer", "get_family", "model_card", "model_family", "pipeline_class",
-           "titles"]
+__all__ = ["FAMILIES", "FamilyCard", "UnknownFamilyError", "card", "card_of_index", "cards", "controlnet_card",
+           "controlnet_titles", "eligen_pipelines", "family_of_index", "family_of_transformer", "get_family",
+           "model_card", "model_family", "pipeline_class", "titles"]

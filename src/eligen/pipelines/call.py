@@ -93,6 +93,19 @@ class EliGenCallMixin(EliGenMixin):
                 raise LayoutError(f"{self.family.card.title} has no IP-Adapter in diffusers, so an entity cannot carry "
                                   "a reference image here; drop 'image'", entity=i, field="image")
 
+    def _controls(self, call: Call, branches: dict[str, Branch], ents: ResolvedEntities | None, batch: int,
+                  size: tuple[int, int], device: torch.device) -> None:
+        """ControlNet inputs (a ControlNet pipeline's, :mod:`eligen.pipelines.controlnet`); a pipeline without a
+        ControlNet refuses entity control images by name."""
+        for i, entity in enumerate(call.entity.entities or []):
+            if getattr(entity, "control_image", None) is not None:
+                from ..families import controlnet_titles
+
+                raise LayoutError(f"this {self.family.card.title} pipeline has no ControlNet, so an entity cannot "
+                                  f"carry a control image; ControlNet runs on {controlnet_titles()} (load the "
+                                  "family's ControlNet pipeline with a controlnet, or pass --controlnet), or drop "
+                                  "'control_image'", entity=i, field="control_image")
+
     # -- the call -----------------------------------------------------------------------------------------------
 
     def _eligen_call(self, call: Call):
@@ -123,6 +136,7 @@ class EliGenCallMixin(EliGenMixin):
         negative = self._encode_branch(call, negative=True, device=device) if do_true_cfg else None
         branches = self._branches(ents, positive, negative, form, call.entity.entities_on_negative)
         self._image_prompts(call, branches, ents, batch, work, device)
+        self._controls(call, branches, ents, batch, work, device)
 
         # 2. Latents and embedded guidance.
         latents = self._initial_latents(call, batch, work, prompt_embeds.dtype, device)

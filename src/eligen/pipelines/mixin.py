@@ -50,7 +50,7 @@ class EliGenMixin:
         index = Path(str(path)) / "model_index.json"
         if index.is_file():  # the family's, or the variant's card whose pipeline class the checkpoint names
             serving = card_of_index(json.loads(index.read_text()), str(path))
-            if serving.name != cls.family.name or serving.eligen_pipeline != cls.family.card.eligen_pipeline:
+            if not cls._serves(serving):
                 raise ValueError(f"{path} is a {serving.title} checkpoint; load it with "
                                  f"eligen.{serving.pipeline_class_name}")
         pipe = super().from_pretrained(path, **kwargs)  # type: ignore[misc]
@@ -59,6 +59,11 @@ class EliGenMixin:
             for lora in pipe.eligen_defaults.get("lora", []):
                 pipe.load_eligen_lora(lora)
         return pipe
+
+    @classmethod
+    def _serves(cls, serving) -> bool:
+        """Whether this class loads checkpoints that the card ``serving`` serves (by default: its own card's)."""
+        return serving.name == cls.family.name and serving.eligen_pipeline == cls.family.card.eligen_pipeline
 
     def register_modules(self, **kwargs):
         """diffusers' ``register_modules``, then eligen's attention processors on the transformer (without a mask

@@ -22,7 +22,7 @@ from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, shifted_training_schedule
 from ..base import Branch, ModelFamily
-from . import CARD, KONTEXT_CARD
+from . import CARD, CONTROLNET_CARD, KONTEXT_CARD
 
 TRIM_MARGIN = 8  # pad tokens kept after each trimmed entity prompt
 
@@ -216,3 +216,13 @@ class FluxKontextFamily(FluxFamily):
 
 
 FLUX_KONTEXT = FluxKontextFamily()
+
+
+class FluxControlNetFamily(FluxFamily):
+    """FLUX.1 with a ControlNet (diffusers ``FluxControlNetPipeline``): FLUX.1's transformer, text and latents; only
+    the card (defaults, classes) differs. The residuals are the pipeline's (docs/design.md section 23)."""
+
+    card = CONTROLNET_CARD
+
+
+FLUX_CONTROLNET = FluxControlNetFamily()

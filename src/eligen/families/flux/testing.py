@@ -118,6 +118,46 @@ def save_tiny_kontext_pipeline(path: str | Path, seed: int = 0, config: TinyFlux
     return path
 
 
+def build_controlnet(seed: int = 0, config: TinyFluxConfig = TinyFluxConfig(), layers: int = 1,
+                     single_layers: int = 1):
+    """A random ``FluxControlNetModel`` for the tiny transformer of ``config`` (latent input, no hint block):
+    ``layers`` double- and ``single_layers`` single-stream blocks, every weight (the zero-initialised residual
+    projections too) drawn from ``seed``, so its residuals change the image."""
+    from diffusers.models.controlnets.controlnet_flux import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    rope = config.head_dim // 4
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=4 * config.latent_channels, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=config.head_dim, num_attention_heads=config.heads, joint_attention_dim=config.text_dim,
+        pooled_projection_dim=config.pooled_dim, guidance_embeds=config.guidance_embeds,
+        axes_dims_rope=(config.head_dim - 2 * rope, rope, rope),
+    )
+    randomise(controlnet, torch.Generator().manual_seed(seed + 1))
+    return controlnet.eval()
+
+
+def save_tiny_controlnet(path: str | Path, seed: int = 0, config: TinyFluxConfig = TinyFluxConfig()) -> Path:
+    """Save :func:`build_controlnet` as a diffusers model folder (what ``--controlnet`` loads) and return its path."""
+    path = Path(path)
+    build_controlnet(seed, config).save_pretrained(path)
+    return path
+
+
+def save_tiny_controlnet_pipeline(path: str | Path, seed: int = 0, config: TinyFluxConfig = TinyFluxConfig(),
+                                  layers: int | None = None) -> Path:
+    """The random components with a random ControlNet, saved as a diffusers FluxControlNetPipeline directory;
+    ``layers`` as :func:`save_tiny_pipeline`."""
+    from diffusers import FluxControlNetPipeline
+
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers, num_single_layers=0)
+    path = Path(path)
+    FluxControlNetPipeline(**build_components(seed, config),  # type: ignore[attr-defined]
+                           controlnet=build_controlnet(seed, config)).save_pretrained(path)
+    return path
+
+
 WEIGHT_NAME = "ip_adapter.safetensors"
 IMAGE_TOKENS = 4  # diffusers reads 4 image tokens from a projection that is not 65536 rows tall
 

@@ -22,7 +22,7 @@ from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, exponential_training_schedule
 from ..base import Branch, ModelFamily, encode_framed, framed_latent_statistics
-from . import CARD, EDIT_CARD, EDIT_PLUS_CARD
+from . import CARD, CONTROLNET_CARD, EDIT_CARD, EDIT_PLUS_CARD
 
 TRAIN_SHIFT_MU = 0.8  # the reference's Qwen-Image training scheduler: exponential shift mu 0.8, terminal sigma 0.02
 TRAIN_SHIFT_TERMINAL = 0.02
@@ -203,3 +203,13 @@ class QwenImageEditFamily(QwenImageEditPlusFamily):
 
 
 QWEN_IMAGE_EDIT = QwenImageEditFamily()
+
+
+class QwenImageControlNetFamily(QwenImageFamily):
+    """Qwen-Image with a ControlNet (diffusers ``QwenImageControlNetPipeline``): Qwen-Image's transformer, text and
+    latents; only the card differs. The residuals are the pipeline's (docs/design.md section 23)."""
+
+    card = CONTROLNET_CARD
+
+
+QWEN_IMAGE_CONTROLNET = QwenImageControlNetFamily()

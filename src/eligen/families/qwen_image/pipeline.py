@@ -24,11 +24,10 @@ from ..base import Branch
 from .model import QWEN_IMAGE
 
 
-class EliGenQwenImagePipeline(EliGenCallMixin, QwenImagePipeline):
-    """Qwen-Image with EliGen entity control; loads any diffusers Qwen-Image directory or hub id, and takes the
-    Qwen-Image-EliGen (V1, V2, Poster) LoRAs through :meth:`load_eligen_lora`."""
+class QwenImageHooks(EliGenCallMixin):
+    """The Qwen-Image hooks of the shared call, for every pipeline whose ``check_inputs``, ``encode_prompt`` and
+    ``prepare_latents`` are QwenImagePipeline's (QwenImageControlNetPipeline's are the same)."""
 
-    family = QWEN_IMAGE
     attention_kwargs_name = "attention_kwargs"
     output_class = QwenImagePipelineOutput
 
@@ -54,6 +53,13 @@ class EliGenQwenImagePipeline(EliGenCallMixin, QwenImagePipeline):
                          device: torch.device) -> torch.Tensor:
         return self.prepare_latents(batch, self.transformer.config.in_channels // 4, *size, dtype, device,
                                     call.generator, call.latents)
+
+
+class EliGenQwenImagePipeline(QwenImageHooks, QwenImagePipeline):
+    """Qwen-Image with EliGen entity control; loads any diffusers Qwen-Image directory or hub id, and takes the
+    Qwen-Image-EliGen (V1, V2, Poster) LoRAs through :meth:`load_eligen_lora`."""
+
+    family = QWEN_IMAGE
 
     @torch.no_grad()
     @eligen_call_doc("diffusers' QwenImagePipeline", """

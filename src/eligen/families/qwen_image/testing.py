@@ -185,6 +185,44 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyQwenImageCon
     return path
 
 
+def build_controlnet(seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig(), layers: int = 1):
+    """A random ``QwenImageControlNetModel`` for the tiny transformer of ``config``: ``layers`` blocks, every weight
+    (the zero-initialised residual projections too) drawn from ``seed``, so its residuals change the image."""
+    from diffusers.models.controlnets.controlnet_qwenimage import QwenImageControlNetModel
+
+    torch.manual_seed(seed)
+    z_dim = config.latent_channels
+    controlnet = QwenImageControlNetModel(
+        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=layers, attention_head_dim=config.head_dim,
+        num_attention_heads=config.heads, joint_attention_dim=config.text_dim,
+        axes_dims_rope=tuple(config.axes_dims_rope),
+    )
+    randomise(controlnet, torch.Generator().manual_seed(seed + 1))
+    return controlnet.eval()
+
+
+def save_tiny_controlnet(path: str | Path, seed: int = 0, config: TinyQwenImageConfig = TinyQwenImageConfig()) -> Path:
+    """Save :func:`build_controlnet` as a diffusers model folder (what ``--controlnet`` loads) and return its path."""
+    path = Path(path)
+    build_controlnet(seed, config).save_pretrained(path)
+    return path
+
+
+def save_tiny_controlnet_pipeline(path: str | Path, seed: int = 0,
+                                  config: TinyQwenImageConfig = TinyQwenImageConfig(),
+                                  layers: int | None = None) -> Path:
+    """The random components with a random ControlNet, saved as a diffusers QwenImageControlNetPipeline directory;
+    ``layers`` as :func:`save_tiny_pipeline`."""
+    from diffusers import QwenImageControlNetPipeline
+
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers)
+    path = Path(path)
+    QwenImageControlNetPipeline(**build_components(seed, config),  # type: ignore[attr-defined]
+                                controlnet=build_controlnet(seed, config)).save_pretrained(path)
+    return path
+
+
 def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
     """Qwen-Image's transformer (20B), for benchmarks on random weights. Source: diffusers'
     ``QwenImageTransformer2DModel`` defaults, which are Qwen/Qwen-Image's ``transformer/config.json`` (60 blocks, 24
