@@ -69,7 +69,7 @@ MaskLike = Union[str, Path, Image.Image, np.ndarray, "torch.Tensor"]
 DATA_URI_PREFIX = "data:image/png;base64,"
 
 LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image"})
-ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
+ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale", "lora", "lora_scale"})
 IMAGE_DATA_URI = "data:image/"  # a reference image inline: data:image/<png|jpeg|webp>;base64,...
 SPATIAL_FIELDS = ("mask", "box", "polygon")
 
@@ -97,6 +97,10 @@ class Entity:
     ``image`` (optional): a reference image for this entity alone (a path, data URI, PIL image, numpy array or
     tensor); with an IP-Adapter loaded its image-prompt branch reaches only the image tokens the entity covers, at
     ``image_scale`` (docs/design.md section 14).
+
+    ``lora`` (optional): a LoRA for this entity alone (a file, folder or hub id, or the name of an adapter loaded
+    into the pipeline); its update reaches only the entity's text and the image tokens it covers, at ``lora_scale``
+    (docs/design.md section 22).
     """
 
     prompt: str
@@ -105,6 +109,8 @@ class Entity:
     polygon: Sequence[Sequence[float]] | None = None
     image: Any = None
     image_scale: float = 1.0
+    lora: str | Path | None = None
+    lora_scale: float = 1.0
 
     @property
     def spatial_field(self) -> str:
@@ -133,6 +139,7 @@ class Entity:
                               entity=index, field="image_scale")
         if self.image is not None:
             load_reference_image(self.image, index)
+        _check_lora(self.lora, self.lora_scale, index)
 
     def resolve(self, index: int, width: int, height: int) -> np.ndarray:
         """:meth:`validate` then :meth:`rasterize`: the entity's binary mask ``(H, W)``, its file decoded once."""
@@ -153,6 +160,17 @@ class Entity:
             raise LayoutError("an entity needs exactly one of mask, box or polygon (found: none)",
                               entity=index, field="mask/box/polygon")
         return binarize_mask(self.mask, index=index)
+
+
+def _check_lora(lora: Any, scale: Any, index: int) -> None:
+    """An entity's ``lora`` is a non-empty path or name, its ``lora_scale`` a number within +-SCALE_LIMIT."""
+    if lora is not None and (not isinstance(lora, (str, Path)) or not str(lora).strip()):
+        raise LayoutError(f"a LoRA is a file, folder or hub id, or the name of a loaded adapter, got {lora!r}",
+                          entity=index, field="lora")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or \
+            abs(scale) > SCALE_LIMIT:
+        raise LayoutError(f"must be a number in -{SCALE_LIMIT}..{SCALE_LIMIT} (0 switches the LoRA off), got "
+                          f"{scale!r}", entity=index, field="lora_scale")
 
 
 @dataclass
@@ -523,7 +541,17 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
     image = _layout_image(data.get("image"), base_dir, index, "image")
     prompt: Any = data.get("prompt")  # any JSON value: Entity.validate names a missing or non-string prompt
     return Entity(prompt=prompt, mask=mask, box=data.get("box"), polygon=data.get("polygon"),
-                  image=image, image_scale=data.get("image_scale", 1.0))
+                  image=image, image_scale=data.get("image_scale", 1.0), lora=_layout_lora(data.get("lora"), base_dir),
+                  lora_scale=data.get("lora_scale", 1.0))
+
+
+def _layout_lora(value: Any, base_dir: Path | None) -> Any:
+    """An entity's ``lora`` in a layout file: a path relative to the file when one exists there, else as written (an
+    absolute path, a hub id, an adapter name); :meth:`Entity.validate` names a value of the wrong type."""
+    if isinstance(value, str) and value and base_dir is not None and not Path(value).is_absolute() \
+            and (base_dir / value).exists():
+        return str(base_dir / value)
+    return value
 
 
 def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: str) -> str | None:
@@ -603,6 +631,10 @@ def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:
         out["image"] = _image_field(entity.image, embed_masks)
     if entity.image_scale != 1.0:
         out["image_scale"] = float(entity.image_scale)
+    if entity.lora is not None:
+        out["lora"] = str(entity.lora)
+    if entity.lora_scale != 1.0:
+        out["lora_scale"] = float(entity.lora_scale)
     return out
 
 

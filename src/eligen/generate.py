@@ -505,13 +505,23 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     metadata = {
         "version": __version__,
         "command": command_of(config),
-        "layout": layout_to_dict(layout, embed_masks=True),
+        "layout": recorded_layout(layout),
         "params": params,
         **({"inputs": inputs} if (inputs := config.inputs()) else {}),
         "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
                         "compile": config.compile},
     }
     return image, metadata
+
+
+def recorded_layout(layout: Layout) -> dict[str, Any]:
+    """The layout as a record stores it: masks inline, an entity's LoRA named as a global one is (the shipped
+    model's files by the name that resolves in any clone)."""
+    data = layout_to_dict(layout, embed_masks=True)
+    for entity in data["entities"]:
+        if "lora" in entity:
+            entity["lora"] = portable_name(entity["lora"])
+    return data
 
 
 def written_paths(config: GenerateConfig, paths: list[Path]) -> list[Path]:
