@@ -17,13 +17,20 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from eligen import EliGenPipeline, EliGenQwenImagePipeline, Entity
+from eligen import (
+    EliGenFlux2Pipeline,
+    EliGenKrea2Pipeline,
+    EliGenPipeline,
+    EliGenQwenImage21Pipeline,
+    EliGenQwenImagePipeline,
+    Entity,
+)
 from eligen.cli import main
 from eligen.entities import LayoutError, entity_to_dict, layout_from_dict
 from eligen.generate import read_metadata
 from eligen.models import TINY_MODEL_DIR
 
-SIZE = 32  # pixels; the tiny models' 4-pixel tokens make an 8 x 8 token grid
+GRID = 8  # tokens per side: each family renders 8 x 8 image tokens (32 pixels for 4-pixel tokens)
 M = 12  # max_sequence_length
 
 # layer -> the stream it acts on, written here from the architectures (not read from the families); None: no token axis
@@ -32,17 +39,38 @@ FLUX_LAYERS = {
     "transformer_blocks.0.attn.to_q": "image", "transformer_blocks.0.ff.net.2": "image",
     "transformer_blocks.0.attn.add_k_proj": "text", "transformer_blocks.0.ff_context.net.0.proj": "text",
     "single_transformer_blocks.0.attn.to_v": "joint", "single_transformer_blocks.0.proj_out": "joint",
-    "transformer_blocks.0.norm1.linear": None,
+    "transformer_blocks.0.norm1.linear": None, "time_text_embed.timestep_embedder.linear_1": None,
 }
 QWEN_LAYERS = {
     "img_in": "image", "txt_in": "text",
     "transformer_blocks.0.attn.to_q": "image", "transformer_blocks.0.img_mlp.net.2": "image",
     "transformer_blocks.0.attn.add_v_proj": "text", "transformer_blocks.0.txt_mlp.net.0.proj": "text",
-    "transformer_blocks.0.img_mod.1": None,
+    "transformer_blocks.0.img_mod.1": None, "time_text_embed.timestep_embedder.linear_1": None,
+}
+FLUX2_LAYERS = {
+    "x_embedder": "image", "context_embedder": "text",
+    "transformer_blocks.0.attn.to_q": "image", "transformer_blocks.0.ff.linear_out": "image",
+    "transformer_blocks.0.attn.add_k_proj": "text", "transformer_blocks.0.ff_context.linear_in": "text",
+    "single_transformer_blocks.0.attn.to_qkv_mlp_proj": "joint", "single_transformer_blocks.0.attn.to_out": "joint",
+    "double_stream_modulation_img.linear": None, "time_guidance_embed.timestep_embedder.linear_1": None,
+}
+KREA2_LAYERS = {  # the layer-wise fusion runs each text token's stack of encoder layers as a batch row
+    "img_in": "image", "final_layer.linear": "image", "txt_in.linear_1": "text",
+    "text_fusion.layerwise_blocks.0.attn.to_q": "text-rows", "text_fusion.layerwise_blocks.0.ff.down": "text-rows",
+    "text_fusion.projector": "text", "text_fusion.refiner_blocks.0.attn.to_v": "text",
+    "transformer_blocks.0.attn.to_gate": "joint", "transformer_blocks.0.ff.up": "joint", "time_mod_proj": None,
+}
+QWEN21_LAYERS = {  # one [text | image] sequence; after the first step the text rows come from the KV cache
+    "img_in": "image", "txt_in.in_layer": "text",
+    "transformer_blocks.0.attn.to_k": "joint", "transformer_blocks.0.img_mlp.out": "joint", "proj_out": "joint",
+    "modulation.1": None,
 }
 FAMILIES = {"flux": (EliGenPipeline, "tiny_pipeline_dir", FLUX_LAYERS, "context_embedder"),
-            "qwen_image": (EliGenQwenImagePipeline, "tiny_qwen_dir", QWEN_LAYERS, "txt_in")}
-BOXES = ([0, 0, 16, 32], [8, 8, 32, 24])  # token-aligned and overlapping: columns 0-3; rows 2-5 x columns 2-7
+            "qwen_image": (EliGenQwenImagePipeline, "tiny_qwen_dir", QWEN_LAYERS, "txt_in"),
+            "flux2": (EliGenFlux2Pipeline, "tiny_flux2_dir", FLUX2_LAYERS, "context_embedder"),
+            "krea2": (EliGenKrea2Pipeline, "tiny_krea2_dir", KREA2_LAYERS, "txt_in.linear_1"),
+            "qwen_image21": (EliGenQwenImage21Pipeline, "tiny_qwen21_dir", QWEN21_LAYERS, "txt_in.in_layer")}
+TOKEN_BOXES = ([0, 0, 4, 8], [2, 2, 8, 6])  # in tokens, overlapping: columns 0-3; rows 2-5 x columns 2-7
 
 
 def random_lora(transformer, layers, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -61,10 +89,10 @@ def save_lora(weights, path) -> str:
     return str(path)
 
 
-def box_tokens(box, grid: int = SIZE // 4) -> torch.Tensor:
-    """``(n_img,)`` 0/1: the tokens of a token-aligned pixel box, row-major."""
-    x0, y0, x1, y1 = (v // 4 for v in box)
-    cover = torch.zeros(grid, grid)
+def box_tokens(box) -> torch.Tensor:
+    """``(n_img,)`` 0/1: the tokens of a box given in tokens, row-major."""
+    x0, y0, x1, y1 = box
+    cover = torch.zeros(GRID, GRID)
     cover[y0:y1, x0:x1] = 1
     return cover.flatten()
 
@@ -78,13 +106,45 @@ class Family:
         self.pipe, self.plain = cls.from_pretrained(folder), cls.from_pretrained(folder)
         for pipe in (self.pipe, self.plain):
             pipe.set_progress_bar_config(disable=True)
+        self.token = token_pixels(self.pipe)
+        self.boxes = [self.pixels(box) for box in TOKEN_BOXES]
         tmp = request.getfixturevalue("tmp_path_factory").mktemp(f"regional-lora-{name}")
         self.loras = [random_lora(self.plain.transformer, self.layers, seed) for seed in (1, 2)]
         self.files = [save_lora(w, tmp / f"lora{i}.safetensors") for i, w in enumerate(self.loras)]
 
+    def pixels(self, box) -> list[int]:
+        """A box given in tokens, in pixels."""
+        return [v * self.token for v in box]
+
     def lengths(self, prompts) -> list[int]:
-        """Each prompt's segment as the stock pipeline encodes a prompt alone."""
+        """Each prompt's segment as the stock pipeline encodes a prompt alone: its attended tokens (Krea 2 drops its
+        padding; Qwen-Image 2.1 takes no length)."""
+        if isinstance(self.plain, EliGenKrea2Pipeline):
+            return [int(self.plain.encode_prompt(prompt=p, max_sequence_length=M)[1].sum()) for p in prompts]
+        if isinstance(self.plain, EliGenQwenImage21Pipeline):
+            return [min(M, self.plain.encode_prompt(prompt=p)[0].shape[1]) for p in prompts]
         return [self.plain.encode_prompt(prompt=p, max_sequence_length=M)[0].shape[1] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def tiny_flux2_dir(tmp_path_factory):
+    from eligen.families.flux2.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("regional-lora-flux2") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def tiny_krea2_dir(tmp_path_factory):
+    from eligen.families.krea2.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("regional-lora-krea2") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen21_dir(tmp_path_factory):
+    from eligen.families.qwen_image21.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("regional-lora-qwen21") / "pipe")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -95,14 +155,21 @@ def family(request):
 PROMPT, NEGATIVE, ENTITY_PROMPTS = "a red cat", "blurry", ["a cat", "a dog"]
 
 
+def token_pixels(pipe) -> int:
+    """Pixels per token side: the VAE's factor times the family's patch."""
+    return pipe.vae_scale_factor * pipe.family.patch_size
+
+
 def run(pipe, entities, cfg: bool = False, **kwargs) -> torch.Tensor:
-    return pipe(prompt=PROMPT, entities=entities, height=SIZE, width=SIZE, num_inference_steps=2,
+    size = GRID * token_pixels(pipe)
+    if getattr(pipe.transformer.config, "guidance_embeds", False):  # a guidance-distilled transformer
+        kwargs.setdefault("guidance_scale", 3.5)
+    return pipe(prompt=PROMPT, entities=entities, height=size, width=size, num_inference_steps=2,
                 max_sequence_length=M, generator=torch.Generator().manual_seed(0), output_type="latent",
-                true_cfg_scale=2.0 if cfg else 1.0, negative_prompt=NEGATIVE if cfg else None, guidance_scale=3.5,
-                **kwargs).images
+                true_cfg_scale=2.0 if cfg else 1.0, negative_prompt=NEGATIVE if cfg else None, **kwargs).images
 
 
-def reference(family: Family, adapters, cfg: bool = False, boxes=BOXES, **kwargs) -> torch.Tensor:
+def reference(family: Family, adapters, cfg: bool = False, boxes=None, **kwargs) -> torch.Tensor:
     """The plain pipeline (entities at ``boxes``, no LoRA) with every adapted layer's output plus
     ``sum_a (x A_a^T B_a^T) * w_a`` token by token.
 
@@ -123,10 +190,14 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=BOXES, **kwargs
             x = args[0]
             for weights, text, image in adapters:
                 down, up = weights[name]
-                n_text = x.shape[1] if stream == "text" else x.shape[1] - len(image)
+                n_text = {"text": x.shape[1], "text-rows": x.shape[0]}.get(stream, max(x.shape[1] - len(image), 0))
                 text_row = text if state["cond"] else torch.zeros(n_text)
-                row = {"text": text_row, "image": image, "joint": torch.cat([text_row, image])}[stream]
-                output = output + (x @ down.T @ up.T) * row[None, :, None]
+                if stream == "text-rows":  # tokens on the first axis
+                    weight = text_row.repeat(x.shape[0] // len(text_row)).view(-1, *[1] * (x.ndim - 1))
+                else:  # a joint layer of fewer tokens runs the image rows (their text rows were cached)
+                    row = {"text": text_row, "image": image, "joint": torch.cat([text_row, image])}[stream]
+                    weight = row[-x.shape[1]:].view(1, -1, *[1] * (x.ndim - 2))
+                output = output + (x @ down.T @ up.T) * weight
             return output
         return hook
 
@@ -135,7 +206,8 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=BOXES, **kwargs
     handles += [modules[name].register_forward_hook(added(name, stream)) for name, stream in family.layers.items()
                 if stream is not None]  # a layer without a token axis: the entity LoRA is not applied
     try:
-        return run(family.plain, [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, boxes, strict=True)], cfg, **kwargs)
+        return run(family.plain, [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, boxes or family.boxes, strict=True)],
+                   cfg, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -151,46 +223,47 @@ def text_weights(family: Family, scales) -> torch.Tensor:
                          ids=["no-cfg", "cfg", "cfg-entities-on-negative"])
 def test_two_entity_loras_equal_the_masked_reference(family, cfg, on_negative):
     """Entity 0 carries LoRA 0 at 0.7, entity 1 LoRA 1 at 1.3; their masks overlap (both deltas add there)."""
-    entities = [Entity(ENTITY_PROMPTS[0], box=BOXES[0], lora=family.files[0], lora_scale=0.7),
-                Entity(ENTITY_PROMPTS[1], box=BOXES[1], lora=family.files[1], lora_scale=1.3)]
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.7),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1], lora=family.files[1], lora_scale=1.3)]
     got = run(family.pipe, entities, cfg, entities_on_negative=on_negative)
-    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(BOXES[0])),
-                              (family.loras[1], text_weights(family, [0, 1.3]), 1.3 * box_tokens(BOXES[1]))], cfg,
+    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(TOKEN_BOXES[0])),
+                              (family.loras[1], text_weights(family, [0, 1.3]), 1.3 * box_tokens(TOKEN_BOXES[1]))], cfg,
                      entities_on_negative=on_negative)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(got, run(family.pipe, [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, BOXES,
+    assert not torch.equal(got, run(family.pipe, [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, family.boxes,
                                                                                     strict=True)], cfg,
                                     entities_on_negative=on_negative))
     assert family.pipe.get_active_adapters() == []  # the entity adapters are off outside the call
 
 
 def test_entity_steps_keep_the_image_tokens_after_the_entity_text_is_gone(family):
-    entities = [Entity(ENTITY_PROMPTS[0], box=BOXES[0], lora=family.files[0], lora_scale=0.7),
-                Entity(ENTITY_PROMPTS[1], box=BOXES[1])]
-    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(BOXES[0]))],
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.7),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
+    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(TOKEN_BOXES[0]))],
                      entity_steps=1)
     torch.testing.assert_close(run(family.pipe, entities, entity_steps=1), want, atol=1e-5, rtol=1e-5)
 
 
 def test_one_lora_on_two_entities_is_the_union_at_the_larger_scale(family):
-    entities = [Entity(ENTITY_PROMPTS[0], box=BOXES[0], lora=family.files[0], lora_scale=0.5),
-                Entity(ENTITY_PROMPTS[1], box=BOXES[1], lora=family.files[0], lora_scale=-1.5)]
-    image = torch.where(box_tokens(BOXES[1]) > 0, -1.5, 0.5 * box_tokens(BOXES[0]))
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.5),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1], lora=family.files[0], lora_scale=-1.5)]
+    image = torch.where(box_tokens(TOKEN_BOXES[1]) > 0, -1.5, 0.5 * box_tokens(TOKEN_BOXES[0]))
     want = reference(family, [(family.loras[0], text_weights(family, [0.5, -1.5]), image)])
     torch.testing.assert_close(run(family.pipe, entities), want, atol=1e-5, rtol=1e-5)
 
 
 def test_scale_zero_is_no_lora_bit_for_bit(family):
-    plain = [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, BOXES, strict=True)]
-    zero = [Entity(ENTITY_PROMPTS[0], box=BOXES[0], lora=family.files[0], lora_scale=0.0), plain[1]]
+    plain = [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, family.boxes, strict=True)]
+    zero = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.0), plain[1]]
     assert torch.equal(run(family.pipe, zero), run(family.pipe, plain))
 
 
 def test_a_mask_over_everything_is_the_lora_on_the_image_and_its_own_text(family):
-    full = [0, 0, SIZE, SIZE]
-    entities = [Entity(ENTITY_PROMPTS[0], box=full, lora=family.files[0]), Entity(ENTITY_PROMPTS[1], box=BOXES[1])]
-    want = reference(family, [(family.loras[0], text_weights(family, [1.0, 0]), torch.ones((SIZE // 4) ** 2))],
-                     boxes=(full, BOXES[1]))
+    full = family.pixels([0, 0, GRID, GRID])
+    entities = [Entity(ENTITY_PROMPTS[0], box=full, lora=family.files[0]),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
+    want = reference(family, [(family.loras[0], text_weights(family, [1.0, 0]), torch.ones(GRID * GRID))],
+                     boxes=[full, family.boxes[1]])
     torch.testing.assert_close(run(family.pipe, entities), want, atol=1e-5, rtol=1e-5)
 
 
@@ -198,7 +271,8 @@ def test_other_entities_text_is_unchanged_at_the_first_layer(family):
     """The first text layer's output: entity 0's rows change with its LoRA, entity 1's and the global prompt's do
     not (bit for bit)."""
     outputs = []
-    entities = [Entity(ENTITY_PROMPTS[0], box=BOXES[0], lora=family.files[0]), Entity(ENTITY_PROMPTS[1], box=BOXES[1])]
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0]),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
     for scale in (1.0, 0.0):
         entities[0].lora_scale = scale
         run(family.pipe, entities)  # loads the adapter, so the layer is peft's wrapper from here on
@@ -217,9 +291,9 @@ def test_other_entities_text_is_unchanged_at_the_first_layer(family):
 @pytest.mark.parametrize("attention", ["segmented", "flex"])
 def test_every_attention_form(request, attention):
     family = Family("flux", request)
-    entities = [Entity(ENTITY_PROMPTS[0], box=BOXES[0], lora=family.files[0], lora_scale=0.7),
-                Entity(ENTITY_PROMPTS[1], box=BOXES[1])]
-    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(BOXES[0]))],
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.7),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
+    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(TOKEN_BOXES[0]))],
                      attention="dense")
     torch.testing.assert_close(run(family.pipe, entities, attention=attention), want, atol=1e-5, rtol=1e-5)
 
@@ -253,7 +327,7 @@ def test_bad_lora_fields_are_refused_by_entity_and_field(field, value, message):
 
 
 def test_a_missing_lora_file_is_refused_by_entity(family):
-    entities = [Entity("a", box=BOXES[0], lora="no/such-lora.safetensors")]
+    entities = [Entity("a", box=family.boxes[0], lora="no/such-lora.safetensors")]
     with pytest.raises(LayoutError, match=r"entity 0, field 'lora': LoRA not found"):
         run(family.pipe, entities)
 
@@ -261,21 +335,23 @@ def test_a_missing_lora_file_is_refused_by_entity(family):
 def test_layers_without_a_token_axis_are_left_alone(family):
     """A LoRA of modulation and timestep layers only: as an entity's LoRA it changes nothing, bit for bit."""
     none = [name for name, stream in family.layers.items() if stream is None]
-    odd = random_lora(family.plain.transformer, [*none, "time_text_embed.timestep_embedder.linear_1"], 3)
-    entities = [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, BOXES, strict=True)]
+    odd = random_lora(family.plain.transformer, none, 3)
+    entities = [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, family.boxes, strict=True)]
     plain = run(family.pipe, entities)
     entities[0].lora = save_lora(odd, family.files[0].replace("lora0", "modulation"))
     assert torch.equal(run(family.pipe, entities), plain)
 
 
-def test_a_family_without_streams_refuses_by_name(family):
-    from eligen.families.base import ModelFamily
+def test_z_image_refuses_an_entity_lora_by_entity_and_field(tmp_path):
+    """Z-Image packs each text segment and the image per sample with its own padding, which no token stream here
+    describes: an entity LoRA is refused before anything loads."""
+    from eligen.families.z_image.testing import save_tiny_pipeline
+    from eligen.pipelines import load_eligen_pipeline
 
-    class Bare(ModelFamily):
-        card = family.pipe.family.card
-
-    with pytest.raises(ValueError, match="has no regional LoRA yet"):
-        Bare().lora_stream("x_embedder")
+    pipe = load_eligen_pipeline(str(save_tiny_pipeline(tmp_path / "z")), load_default_lora=False)
+    with pytest.raises(LayoutError, match=r"entity 1, field 'lora': Z-Image has no regional LoRA yet"):
+        run(pipe, [Entity("a", box=[0, 0, 32, 32]), Entity("b", box=[0, 0, 32, 32], lora="style.safetensors")])
+    assert not getattr(pipe.transformer, "peft_config", None)
 
 
 def pixels(path) -> np.ndarray:

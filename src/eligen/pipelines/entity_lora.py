@@ -77,6 +77,9 @@ def entity_adapters(pipe, entities: Sequence[Any] | None) -> list[str | None]:
         if lora is None:
             adapters.append(None)
             continue
+        if not pipe.family.lora_streams:
+            raise LayoutError(f"{pipe.family.card.title} has no regional LoRA yet: drop 'lora' from the entity and "
+                              "load the LoRA globally (--lora) instead", entity=index, field="lora")
         name = str(lora) if str(lora) in loaded else _load_file(pipe, lora, index, loaded)
         if name in on_everywhere:
             logger.warning(f"entity {index}: the LoRA {lora} is active globally, so it stays global (it already "
@@ -128,10 +131,11 @@ class EntityLoraScope:
             tokens = self.current
             if tokens is None or adapter not in tokens.image:
                 return torch.zeros_like(output)
-            if output.ndim != 3:
-                raise ValueError(f"regional LoRA: {name} gives {tuple(output.shape)}, not (batch, tokens, features); "
-                                 "the family's lora_stream must name it as a layer without a token axis (None)")
-            return output * tokens.weight(adapter, stream, output.shape[1]).to(output.device, output.dtype)
+            try:
+                weight = tokens.weight(adapter, stream, output.shape)
+            except ValueError as exc:
+                raise ValueError(f"regional LoRA at {name}: {exc}") from None
+            return output * weight.to(output.device, output.dtype)
 
         return scope
 
