@@ -288,9 +288,14 @@ def test_other_entities_text_is_unchanged_at_the_first_layer(family):
     assert torch.equal(first_with[:, n0:], first_without[:, n0:])
 
 
+@pytest.fixture(scope="module")
+def flux(request):
+    return Family("flux", request)
+
+
 @pytest.mark.parametrize("attention", ["segmented", "flex"])
-def test_every_attention_form(request, attention):
-    family = Family("flux", request)
+def test_every_attention_form(flux, attention):
+    family = flux
     entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.7),
                 Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
     want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(TOKEN_BOXES[0]))],
@@ -326,10 +331,19 @@ def test_bad_lora_fields_are_refused_by_entity_and_field(field, value, message):
     assert (info.value.entity, info.value.field) == (1, field)
 
 
-def test_a_missing_lora_file_is_refused_by_entity(family):
-    entities = [Entity("a", box=family.boxes[0], lora="no/such-lora.safetensors")]
+def test_a_missing_or_unfit_lora_file_is_refused_by_entity(flux, tmp_path):
+    entities = [Entity("a", box=flux.boxes[0], lora="no/such-lora.safetensors")]
     with pytest.raises(LayoutError, match=r"entity 0, field 'lora': LoRA not found"):
-        run(family.pipe, entities)
+        run(flux.pipe, entities)
+    # a file with text-encoder layers is refused as a global LoRA is (eligen loads transformer LoRAs only)
+    down, up = flux.loras[0]["x_embedder"]
+    save_file({"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up,
+               "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(2, 8),
+               "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.zeros(8, 2)},
+              str(tmp_path / "te.safetensors"))
+    entities[0].lora = str(tmp_path / "te.safetensors")
+    with pytest.raises(LayoutError, match=r"entity 0, field 'lora': .*do not exist in this transformer"):
+        run(flux.pipe, entities)
 
 
 def test_layers_without_a_token_axis_are_left_alone(family):
@@ -359,7 +373,7 @@ def pixels(path) -> np.ndarray:
         return np.asarray(image.convert("RGB")).astype(int)
 
 
-def test_cli_renders_an_entity_lora_records_it_and_from_reproduces_it(tmp_path):
+def test_cli_renders_an_entity_lora_records_it_and_from_reproduces_it(tmp_path, capsys):
     base = EliGenPipeline.from_pretrained("eligen-tiny", load_default_lora=False)
     layers = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
               "single_transformer_blocks.0.proj_out"]
@@ -380,4 +394,9 @@ def test_cli_renders_an_entity_lora_records_it_and_from_reproduces_it(tmp_path):
     assert main(["generate", "--from", str(tmp_path / "lora.png"), "--no-progress", "-o",
                  str(tmp_path / "again.png")]) == 0
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "lora.png"))
-    assert re.search("lora", json.dumps(read_metadata(tmp_path / "again.png")["layout"]))
+    assert re.search("style.safetensors", json.dumps(read_metadata(tmp_path / "again.png")["layout"]))
+    example["entities"][0]["lora"] = "missing.safetensors"  # refused by entity and field before the model loads
+    layout.write_text(json.dumps(example))
+    capsys.readouterr()
+    assert main(["generate", str(layout), *fast, "-o", str(tmp_path / "missing.png")]) != 0
+    assert "entity 0, field 'lora': LoRA not found: missing.safetensors" in capsys.readouterr().err
