@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from eligen import (
     EliGenFlux2Pipeline,
+    EliGenFluxKontextPipeline,
     EliGenKrea2Pipeline,
     EliGenPipeline,
     EliGenQwenImage21Pipeline,
@@ -70,6 +71,8 @@ FAMILIES = {"flux": (EliGenPipeline, "tiny_pipeline_dir", FLUX_LAYERS, "context_
             "flux2": (EliGenFlux2Pipeline, "tiny_flux2_dir", FLUX2_LAYERS, "context_embedder"),
             "krea2": (EliGenKrea2Pipeline, "tiny_krea2_dir", KREA2_LAYERS, "txt_in.linear_1"),
             "qwen_image21": (EliGenQwenImage21Pipeline, "tiny_qwen21_dir", QWEN21_LAYERS, "txt_in.in_layer")}
+EDIT_FAMILIES = {"flux_kontext": (EliGenFluxKontextPipeline, "tiny_kontext_dir", FLUX_LAYERS, "context_embedder")}
+INPUT = Image.fromarray((np.random.RandomState(0).rand(48, 32, 3) * 255).astype(np.uint8))  # 12 x 8 input tokens
 TOKEN_BOXES = ([0, 0, 4, 8], [2, 2, 8, 6])  # in tokens, overlapping: columns 0-3; rows 2-5 x columns 2-7
 
 
@@ -101,7 +104,7 @@ class Family:
     """A family's tiny pipeline, a plain twin for the reference, two random LoRAs and the stock segment lengths."""
 
     def __init__(self, name: str, request):
-        cls, folder_fixture, self.layers, self.first_text = FAMILIES[name]
+        cls, folder_fixture, self.layers, self.first_text = {**FAMILIES, **EDIT_FAMILIES}[name]
         folder = request.getfixturevalue(folder_fixture)
         self.pipe, self.plain = cls.from_pretrained(folder), cls.from_pretrained(folder)
         for pipe in (self.pipe, self.plain):
@@ -134,6 +137,13 @@ def tiny_flux2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_kontext_dir(tmp_path_factory):
+    from eligen.families.flux.testing import save_tiny_kontext_pipeline
+
+    return save_tiny_kontext_pipeline(tmp_path_factory.mktemp("regional-lora-kontext") / "pipe")
+
+
+@pytest.fixture(scope="module")
 def tiny_krea2_dir(tmp_path_factory):
     from eligen.families.krea2.testing import save_tiny_pipeline
 
@@ -162,6 +172,8 @@ def token_pixels(pipe) -> int:
 
 def run(pipe, entities, cfg: bool = False, **kwargs) -> torch.Tensor:
     size = GRID * token_pixels(pipe)
+    if isinstance(pipe, EliGenFluxKontextPipeline):  # the input kept at its size, and the output as asked
+        kwargs.update(image=INPUT, max_area=size * size, _auto_resize=False, keep_outside=False)
     if getattr(pipe.transformer.config, "guidance_embeds", False):  # a guidance-distilled transformer
         kwargs.setdefault("guidance_scale", 3.5)
     return pipe(prompt=PROMPT, entities=entities, height=size, width=size, num_inference_steps=2,
@@ -183,6 +195,7 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=None, **kwargs)
     def branch(module, args, kwargs):
         count = state["forwards"]
         state["cond"] = count % per_step == 0 and count < entity_forwards
+        state["text"] = kwargs["encoder_hidden_states"].shape[1]  # this branch's text tokens
         state["forwards"] += 1
 
     def added(name, stream):
@@ -190,12 +203,14 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=None, **kwargs)
             x = args[0]
             for weights, text, image in adapters:
                 down, up = weights[name]
-                n_text = {"text": x.shape[1], "text-rows": x.shape[0]}.get(stream, max(x.shape[1] - len(image), 0))
-                text_row = text if state["cond"] else torch.zeros(n_text)
+                text_row = text if state["cond"] else torch.zeros(state["text"])
                 if stream == "text-rows":  # tokens on the first axis
                     weight = text_row.repeat(x.shape[0] // len(text_row)).view(-1, *[1] * (x.ndim - 1))
-                else:  # a joint layer of fewer tokens runs the image rows (their text rows were cached)
+                else:
                     row = {"text": text_row, "image": image, "joint": torch.cat([text_row, image])}[stream]
+                    if x.shape[1] > len(row):  # an edit model's input-image tokens, after the image's: untouched
+                        row = torch.cat([row, torch.zeros(x.shape[1] - len(row))])
+                    # a joint layer of fewer tokens runs the image rows (their text rows were cached)
                     weight = row[-x.shape[1]:].view(1, -1, *[1] * (x.ndim - 2))
                 output = output + (x @ down.T @ up.T) * weight
             return output
@@ -234,6 +249,23 @@ def test_two_entity_loras_equal_the_masked_reference(family, cfg, on_negative):
                                                                                     strict=True)], cfg,
                                     entities_on_negative=on_negative))
     assert family.pipe.get_active_adapters() == []  # the entity adapters are off outside the call
+
+
+@pytest.fixture(scope="module")
+def kontext(request):
+    return Family("flux_kontext", request)
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
+def test_an_edit_model_s_input_tokens_are_left_alone(kontext, cfg):
+    """FLUX.1 Kontext: the input image's tokens follow the image tokens in the image and joint streams; the entity
+    LoRA reaches none of them."""
+    family = kontext
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.7),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
+    want = reference(family, [(family.loras[0], text_weights(family, [0.7, 0]), 0.7 * box_tokens(TOKEN_BOXES[0]))],
+                     cfg)
+    torch.testing.assert_close(run(family.pipe, entities, cfg), want, atol=1e-5, rtol=1e-5)
 
 
 def test_entity_steps_keep_the_image_tokens_after_the_entity_text_is_gone(family):

@@ -68,6 +68,8 @@ def _load_file(pipe, lora: Any, index: int, loaded: set[str]) -> str:
 def entity_adapters(pipe, entities: Sequence[Any] | None) -> list[str | None]:
     """Each entity's adapter (None: no LoRA). ``lora`` names a loaded adapter, else a LoRA file, folder or hub id
     loaded once. An adapter active globally stays global: the entity's ``lora`` adds nothing (warned)."""
+    if not any(getattr(entity, "lora", None) is not None for entity in entities or []):
+        return [None] * len(entities or [])
     transformer = pipe.transformer
     loaded = set(getattr(transformer, "peft_config", None) or {})
     on_everywhere = active_adapters(transformer) if loaded else set()
