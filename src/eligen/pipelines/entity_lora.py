@@ -12,7 +12,6 @@ every attention form.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,7 +144,5 @@ class EntityLoraScope:
         for handle in self._handles:
             handle.remove()
         for layer, before in reversed(self._saved):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                layer.set_adapter(before, inference_mode=True)
+            layer.set_adapter(before, inference_mode=True)
         self._handles, self._saved, self.current = [], [], None
