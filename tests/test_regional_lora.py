@@ -388,6 +388,19 @@ def test_layers_without_a_token_axis_are_left_alone(family):
     assert torch.equal(run(family.pipe, entities), plain)
 
 
+def test_an_adapter_active_globally_stays_global(tiny_pipeline_dir, flux, caplog):
+    """An entity naming an adapter on the global LoRA list leaves it global (warned), whatever its mask."""
+    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_eligen_lora(flux.files[0], adapter_name="style")
+    plain = [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, flux.boxes, strict=True)]
+    named = [Entity(ENTITY_PROMPTS[0], box=flux.boxes[0], lora="style"), plain[1]]
+    with caplog.at_level("WARNING", logger="eligen.pipelines"):
+        assert torch.equal(run(pipe, named), run(pipe, plain))
+    assert "entity 0: the LoRA style is active globally, so it stays global" in caplog.text
+    assert pipe.get_active_adapters() == ["style"]
+
+
 def test_z_image_refuses_an_entity_lora_by_entity_and_field(tmp_path):
     """Z-Image packs each text segment and the image per sample with its own padding, which no token stream here
     describes: an entity LoRA is refused before anything loads."""
