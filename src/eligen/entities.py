@@ -71,7 +71,7 @@ DATA_URI_PREFIX = "data:image/png;base64,"
 LAYOUT_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "seed", "entities", "ip_adapter_image",
                          "control_image"})
 ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale", "control_image",
-                         "control_scale"})
+                         "control_scale", "lora", "lora_scale"})
 IMAGE_DATA_URI = "data:image/"  # a reference image inline: data:image/<png|jpeg|webp>;base64,...
 SPATIAL_FIELDS = ("mask", "box", "polygon")
 
@@ -103,6 +103,10 @@ class Entity:
     ``control_image`` (optional): a ControlNet condition (a pose, depth or edge map; the same kinds of value as
     ``image``) for this entity alone; with a ControlNet pipeline its residuals reach only the image tokens the entity
     covers, at ``control_scale`` (docs/design.md section 23).
+
+    ``lora`` (optional): a LoRA for this entity alone (a file, folder or hub id, or the name of an adapter loaded
+    into the pipeline); its update reaches only the entity's text and the image tokens it covers, at ``lora_scale``
+    (docs/design.md section 22).
     """
 
     prompt: str
@@ -113,6 +117,8 @@ class Entity:
     image_scale: float = 1.0
     control_image: Any = None
     control_scale: float = 1.0
+    lora: str | Path | None = None
+    lora_scale: float = 1.0
 
     @property
     def spatial_field(self) -> str:
@@ -144,6 +150,7 @@ class Entity:
             load_reference_image(self.image, index)
         if self.control_image is not None:
             load_reference_image(self.control_image, index, "control_image")
+        _check_lora(self.lora, self.lora_scale, index)
 
     def resolve(self, index: int, width: int, height: int) -> np.ndarray:
         """:meth:`validate` then :meth:`rasterize`: the entity's binary mask ``(H, W)``, its file decoded once."""
@@ -164,6 +171,17 @@ class Entity:
             raise LayoutError("an entity needs exactly one of mask, box or polygon (found: none)",
                               entity=index, field="mask/box/polygon")
         return binarize_mask(self.mask, index=index)
+
+
+def _check_lora(lora: Any, scale: Any, index: int) -> None:
+    """An entity's ``lora`` is a non-empty path or name, its ``lora_scale`` a number within +-SCALE_LIMIT."""
+    if lora is not None and (not isinstance(lora, (str, Path)) or not str(lora).strip()):
+        raise LayoutError(f"a LoRA is a file, folder or hub id, or the name of a loaded adapter, got {lora!r}",
+                          entity=index, field="lora")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or \
+            abs(scale) > SCALE_LIMIT:
+        raise LayoutError(f"must be a number in -{SCALE_LIMIT}..{SCALE_LIMIT} (0 switches the LoRA off), got "
+                          f"{scale!r}", entity=index, field="lora_scale")
 
 
 @dataclass
@@ -547,7 +565,17 @@ def entity_from_dict(data: Any, index: int, base_dir: Path | None) -> Entity:
     prompt: Any = data.get("prompt")  # any JSON value: Entity.validate names a missing or non-string prompt
     return Entity(prompt=prompt, mask=mask, box=data.get("box"), polygon=data.get("polygon"),
                   image=image, image_scale=data.get("image_scale", 1.0), control_image=control,
-                  control_scale=data.get("control_scale", 1.0))
+                  control_scale=data.get("control_scale", 1.0), lora=_layout_lora(data.get("lora"), base_dir),
+                  lora_scale=data.get("lora_scale", 1.0))
+
+
+def _layout_lora(value: Any, base_dir: Path | None) -> Any:
+    """An entity's ``lora`` in a layout file: a path relative to the file when one exists there, else as written (an
+    absolute path, a hub id, an adapter name); :meth:`Entity.validate` names a value of the wrong type."""
+    if isinstance(value, str) and value and base_dir is not None and not Path(value).is_absolute() \
+            and (base_dir / value).exists():
+        return str(base_dir / value)
+    return value
 
 
 def _layout_image(value: Any, base_dir: Path | None, index: int | None, field: str) -> str | None:
@@ -632,6 +660,10 @@ def entity_to_dict(entity: Entity, embed_masks: bool = True) -> dict[str, Any]:
         out["control_image"] = _image_field(entity.control_image, embed_masks)
     if entity.control_scale != 1.0:
         out["control_scale"] = float(entity.control_scale)
+    if entity.lora is not None:
+        out["lora"] = str(entity.lora)
+    if entity.lora_scale != 1.0:
+        out["lora_scale"] = float(entity.lora_scale)
     return out
 
 

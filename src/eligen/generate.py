@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import secrets
 import sys
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
 from .families import edit_titles, titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
-from .models import loading, model_loras, portable_name
+from .models import loading, model_loras, portable_name, resolve_file
 from .options import (
     EditOptions,
     EntityOptions,
@@ -544,7 +545,7 @@ def render(pipe, config: GenerateConfig, layout: Layout, seed: int, device: str,
     metadata = {
         "version": __version__,
         "command": command_of(config),
-        "layout": layout_to_dict(layout, embed_masks=True),
+        "layout": recorded_layout(layout),
         "params": params,
         **({"inputs": inputs} if (inputs := config.inputs()) else {}),
         "environment": {"device": device, "torch": torch.__version__, "attention": config.attention,
@@ -562,6 +563,27 @@ def control_kwargs(config: GenerateConfig, layout: Layout) -> dict[str, Any]:
     image = None if layout.control_image is None else load_reference_image(layout.control_image,
                                                                            field="control_image")
     return {"control_image": image, "controlnet_conditioning_scale": config.control_scale}
+
+
+def check_entity_loras(layout: Layout) -> None:
+    """Before the model loads: every entity LoRA is a file or folder that exists, or a hub id (a fresh pipeline has
+    no adapter an entity could name)."""
+    for i, entity in enumerate(layout.entities):
+        lora = entity.lora
+        if lora is None or Path(resolve_file(str(lora))).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", str(lora)):
+            continue
+        raise LayoutError(f"LoRA not found: {lora} is neither a file, a folder nor a hub id; paths in a layout file "
+                          "are relative to that file", entity=i, field="lora")
+
+
+def recorded_layout(layout: Layout) -> dict[str, Any]:
+    """The layout as a record stores it: masks inline, an entity's LoRA named as a global one is (the shipped
+    model's files by the name that resolves in any clone)."""
+    data = layout_to_dict(layout, embed_masks=True)
+    for entity in data["entities"]:
+        if "lora" in entity:
+            entity["lora"] = portable_name(entity["lora"])
+    return data
 
 
 def written_paths(config: GenerateConfig, paths: list[Path]) -> list[Path]:
@@ -602,6 +624,7 @@ def generate(config: GenerateConfig, stored_layout: dict[str, Any] | None = None
     if not config.model:
         raise ValueError(f"give a model with --model (a diffusers {titles()} directory or hub id)")
     layout = resolve_layout(config, stored_layout)
+    check_entity_loras(layout)
     paths = output_paths(config.output, config.num_images)
     check_outputs(config, paths)
     seed = config.seed if config.seed is not None else layout.seed

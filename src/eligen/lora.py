@@ -454,10 +454,11 @@ def check_fits(weights: LoraWeights, transformer: torch.nn.Module) -> None:
 
 
 def load_lora_adapter(pipe, path_or_hub_id: str | Path, adapter_name: str, scale: float, filename: str | None,
-                      family: str) -> str:
+                      family: str, activate: bool = True) -> str:
     """Read a LoRA file of any format, check it against ``pipe.transformer`` as a whole (nothing is applied
     partially), and load it as the peft adapter ``adapter_name`` in the transformer's dtype, active at ``scale``
-    beside the adapters already active. Returns the detected format."""
+    beside the adapters already active (``activate=False``: loaded but switched on nowhere, as an entity's LoRA is
+    between calls). Returns the detected format."""
     import warnings
 
     weights, fmt = read_lora(load_state_dict(resolve_lora_path(path_or_hub_id, filename)), family)
@@ -469,10 +470,22 @@ def load_lora_adapter(pipe, path_or_hub_id: str | Path, adapter_name: str, scale
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         transformer.load_lora_adapter(state, prefix="transformer", adapter_name=adapter_name,
                                       metadata=peft_config(weights), _pipeline=pipe, low_cpu_mem_usage=True)
-    transformer.set_adapter([*previous, adapter_name])  # keeps the others active, at their weights
+    if activate:
+        transformer.set_adapter([*previous, adapter_name])  # keeps the others active, at their weights
+    else:
+        deactivate_adapter(transformer, adapter_name)
     if scale != 1.0:
         set_adapter_scale(transformer, adapter_name, scale)
     return fmt
+
+
+def deactivate_adapter(transformer: torch.nn.Module, adapter_name: str) -> None:
+    """Switch one peft adapter off in every layer of ``transformer``, leaving the others as they are."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in module.active_adapters:
+            module.set_adapter([a for a in module.active_adapters if a != adapter_name], inference_mode=True)
 
 
 def set_adapter_scale(transformer: torch.nn.Module, adapter_name: str, scale: float) -> None:

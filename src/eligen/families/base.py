@@ -9,6 +9,7 @@ files, training) is shared. A family subclasses :class:`ModelFamily` in its pack
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +30,8 @@ class Branch:
     ``context (B, T, D)``: the text ``[e_1 | ... | e_N | global]`` laid out as ``sequence`` says; ``pooled (B, P)``:
     the pooled text vector (FLUX) or None; ``text_mask (B, T)``: the text padding mask or None; ``attention_mask``:
     the regional mask in one of its forms, or None without entities; ``positions``: the family's text positions of
-    ``sequence`` (:meth:`ModelFamily.positions`).
+    ``sequence`` (:meth:`ModelFamily.positions`); ``lora_tokens``: the entity LoRAs' token weights on this branch
+    (:class:`eligen.regional.lora.LoraTokens`), or None without entity LoRAs.
     """
 
     context: torch.Tensor
@@ -38,6 +40,7 @@ class Branch:
     attention_mask: Any = None
     positions: torch.Tensor | None = None
     sequence: TokenSequence | None = None
+    lora_tokens: Any = None
 
     def __post_init__(self) -> None:
         if self.sequence is None:
@@ -82,6 +85,8 @@ class ModelFamily:
     has_pooled: ClassVar[bool] = False  # the transformer takes a pooled text vector
     # options the architecture cannot have -> why (eligen.speedups and the pipelines refuse them by name)
     unsupported: ClassVar[dict[str, str]] = {}
+    # (module-name pattern, token stream) for regional LoRA (:meth:`lora_stream`); empty: the family has none
+    lora_streams: ClassVar[tuple[tuple[str, str | None], ...]] = ()
 
     @property
     def name(self) -> str:
@@ -105,6 +110,20 @@ class ModelFamily:
     def lora_train_names(self, transformer: torch.nn.Module) -> list[str]:
         """The linear layers ``eligen train`` adapts (the family's recipe; by default every block linear)."""
         return self.block_linear_names(transformer)
+
+    def lora_stream(self, module: str) -> str | None:
+        """The token stream an adapted linear layer acts on (docs/design.md section 22): ``"text"``, ``"image"``,
+        ``"joint"`` (``[text | image]`` in one sequence) or None (no token axis: modulation and timestep layers, where
+        an entity LoRA is not applied). The first of :attr:`lora_streams` whose pattern matches the whole name wins.
+        Raises ``ValueError`` for a layer the family cannot place, or a family without regional LoRA."""
+        if not self.lora_streams:
+            raise ValueError(f"{self.card.title} has no regional LoRA yet: an entity cannot carry 'lora' on this "
+                             "model; load the LoRA globally (--lora) instead")
+        for pattern, stream in self.lora_streams:
+            if re.fullmatch(pattern, module):
+                return stream
+        raise ValueError(f"an entity LoRA adapts {module}, a layer {self.card.title}'s regional LoRA cannot place on "
+                         "a token stream; load this LoRA globally (--lora) instead")
 
     def drop_mask_in(self, block: torch.nn.Module) -> Any:
         """:func:`eligen.speedups.mask_only_in_blocks`: let ``block`` attend without the regional mask; returns a

@@ -27,12 +27,14 @@ from ..entities import LayoutError
 from ..families.base import Branch
 from ..inpaint import InpaintSource, pack_mask, prepare_source, restore, soft_union
 from ..masks import latent_grid_size
+from ..regional.lora import entity_lora_tokens
 from ..regional.processors import check_regional_attention_support, install_regional_processors
 from ..regional.sequence import TokenSequence
 from ..sampling import Fusion, denoise
 from ..schedules import flow_timesteps
 from .arguments import Call, check_finite, check_scales, check_whole
 from .entities import ResolvedEntities, resolve_entities
+from .entity_lora import EntityLoraScope, entity_adapters
 from .memory import check_memory
 from .mixin import EliGenMixin, logger
 
@@ -55,6 +57,7 @@ class EliGenCallMixin(EliGenMixin):
     attention_kwargs_name: ClassVar[str] = "joint_attention_kwargs"
     output_class: ClassVar[type]
     _current_timestep: torch.Tensor | None  # set during a call (diffusers' ``current_timestep`` reads it)
+    _entity_lora_scope: EntityLoraScope | None = None  # the entity LoRAs of the running call's loop, if any
 
     # -- family hooks -------------------------------------------------------------------------------------------
 
@@ -143,8 +146,14 @@ class EliGenCallMixin(EliGenMixin):
         guidance = self._guidance(call.guidance_scale, latents.shape[0], device)
         on_step_end = self._step_callback(call, branches, ents, prompt_embeds)
 
-        # 3. The shared loop: schedule, inpainting fusion, Euler steps on the true-CFG velocity.
-        latents = self._run(call, latents, branches, ents, source, work, guidance, combine, on_step_end)
+        # 3. The shared loop: schedule, inpainting fusion, Euler steps on the true-CFG velocity (the entity LoRAs
+        # switched on and scoped to their tokens for the loop only).
+        with self._entity_loras(call, branches, ents) as scope:
+            self._entity_lora_scope = scope
+            try:
+                latents = self._run(call, latents, branches, ents, source, work, guidance, combine, on_step_end)
+            finally:
+                self._entity_lora_scope = None
 
         # 4. Decode.
         image = self._output(call, latents, ents, source, work)
@@ -236,6 +245,21 @@ class EliGenCallMixin(EliGenMixin):
         assert branch.sequence is not None  # set by Branch.__post_init__
         branch.positions = self.family.positions(branch.sequence, branch.context.device, self._text_dtype())
 
+    def _entity_loras(self, call: Call, branches: dict[str, Branch], ents: ResolvedEntities | None):
+        """The entities' LoRAs (docs/design.md section 22): their adapters (files loaded once), each branch's token
+        weights, and the scope that applies them during the loop; a null context without entity LoRAs."""
+        entities = call.entity.entities if ents is not None else None
+        adapters = entity_adapters(self, entities)
+        if not any(adapters):
+            return contextlib.nullcontext()
+        assert ents is not None and entities is not None  # adapters come from the call's entities
+        scales = [getattr(e, "lora_scale", 1.0) for e in entities]
+        for name, branch in branches.items():
+            assert branch.sequence is not None  # set by Branch.__post_init__
+            tokens = entity_lora_tokens(branch.sequence, ents.cover, adapters, scales, with_text=name == "cond")
+            branch.lora_tokens = tokens
+        return EntityLoraScope(self.transformer, self.family, {a for a in adapters if a is not None})
+
     # -- 2. guidance and callbacks --------------------------------------------------------------------------------
 
     def _guidance(self, guidance_scale: float | None, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -271,7 +295,11 @@ class EliGenCallMixin(EliGenMixin):
 
     def _velocity(self, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                   guidance: torch.Tensor | None) -> torch.Tensor:
-        """One transformer forward of one branch (its regional mask, if any, reaches every attention layer)."""
+        """One transformer forward of one branch (its regional mask, if any, reaches every attention layer, and its
+        entity LoRA weights every layer an entity LoRA adapts)."""
+        scope = getattr(self, "_entity_lora_scope", None)
+        if scope is not None:
+            scope.current = branch.lora_tokens
         return self.family.forward(self.transformer, latents, timestep, branch, geometry, guidance,
                                    self._eligen_attention_kwargs)
 
@@ -341,6 +369,8 @@ class EliGenCallMixin(EliGenMixin):
                 sequence=sequence.global_only())
             if hasattr(late, "entity_ip"):
                 late.entity_ip = None  # an entity's image goes with its entity
+            if late.lora_tokens is not None:  # an entity's LoRA keeps its image tokens; its text is gone
+                late.lora_tokens = late.lora_tokens.without_text(sequence.global_length)
             self._place(late)
             branches[f"{name}-global"] = late
         return lambda i, name: name if i < entity_steps or f"{name}-global" not in branches else f"{name}-global"

@@ -131,8 +131,22 @@ class FluxBranch(Branch):
     entity_ip: tuple[list[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
+# which token stream each linear layer acts on (regional LoRA, docs/design.md section 22): the double blocks keep
+# text and image apart, the single blocks run [text | image] as one sequence
+FLUX_LORA_STREAMS: tuple[tuple[str, str | None], ...] = (
+    (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\..+)", "image"),
+    (r"transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff_context\.net\..+)", "text"),
+    (r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)", "joint"),
+    (r"x_embedder|proj_out", "image"),
+    (r"context_embedder", "text"),
+    (r"(transformer_blocks|single_transformer_blocks)\.\d+\.(norm1|norm1_context|norm)\.linear|norm_out\.linear"
+     r"|time_text_embed\..+", None),
+)
+
+
 class FluxFamily(ModelFamily):
     card = CARD
+    lora_streams = FLUX_LORA_STREAMS
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     lora_rank = 64  # the paper's rank (the reference's FLUX trainer uses 32)
     has_pooled = True

@@ -99,10 +99,24 @@ def text_ids(positions: torch.Tensor) -> torch.Tensor:
     return ids
 
 
+# which token stream each linear layer acts on (regional LoRA, docs/design.md section 22): the double blocks keep
+# text and image apart, the single blocks run [text | image] as one sequence; modulation is shared by all blocks
+FLUX2_LORA_STREAMS: tuple[tuple[str, str | None], ...] = (
+    (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))|x_embedder|proj_out",
+     "image"),
+    (r"transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff_context\.(linear_in|"
+     r"linear_out))|context_embedder", "text"),
+    (r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)", "joint"),
+    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation|norm_out)\.linear"
+     r"|time_guidance_embed\..+", None),
+)
+
+
 class Flux2Family(ModelFamily):
     """FLUX.2 [dev]: the Mistral-3 text encoder (hidden layers 10, 20, 30 by default)."""
 
     card = CARD
+    lora_streams = FLUX2_LORA_STREAMS
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     lora_rank = 64  # the EliGen paper's rank (FLUX.1); no FLUX.2 EliGen reference exists
     processors: ClassVar[dict[type, type]] = {

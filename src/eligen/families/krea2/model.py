@@ -180,8 +180,20 @@ class _Unmasked:
         self.processor.unmasked = False
 
 
+# which token stream each linear layer acts on (regional LoRA, docs/design.md section 22): the layer-wise fusion runs
+# every text token's stack of encoder layers as one row of a batch; the blocks run [text | image] as one sequence
+KREA2_LORA_STREAMS: tuple[tuple[str, str | None], ...] = (
+    (r"text_fusion\.layerwise_blocks\.\d+\..+", "text-rows"),
+    (r"text_fusion\.(projector|refiner_blocks\.\d+\..+)|txt_in\..+", "text"),
+    (r"img_in|final_layer\.linear", "image"),
+    (r"transformer_blocks\.\d+\..+", "joint"),
+    (r"time_embed\..+|time_mod_proj", None),
+)
+
+
 class Krea2Family(ModelFamily):
     card = CARD
+    lora_streams = KREA2_LORA_STREAMS
     processors: ClassVar[dict[type, type]] = {Krea2AttnProcessor: RegionalKrea2AttnProcessor}
     block_kwargs: ClassVar[str] = "attention_kwargs"  # the transformer's; hand_over gives the blocks their mask
     lora_rank = 32  # no EliGen reference for Krea 2: the reference's Qwen-Image rank

@@ -90,8 +90,18 @@ class RegionalQwenAttnProcessor(RegionalProcessor, QwenDoubleStreamAttnProcessor
         return img_out, attn.to_add_out(joint[:, :seq_txt, :].contiguous())
 
 
+# which token stream each linear layer acts on (regional LoRA, docs/design.md section 22): two streams throughout
+QWEN_LORA_STREAMS: tuple[tuple[str, str | None], ...] = (
+    (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\.net\..+)|img_in|proj_out", "image"),
+    (r"transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|txt_mlp\.net\..+)|txt_in",
+     "text"),
+    (r"transformer_blocks\.\d+\.(img_mod|txt_mod)\.1|norm_out\.linear|time_text_embed\..+", None),
+)
+
+
 class QwenImageFamily(ModelFamily):
     card = CARD
+    lora_streams = QWEN_LORA_STREAMS
     processors: ClassVar[dict[type, type]] = {QwenDoubleStreamAttnProcessor2_0: RegionalQwenAttnProcessor}
     # the reference's lora_target_modules for Qwen-Image EliGen (rank 32, lr 1e-4)
     lora_targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",

@@ -238,8 +238,19 @@ class RegionalQwenImage21AttnProcessor(RegionalProcessor, QwenImage21AttnProcess
         return attend(query, key, value, regional, self._attention_backend, self._parallel_config)[:, n_text:]
 
 
+# which token stream each linear layer acts on (regional LoRA, docs/design.md section 22): one sequence [text | image]
+# through every block and the output projection (the cached steps run its image rows alone)
+QWEN21_LORA_STREAMS: tuple[tuple[str, str | None], ...] = (
+    (r"txt_in\.(in_layer|out_layer)", "text"),
+    (r"img_in", "image"),
+    (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\..+)|proj_out", "joint"),
+    (r"modulation\.1|norm_out\.linear|time_text_embed\..+", None),
+)
+
+
 class QwenImage21Family(ModelFamily):
     card = CARD
+    lora_streams = QWEN21_LORA_STREAMS
     patch_size = 1  # the transformer takes latents unpatched: one token is one latent pixel (16 pixels)
     lora_rank = 32  # no 2.1 reference: Qwen-Image's reference rank
     block_kwargs = "attention_mask"  # the block argument that carries the mask (a dict, see the module doc)
