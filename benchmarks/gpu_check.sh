@@ -4,7 +4,7 @@
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 #   there: bash benchmarks/gpu_check.sh          # carrying .whl and .diffsynth-min; logs + JSON go to $OUT
 # SIZE=tiny ENTITIES=0,2 OPARGS="--device cpu --heads 2 --side 8 --segment 16 --iters 1" checks it on a CPU;
-# VARIANTS overrides the regional_attention.py variants, WHEELS the wheel folder (default .whl), E2EARGS the
+# VARIANTS overrides the regional_attention.py variants (RAARGS: its other arguments), WHEELS the wheel folder (default .whl), E2EARGS the
 # arguments of generate_e2e.py (whole images; its size follows SIZE: tiny stays tiny, anything else is flux-dev).
 # QWEN=1 adds whole Qwen-Image images (qwen-image: 20B random bf16 weights, about 40 GB; SIZE=tiny: qwen-tiny), with
 # QWEN_E2EARGS as their arguments; off by default, as it does not fit one 15-minute device session with the rest.
@@ -27,7 +27,7 @@ export PYTHONPATH=$PWD/src:$PWD/.diffsynth-min${PYTHONPATH:+:$PYTHONPATH} PYTHON
 python3 benchmarks/attention_op.py ${OPARGS:-} --json "$dest/attention_op.json" 2>&1 | tee "$dest/attention_op.log"
 python3 benchmarks/regional_attention.py --size "${SIZE:-flux-dev}" --entities "${ENTITIES:-0,4}" \
     --variants "${VARIANTS:-dense,reference,diffsynth,segmented,trim,compile-plain,compile-flex,compile-segmented}" \
-    --json "$dest/regional_attention.json" 2>&1 | tee "$dest/regional_attention.log"
+    ${RAARGS:-} --json "$dest/regional_attention.json" 2>&1 | tee "$dest/regional_attention.log"
 e2e_size=$([ "${SIZE:-flux-dev}" = tiny ] && echo tiny || echo flux-dev)
 # defaults sized by estimate (not yet run on a GPU): about 9 minutes at flux-dev on an H200, two images a row
 python3 benchmarks/generate_e2e.py --size "$e2e_size" ${E2EARGS:---entities 4 --warmup 0 --iters 1 --variants \

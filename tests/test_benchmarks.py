@@ -22,11 +22,40 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
-def test_attention_op_benchmark(tmp_path):
-    out = tmp_path / "op.json"
-    stdout = run_script("attention_op.py", "--device", "cpu", "--heads", "2", "--side", "8", "--segment", "16",
-                        "--entities", "3", "--iters", "1", "--json", str(out))
-    report = json.loads(out.read_text())
+def test_gpu_check_script_runs_the_benchmarks(tmp_path):
+    """The one-command GPU check at CPU sizes, each benchmark script end to end through it (one run of each, for the
+    script's wiring and the benchmarks' own checks): logs and JSON in $OUT, the exact rows agreeing with the dense
+    mask, the accelerators' errors against the exact image, the per-family rows."""
+    env = {**os.environ, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no-wheels"), "SIZE": "tiny",
+           "ENTITIES": "0,2", "VARIANTS": "dense,reference,segmented", "RAARGS": "--warmup 0 --iters 1",
+           "OPARGS": "--device cpu --heads 2 --side 8 --segment 16 --entities 3 --iters 1",
+           "E2EARGS": "--steps 3 --warmup 0 --iters 1 --entities 0,2 --accel-entities 2 --variants plain,exact,"
+           "reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload,sequential-offload",
+           "QWEN": "1", "QWEN_E2EARGS": "--steps 3 --iters 0 --entities 2 --accel-entities 2 --variants plain,exact,"
+           "reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload",
+           "FAMILIES": "1", "FAMILY_ARGS": "--families z_image --steps 2 --warmup 0 --iters 1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} >= {"attention_op.json", "attention_op.log",
+                                                    "regional_attention.json", "regional_attention.log",
+                                                    "generate_e2e.json", "generate_e2e.log",
+                                                    "generate_e2e_qwen.json", "generate_e2e_qwen.log",
+                                                    "family_overhead.json", "family_overhead.log"}
+    check_attention_op(json.loads((tmp_path / "attention_op.json").read_text()),
+                       (tmp_path / "attention_op.log").read_text())
+    check_regional_attention(json.loads((tmp_path / "regional_attention.json").read_text()),
+                             (tmp_path / "regional_attention.log").read_text())
+    check_generate_e2e(json.loads((tmp_path / "generate_e2e.json").read_text()),
+                       (tmp_path / "generate_e2e.log").read_text())
+    check_generate_e2e_qwen(json.loads((tmp_path / "generate_e2e_qwen.json").read_text()),
+                            (tmp_path / "generate_e2e_qwen.log").read_text())
+    check_family_overhead(json.loads((tmp_path / "family_overhead.json").read_text()),
+                          (tmp_path / "family_overhead.log").read_text())
+
+
+def check_attention_op(report: dict, stdout: str) -> None:
     assert report["device"] == "CPU" and report["entities"] == 3 and report["length"] == 4 * 16 + 64
     assert set(report["ms"]) == {"plain", "dense-bool", "reference-float", "segmented", "segmented-compiled"}
     errors = report["max_abs_diff_from_dense"]
@@ -34,11 +63,8 @@ def test_attention_op_benchmark(tmp_path):
     assert "| segmented-compiled |" in stdout and "FlexAttention rows: CUDA only" in stdout
 
 
-def test_regional_attention_benchmark(tmp_path):
-    out = tmp_path / "rows.json"
-    stdout = run_script("regional_attention.py", "--size", "tiny", "--variants", "dense,reference,segmented",
-                        "--entities", "0,2", "--warmup", "0", "--iters", "1", "--json", str(out))
-    rows = {(row["variant"], row["entities"]): row for row in json.loads(out.read_text())}
+def check_regional_attention(report: list, stdout: str) -> None:
+    rows = {(row["variant"], row["entities"]): row for row in report}
     assert set(rows) == {("plain", 0), ("dense", 2), ("reference", 2), ("segmented", 2)}
     assert rows["reference", 2]["ratio_to_reference"] == 1.0 and rows["plain", 0]["ratio_to_plain"] == 1.0
     assert all(row["forward_ms"] > 0 for row in rows.values())
@@ -46,41 +72,9 @@ def test_regional_attention_benchmark(tmp_path):
     assert float(line.rsplit(":", 1)[1]) < 1e-5
 
 
-def test_gpu_check_script_runs_the_benchmarks(tmp_path):
-    """The one-command GPU check, at CPU sizes: the three benchmarks run and leave their logs and JSON in $OUT."""
-    env = {**os.environ, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no-wheels"), "SIZE": "tiny",
-           "ENTITIES": "0,2", "VARIANTS": "dense,segmented", "OPARGS": "--device cpu --heads 1 --side 4 --segment 8 "
-           "--iters 1", "E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --warmup 0 --iters 1 --variants "
-           "plain,exact", "QWEN": "1", "QWEN_E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --iters 0 "
-           "--variants exact", "FAMILIES": "1", "FAMILY_ARGS": "--families z_image --steps 1 --warmup 0 --iters 1 "
-           "--forms dense", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert {p.name for p in tmp_path.iterdir()} >= {"attention_op.json", "attention_op.log",
-                                                    "regional_attention.json", "regional_attention.log",
-                                                    "generate_e2e.json", "generate_e2e.log",
-                                                    "generate_e2e_qwen.json", "generate_e2e_qwen.log",
-                                                    "family_overhead.json", "family_overhead.log"}
-    families = json.loads((tmp_path / "family_overhead.json").read_text())  # SIZE=tiny: the tiny pipelines
-    assert families["shapes"] == "tiny" and [(r["family"], r["variant"]) for r in families["rows"]] == [
-        ("Z-Image", "stock"), ("Z-Image", "eligen"), ("Z-Image", "dense")]
-    e2e = json.loads((tmp_path / "generate_e2e.json").read_text())
-    assert e2e["size"] == "tiny" and {(r["variant"], r["entities"]) for r in e2e["rows"]} == {("plain", 0),
-                                                                                             ("exact", 2)}
-    qwen = json.loads((tmp_path / "generate_e2e_qwen.json").read_text())
-    assert qwen["size"] == "qwen-tiny" and [(r["variant"], r["entities"]) for r in qwen["rows"]] == [("exact", 2)]
-    rows = json.loads((tmp_path / "regional_attention.json").read_text())
-    assert {(row["variant"], row["entities"]) for row in rows} == {("plain", 0), ("dense", 2), ("segmented", 2)}
-
-
-def test_family_overhead_tiny(tmp_path):
+def check_family_overhead(report: dict, stdout: str) -> None:
     """Per-family cost on one family's tiny pipeline: stock, zero entities (bit-identical to stock), two entities in
     each attention form, every image of the forms equal to the dense one to float rounding."""
-    out = tmp_path / "families.json"
-    stdout = run_script("family_overhead.py", "--families", "z_image", "--steps", "2", "--warmup", "0", "--iters", "1",
-                        "--json", str(out))
-    report = json.loads(out.read_text())
     rows = {row["variant"]: row for row in report["rows"]}
     assert report["shapes"] == "tiny" and list(rows) == ["stock", "eligen", "dense", "flex", "segmented"]
     assert {row["family"] for row in rows.values()} == {"Z-Image"} and rows["stock"]["ratio_to_stock"] == 1.0
@@ -89,6 +83,38 @@ def test_family_overhead_tiny(tmp_path):
                for form in ("dense", "flex", "segmented"))
     assert all(row["ms"] > 0 and row["image_tokens"] >= 16 for row in rows.values())
     assert "| Z-Image | eligen | 0 |" in stdout and "exact" in stdout
+
+
+def check_generate_e2e(report: dict, stdout: str) -> None:
+    """Whole images on the CPU: plain FluxPipeline, the exact mode and one row per accelerator, errors against the
+    exact image (the exact ones: offloading equal, and the first-block cache skipping nothing)."""
+    assert report["size"] == "tiny" and report["steps"] == 3
+    rows = {(row["variant"], row["entities"]): row for row in report["rows"]}
+    assert set(rows) == {("plain", 0), ("exact", 0), ("exact", 2), ("fbc-0", 2), ("fbc-100", 2), ("fp8", 2),
+                         ("entity-steps-1", 2), ("mask-every-2", 2), ("model-offload", 2)}
+    assert all(row["seconds"] > 0 for row in rows.values()) and rows["plain", 0]["ratio_to_plain"] == 1.0
+    # 3 steps x 2 CFG branches: an infinite threshold runs the whole network once per branch, a zero one always
+    assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
+    assert rows["fbc-0", 2]["psnr_vs_exact"] == float("inf")  # skipping nothing is exact
+    assert rows["model-offload", 2]["psnr_vs_exact"] >= 100  # float rounding (tests/test_offload.py)
+    assert not rows["fbc-0", 2]["approximate"] and not rows["model-offload", 2]["approximate"]
+    for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
+        assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
+    assert "sequential-offload: CUDA only" in stdout and "| exact | 2 |" in stdout
+    assert "reference: needs FLUX.1's widths" in stdout or "reference: diffsynth is not importable" in stdout
+
+
+def check_generate_e2e_qwen(report: dict, stdout: str) -> None:
+    """The same rows on the tiny random Qwen-Image pipeline (stock QwenImagePipeline as the plain row)."""
+    rows = {(row["variant"], row["entities"]): row for row in report["rows"]}
+    assert report["size"] == "qwen-tiny" and set(rows) == {
+        ("plain", 0), ("exact", 2), ("fbc-0", 2), ("fbc-100", 2), ("fp8", 2), ("entity-steps-1", 2),
+        ("mask-every-2", 2), ("model-offload", 2)}
+    assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
+    assert rows["fbc-0", 2]["psnr_vs_exact"] == float("inf") and rows["model-offload", 2]["psnr_vs_exact"] >= 100
+    for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
+        assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
+    assert "reference: needs Qwen-Image's widths" in stdout or "reference: diffsynth is not importable" in stdout
 
 
 def test_every_family_gives_its_released_transformers_shapes():
@@ -124,63 +150,20 @@ def test_family_overhead_refuses_an_unknown_family(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_generate_e2e_tiny(tmp_path):
-    """Whole images on the CPU: plain FluxPipeline, the exact mode and one row per accelerator, errors against the
-    exact image (the exact ones: offloading equal, and the first-block cache skipping nothing)."""
-    out = tmp_path / "e2e.json"
-    stdout = run_script("generate_e2e.py", "--size", "tiny", "--steps", "3", "--warmup", "0", "--iters", "1",
-                        "--entities", "0,2", "--accel-entities", "2", "--json", str(out), "--variants",
-                        "plain,exact,reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload,"
-                        "sequential-offload")
-    report = json.loads(out.read_text())
-    assert report["size"] == "tiny" and report["steps"] == 3
-    rows = {(row["variant"], row["entities"]): row for row in report["rows"]}
-    assert set(rows) == {("plain", 0), ("exact", 0), ("exact", 2), ("fbc-0", 2), ("fbc-100", 2), ("fp8", 2),
-                         ("entity-steps-1", 2), ("mask-every-2", 2), ("model-offload", 2)}
-    assert all(row["seconds"] > 0 for row in rows.values()) and rows["plain", 0]["ratio_to_plain"] == 1.0
-    # 3 steps x 2 CFG branches: an infinite threshold runs the whole network once per branch, a zero one always
-    assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
-    assert rows["fbc-0", 2]["psnr_vs_exact"] == float("inf")  # skipping nothing is exact
-    assert rows["model-offload", 2]["psnr_vs_exact"] >= 100  # float rounding (tests/test_offload.py)
-    assert not rows["fbc-0", 2]["approximate"] and not rows["model-offload", 2]["approximate"]
-    for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
-        assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
-    assert "sequential-offload: CUDA only" in stdout and "| exact | 2 |" in stdout
-    assert "reference: needs FLUX.1's widths" in stdout or "reference: diffsynth is not importable" in stdout
-
-
-def test_generate_e2e_qwen_image_tiny(tmp_path):
-    """The same rows on the tiny random Qwen-Image pipeline (stock QwenImagePipeline as the plain row)."""
-    out = tmp_path / "e2e.json"
-    stdout = run_script("generate_e2e.py", "--size", "qwen-tiny", "--steps", "3", "--iters", "0", "--entities", "2",
-                        "--accel-entities", "2", "--json", str(out), "--variants",
-                        "plain,exact,reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload")
-    report = json.loads(out.read_text())
-    rows = {(row["variant"], row["entities"]): row for row in report["rows"]}
-    assert report["size"] == "qwen-tiny" and set(rows) == {
-        ("plain", 0), ("exact", 2), ("fbc-0", 2), ("fbc-100", 2), ("fp8", 2), ("entity-steps-1", 2),
-        ("mask-every-2", 2), ("model-offload", 2)}
-    assert rows["fbc-0", 2]["cache_skipped"] == 0 and rows["fbc-100", 2]["cache_skipped"] == round(1 - 2 / 6, 3)
-    assert rows["fbc-0", 2]["psnr_vs_exact"] == float("inf") and rows["model-offload", 2]["psnr_vs_exact"] >= 100
-    for approximate in ("fbc-100", "fp8", "entity-steps-1", "mask-every-2"):
-        assert rows[approximate, 2]["approximate"] and 5 < rows[approximate, 2]["psnr_vs_exact"] < float("inf")
-    assert "reference: needs Qwen-Image's widths" in stdout or "reference: diffsynth is not importable" in stdout
-
-
 @pytest.mark.skipif(not (diffsynth_reference.available() and diffsynth_reference.qwen_available()),
                     reason="the reference package diffsynth is not importable")
 @pytest.mark.parametrize("size", ["flux-1block", "qwen-1block"])
 def test_generate_e2e_reference_loop_draws_the_exact_image(tmp_path, size):
     """The released models' widths with one block: the reference's own true-CFG loop (its forward, its mask
-    builder) decodes to the image of the exact mode, with and without entities."""
+    builder, two steps so the shifted schedule counts) decodes to the image of the exact mode with entities (without
+    them the forward equals the reference in tests/test_diffsynth_reference.py)."""
     out = tmp_path / "e2e.json"
-    run_script("generate_e2e.py", "--size", size, "--steps", "2", "--iters", "0", "--entities", "0,2",
+    run_script("generate_e2e.py", "--size", size, "--steps", "2", "--iters", "0", "--entities", "2",
                "--accel-entities", "2", "--variants", "exact,reference", "--json", str(out))
     rows = {(row["variant"], row["entities"]): row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {("exact", 0), ("exact", 2), ("reference", 0), ("reference", 2)}
-    for n in (0, 2):
-        assert rows["reference", n]["psnr_vs_exact"] >= 90, rows["reference", n]  # float rounding only
-        assert rows["reference", n]["ratio_to_exact"] is not None
+    assert set(rows) == {("exact", 2), ("reference", 2)}
+    assert rows["reference", 2]["psnr_vs_exact"] >= 90, rows["reference", 2]  # float rounding only
+    assert rows["reference", 2]["ratio_to_exact"] is not None
 
 
 def test_train_throughput_runs_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
