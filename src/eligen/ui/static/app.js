@@ -250,6 +250,7 @@ function scaleInput(value, label, onValue) {
   scale.min = "0";
   scale.value = value;
   scale.setAttribute("aria-label", label);
+  scale.title = label;
   scale.addEventListener("input", () => { onValue(Number(scale.value)); scheduleCheck(); saveSoon(); });
   return scale;
 }
