@@ -495,6 +495,140 @@ def test_reference_images_reach_the_pipeline_when_the_app_has_an_ip_adapter(tiny
         app.jobs.close()
 
 
+CONTROL = 32  # the tiny FLUX pipeline's test size (8x8 tokens)
+CONTROL_FAST = {"steps": 2, "seed": 3, "max_sequence_length": 16}
+
+
+def image_uri(seed: int, size: int = CONTROL) -> str:
+    """A random RGB picture (a stand-in for a pose or depth map) as the page sends it: a PNG data URI."""
+    pixels = (np.random.RandomState(seed).rand(size, size, 3) * 255).astype(np.uint8)
+    return "data:image/png;base64," + base64.b64encode(png_bytes(Image.fromarray(pixels))).decode()
+
+
+def halves_layout(left: dict, right: dict, **extra) -> dict:
+    """Two entities, the left and the right half of a CONTROL x CONTROL image, with ``left`` / ``right`` added."""
+    masks = [np.zeros((CONTROL, CONTROL), bool) for _ in range(2)]
+    masks[0][:, :16], masks[1][:, 16:] = True, True
+    entities = [{"prompt": "a dog", "mask": mask_to_png_data_uri(masks[0]), **left},
+                {"prompt": "a red ball", "mask": mask_to_png_data_uri(masks[1]), **right}]
+    return {"prompt": "a cat", "width": CONTROL, "height": CONTROL, "entities": entities, **extra}
+
+
+@pytest.fixture(scope="module")
+def control_files(tiny_pipeline_dir, random_lora_file, tmp_path_factory):
+    """A tiny random ControlNet for the tiny FLUX pipeline, saved, and the app `eligen ui --controlnet DIR
+    --entity-lora style=LORA` makes of them."""
+    from eligen.families.flux.testing import build_controlnet
+
+    folder = tmp_path_factory.mktemp("ui-controlnet")
+    build_controlnet(0).save_pretrained(folder / "controlnet")
+    config = UIConfig(model=str(tiny_pipeline_dir), controlnet=str(folder / "controlnet"), port=0, max_steps=4,
+                      entity_lora=[f"style={random_lora_file}"])
+    app = make_app(config, folder / "work")
+    try:
+        yield folder, app
+    finally:
+        app.jobs.close()
+
+
+@pytest.fixture(scope="module")
+def control_client(control_files) -> Client:
+    from starlette.testclient import TestClient
+
+    with TestClient(make_asgi(control_files[1], {"testserver"})) as test_client:
+        yield Client(test_client)
+
+
+def app_and_cli_png(client: Client, layout: dict, params: dict, cli_layout: dict, cli_args: list[str], tmp_path):
+    """The app's PNG of ``layout`` and `eligen generate`'s of ``cli_layout`` (the same, with the LoRA's path for its
+    name), as (pixels, record) pairs."""
+    status, job = client.json("POST", "/api/jobs", {"layout": layout, "params": params})
+    assert status == 200, job
+    done = client.wait(job["id"])
+    assert done["state"] == "done", done
+    _, png = client.get(done["result"]["image"])
+    (tmp_path / "app.png").write_bytes(png)
+    (tmp_path / "layout.json").write_text(json.dumps(cli_layout))
+    assert main(["generate", str(tmp_path / "layout.json"), "-o", str(tmp_path / "cli.png"), "--no-progress",
+                 *cli_args]) == 0
+    return [(np.asarray(Image.open(tmp_path / name)), read_metadata(tmp_path / name))
+            for name in ("app.png", "cli.png")]
+
+
+def test_entity_loras_and_control_images_equal_the_cli(control_files, control_client, tiny_pipeline_dir,
+                                                       random_lora_file, tmp_path):
+    folder, _ = control_files
+    _, info = control_client.json("GET", "/api/info")
+    assert info["entity_loras"] == ["style"] and info["controlnet"] is True and info["family"] == "FLUX.1 ControlNet"
+    args = ["--model", str(tiny_pipeline_dir), "--controlnet", str(folder / "controlnet"), "--seed", "3", "--steps",
+            "2", "--max-sequence-length", "16"]
+    lora = {"lora": "style", "lora_scale": 0.7}
+    # an entity with a LoRA (named as the app offers it), the whole picture under a control image
+    layout = halves_layout(lora, {}, control_image=image_uri(0))
+    cli_layout = halves_layout({**lora, "lora": str(random_lora_file)}, {}, control_image=image_uri(0))
+    (app_pixels, app_record), (cli_pixels, cli_record) = app_and_cli_png(
+        control_client, layout, {**CONTROL_FAST, "control_scale": 0.8}, cli_layout, [*args, "--control-scale", "0.8"],
+        tmp_path)
+    assert np.array_equal(app_pixels, cli_pixels) and app_record == cli_record
+    assert app_record["layout"]["entities"][0]["lora"] == str(random_lora_file)  # as the CLI records it
+    assert app_record["params"]["controlnet"] == str(folder / "controlnet")
+    # an entity with a control image of its own (no global one)
+    control = {"control_image": image_uri(1), "control_scale": 0.6}
+    (app_pixels, app_record), (cli_pixels, cli_record) = app_and_cli_png(
+        control_client, halves_layout({}, control), CONTROL_FAST, halves_layout({}, control), args, tmp_path)
+    assert np.array_equal(app_pixels, cli_pixels) and app_record == cli_record
+    assert app_record["layout"]["entities"][1]["control_image"] == image_uri(1)
+    # its PNG loads back into the page, the LoRA by its name
+    status, loaded = control_client.json("POST", "/api/load", file_body((tmp_path / "app.png").read_bytes()))
+    assert status == 200, loaded
+    assert loaded["layout"]["entities"][1]["control_scale"] == 0.6
+    (tmp_path / "lora.json").write_text(json.dumps(cli_layout))
+    status, loaded = control_client.json("POST", "/api/load", file_body((tmp_path / "lora.json").read_bytes()))
+    assert status == 200, loaded
+    assert loaded["layout"]["entities"][0]["lora"] == "style" and loaded["layout"]["entities"][0]["lora_scale"] == 0.7
+    assert loaded["layout"]["control_image"] == image_uri(0)
+
+
+def test_entity_loras_and_control_images_are_refused_by_field(client, control_files, control_client, tmp_path,
+                                                              capsys):
+    def refused(client_, layout, params=None):
+        status, answer = client_.json("POST", "/api/jobs", {"layout": layout, "params": {**CONTROL_FAST,
+                                                                                        **(params or {})}})
+        assert status == 400, answer
+        return [(e["entity"], e["field"], e["message"]) for e in answer["errors"]]
+
+    control = {"control_image": image_uri(1)}
+    [(entity, field, message)] = refused(control_client, halves_layout({"lora": "nope"}, control))
+    assert (entity, field) == (0, "lora") and message == ("Entity 1, LoRA: not a LoRA this app offers (it offers "
+                                                          "style); choose one in the page")
+    [(entity, field, message)] = refused(control_client, halves_layout({"lora": "style", "lora_scale": -1}, control))
+    assert (entity, field) == (0, "lora_scale") and "0..100" in message
+    [(entity, field, message)] = refused(control_client, halves_layout({"lora": str(tmp_path)}, control))
+    assert field == "lora" and str(tmp_path) not in message  # a path is no name: refused, never opened
+    [(entity, field, message)] = refused(control_client, halves_layout({}, {"control_image": "/etc/passwd"}))
+    assert (entity, field) == (1, "control_image") and "never as paths on the server" in message
+    [(entity, field, message)] = refused(control_client, halves_layout({}, {}))
+    assert (entity, field) == (None, "control_image") and "runs a ControlNet, which needs a control image" in message
+    # the shipped tiny model: no ControlNet, no entity LoRA offered
+    layout = page_layout()
+    layout["entities"][0].update(control_image=image_uri(1, SIZE), lora="style")
+    found = refused(client, layout, {"control_scale": 0.5, "max_sequence_length": None})
+    assert {(e, f) for e, f, _ in found} == {(0, "lora"), (0, "control_image"), (None, "control_scale")}, found
+    messages = {f: m for _, f, m in found}
+    assert "it offers none: whoever starts the app offers LoRAs by name at start" in messages["lora"]
+    assert "control images need a ControlNet, and this app's model (FLUX.1) has none" in messages["control_image"]
+    assert messages["control_scale"].startswith("Control scale: this app's model has no ControlNet")
+    # the operator's flags: checked at start
+    for argv, says in ([["ui", "--entity-lora", "style"], "NAME=PATH"],
+                       [["ui", "--entity-lora", "a=x", "--entity-lora", "a=y"], "given twice"]):
+        assert main(argv) == 2
+        assert says in capsys.readouterr().err
+    from eligen.ui.app import preload_entity_loras
+
+    with pytest.raises(ValueError, match="--entity-lora gone="):
+        preload_entity_loras(control_files[1].pipe, {"gone": str(tmp_path / "missing.safetensors")})
+
+
 def test_sigterm_stops_the_app_and_removes_its_temporary_folder(tmp_path):
     import os
     import signal

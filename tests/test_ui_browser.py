@@ -653,3 +653,57 @@ def test_edit_mode_on_an_edit_model_uploads_draws_and_edits(edit_app_url, browse
     out = np.asarray(image.convert("RGB"))
     assert (out[~mask] == pixels[~mask]).all() and not (out[mask] == pixels[mask]).all()  # kept outside
     browser.save_screenshot(str(screenshots / "edit.png"))
+
+
+@pytest.fixture(scope="module")
+def control_app_url(tmp_path_factory, random_lora_file):
+    """`eligen ui` on a tiny FLUX.1 ControlNet pipeline (its ControlNet saved inside) offering one entity LoRA."""
+    from eligen.families.flux.testing import save_tiny_controlnet_pipeline
+
+    folder = save_tiny_controlnet_pipeline(tmp_path_factory.mktemp("ui-controlnet") / "pipe")
+    yield from serve("--model", str(folder), "--entity-lora", f"style={random_lora_file}", "--max-steps", "4")
+
+
+def test_an_entity_with_a_lora_and_one_with_a_control_image(control_app_url, browser, screenshots, random_lora_file,
+                                                           tmp_path):
+    import base64
+
+    from PIL import Image
+    from selenium.webdriver.support.ui import Select
+
+    size = 32  # the tiny pipeline's test size: 8x8 tokens
+    open_app(browser, control_app_url)
+    assert browser.find_element("id", "control-panel").is_displayed()  # the model runs a ControlNet
+    set_value(browser, "width", size)
+    set_value(browser, "height", size)
+    browser.find_element("id", "prompt").send_keys("a cat")
+    browser.find_element("id", "tool-rect").click()
+    drag(browser, [(0, 0), (15.5, 31.5)], size)
+    browser.find_elements("css selector", ".entity-prompt")[0].send_keys("a dog")
+    Select(browser.find_element("css selector", ".entity-lora")).select_by_value("style")  # by name: no path
+    browser.execute_script("const e = arguments[0]; e.value = '0.7'; e.dispatchEvent(new Event('input'));",
+                           browser.find_element("css selector", ".entity-lora-scale"))
+    browser.find_element("id", "add-entity").click()
+    drag(browser, [(16.5, 0), (31.5, 31.5)], size)
+    browser.find_elements("css selector", ".entity-prompt")[1].send_keys("a red ball")
+    pose = tmp_path / "pose.png"
+    Image.fromarray((np.random.default_rng(2).random((size, size, 3)) * 255).astype(np.uint8)).save(pose)
+    browser.find_element("css selector", 'input[aria-label="Control image for entity 2"]').send_keys(str(pose))
+    wait_for(browser, lambda d: d.find_elements("css selector", ".entity-control-scale"), "the control image")
+    assert not browser.find_elements("css selector", ".entity:first-child .entity-control")  # entity 2's alone
+    fixed_seed(browser, 4)
+    set_value(browser, "steps", 2)
+    set_value(browser, "max-sequence-length", 16)
+    wait_for(browser, lambda d: d_text(d, "errors") == "", "the errors to clear")
+    generate_and_wait(browser)
+    png = fetch(browser.find_element("id", "download-png").get_attribute("href"))
+    record = json.loads(Image.open(io.BytesIO(png)).text["eligen"])
+    first, second = record["layout"]["entities"]
+    assert first["lora"] == str(random_lora_file) and first["lora_scale"] == 0.7 and "control_image" not in first
+    assert second["control_image"] == "data:image/png;base64," + base64.b64encode(pose.read_bytes()).decode()
+    assert "lora" not in second and record["params"]["steps"] == 2
+    browser.save_screenshot(str(screenshots / "entity-lora-and-control.png"))
+    # a reload keeps both
+    open_app(browser, control_app_url, fresh=False)
+    assert Select(browser.find_element("css selector", ".entity-lora")).first_selected_option.text == "LoRA style"
+    assert len(browser.find_elements("css selector", ".entity-control")) == 1

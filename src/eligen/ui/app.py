@@ -104,7 +104,7 @@ class App:
         self.defaults = pipeline_sampling_defaults(pipe)  # the page's defaults and what a job leaves out
         height, width = pipe.native_size()
         max_pixels = config.max_pixels or NATIVE_AREAS * width * height
-        self.limits = Limits(max_pixels=max_pixels, max_entities=config.max_entities)
+        self.limits = Limits(max_pixels=max_pixels, max_entities=config.max_entities, loras=config.entity_loras)
         self.uploads = UploadStore(workdir / "uploads")
         self.jobs = JobQueue(on_error=page_error, on_forget=self._forget, max_waiting=config.max_queue)
         self._planner: VLMBackend | None = None
@@ -119,6 +119,11 @@ class App:
     @property
     def has_ip_adapter(self) -> bool:
         return self.config.ip_adapter is not None
+
+    @property
+    def has_controlnet(self) -> bool:
+        """Whether the model runs a ControlNet (``--controlnet``, or a ControlNet pipeline's own folder)."""
+        return "controlnet" in self.pipe.family.card.features
 
     # -- what the page reads first ----------------------------------------------------------------------------
 
@@ -136,6 +141,7 @@ class App:
             "max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.limits.max_pixels,
             "max_steps": self.config.max_steps, "max_queue": self.config.max_queue,
             "plan": self.config.plan_vlm is not None, "ip_adapter": self.has_ip_adapter, "modes": list(self.modes),
+            "entity_loras": list(self.limits.loras), "controlnet": self.has_controlnet,
         }
 
     def check(self, body: Any) -> dict[str, Any]:
@@ -204,7 +210,8 @@ class App:
         """What a job takes from the server, never from the page."""
         # the LoRAs as given (none: the model's own, which a record names by leaving them out, so it travels)
         return {"model": self.config.model, "lora": list(self.config.lora), "progress": False, "device": self.device,
-                "dtype": self.dtype, "ip_adapter": self.config.ip_adapter, "ip_scale": self.config.ip_scale}
+                "dtype": self.dtype, "ip_adapter": self.config.ip_adapter, "ip_scale": self.config.ip_scale,
+                "controlnet": self.config.controlnet}
 
     def _param_problems(self, config_class: type, params: dict, server_side: dict, mode: str) -> list[dict]:
         """Every option the page set that is unknown, of the wrong type, out of range or over this app's limits."""
@@ -215,6 +222,10 @@ class App:
                 config_from_mapping(config_class, {name: params[name]}, server_side)
             except ValueError as exc:
                 problems.append(page_problem(exc, field=name))
+        if "control_scale" in params and not self.has_controlnet:
+            problems = [p for p in problems if p["field"] != "control_scale"]
+            problems.append(refusal("Control scale: this app's model has no ControlNet; start the app with a "
+                                    "ControlNet to use control images", "control_scale"))
         steps = params.get("steps")
         if isinstance(steps, int) and steps > self.config.max_steps:
             problems.append(refusal(f"Steps: {steps} is more than this app runs in one job (at most "
@@ -222,17 +233,24 @@ class App:
         return problems
 
     def _reference_problems(self, layout: Any) -> list[dict[str, Any]]:
-        """Reference images in an app started without an IP-Adapter."""
-        if self.has_ip_adapter or not isinstance(layout, dict):
+        """Reference images in an app started without an IP-Adapter, control images on a model without a
+        ControlNet, and a ControlNet's job without any control image."""
+        if not isinstance(layout, dict):
             return []
-        entities = layout.get("entities")
-        entities = entities if isinstance(entities, list) else []
-        named: list[tuple[int | None, str]] = []
-        if layout.get("ip_adapter_image") is not None:
-            named.append((None, "ip_adapter_image"))
-        named += [(i, "image") for i, e in enumerate(entities) if isinstance(e, dict) and e.get("image") is not None]
-        return [page_problem(LayoutError("reference images need an IP-Adapter, and this app was started without one",
-                                         entity=i, field=f)) for i, f in named]
+        problems = []
+        if not self.has_ip_adapter:
+            problems += [page_problem(LayoutError("reference images need an IP-Adapter, and this app was started "
+                                                  "without one", entity=i, field=f))
+                         for i, f in _images_named(layout, "ip_adapter_image", "image")]
+        controls = _images_named(layout, "control_image", "control_image")
+        if not self.has_controlnet:
+            problems += [page_problem(LayoutError(f"control images need a ControlNet, and this app's model "
+                                                  f"({self.pipe.family.card.title}) has none; start the app with a "
+                                                  "ControlNet to use them", entity=i, field=f)) for i, f in controls]
+        elif not controls:
+            problems.append(refusal("Control image: this app's model runs a ControlNet, which needs a control image; "
+                                    "choose one for the whole picture or for an entity", "control_image"))
+        return problems
 
     def _resolved(self, config_class: type, params: dict, server_side: dict, layout: Any,
                   source: tuple[Path, str] | None) -> Submission:
@@ -408,11 +426,39 @@ class App:
         return width, height
 
 
+def _images_named(layout: dict, whole: str, entity_field: str) -> list[tuple[int | None, str]]:
+    """Where a page's layout carries an image: ``(None, whole)`` for the whole picture's, ``(i, entity_field)``
+    for entity ``i``'s."""
+    entities = layout.get("entities")
+    entities = entities if isinstance(entities, list) else []
+    named: list[tuple[int | None, str]] = [(None, whole)] if layout.get(whole) is not None else []
+    return named + [(i, entity_field) for i, e in enumerate(entities)
+                    if isinstance(e, dict) and e.get(entity_field) is not None]
+
+
 def make_app(config: UIConfig, workdir: Path) -> App:
-    """Load the model (its LoRAs: ``--lora``, else the model's own) and build the app around it."""
+    """Load the model (its LoRAs: ``--lora``, else the model's own; its ControlNet) and build the app around it.
+    The entity LoRAs offered are loaded now (inactive), so a file that is missing or of the wrong model is told at
+    start."""
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     loras = list(config.lora) or model_loras(config.model)
-    pipe = load_pipeline(config.model, device, dtype, loras, [], config.ip_adapter, config.ip_scale)
+    pipe = load_pipeline(config.model, device, dtype, loras, [], config.ip_adapter, config.ip_scale,
+                         config.controlnet)
     pipe.set_progress_bar_config(disable=True)
+    preload_entity_loras(pipe, config.entity_loras)
     return App(config, pipe, workdir, device, dtype, loras)
+
+
+def preload_entity_loras(pipe, offered: dict[str, str]) -> None:
+    """Each offered entity LoRA loaded as an entity's would be (inactive, :func:`entity_adapters`); a problem is
+    refused naming its ``--entity-lora``."""
+    from types import SimpleNamespace
+
+    from ..pipelines.entity_lora import entity_adapters
+
+    for name, path in offered.items():
+        try:
+            entity_adapters(pipe, [SimpleNamespace(lora=path)])
+        except LayoutError as exc:
+            raise ValueError(f"--entity-lora {name}={path}: {exc.reason}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from ..choices import DTYPE_NAMES
@@ -13,6 +14,7 @@ from ..families import titles
 MAX_ENTITIES = 16  # the reference app has 8 brush layers; the regional mask has no limit of its own
 NATIVE_AREAS = 16  # the default pixel cap: this many times the model's native image area
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # an offered entity LoRA's name, as the page shows it
 
 
 def require_ui_extra() -> None:
@@ -54,6 +56,12 @@ class UIConfig:
     ip_adapter: str | None = option(None, "IP-Adapter of the model's family, where diffusers has one: the page then "
                                     "offers a reference image per entity and for the whole image", metavar="PATH")
     ip_scale: float = option(1.0, "IP-Adapter scale of every double-stream block")
+    entity_lora: list[str] = option([], "a LoRA the page offers per entity, as NAME=PATH (a LoRA file, folder or hub "
+                                    "id; repeat for more): each entity may choose one by NAME, with a scale; the "
+                                    "page never names a file", repeat=True, metavar="NAME=PATH")
+    controlnet: str | None = option(None, "ControlNet of the model's family, where eligen runs one (a diffusers "
+                                    "ControlNet folder or hub id, as for eligen generate): the page then offers a "
+                                    "control image for the whole picture and per entity", metavar="PATH_OR_ID")
     max_upload_mb: float = option(20.0, "largest request or upload (an input image, a layout or PNG to load) in MiB")
     max_pixels: int | None = option(None, "largest image in pixels: a layout's width x height, an upload, a mask or "
                                     f"a reference image (default: {NATIVE_AREAS}x the model's native image area)")
@@ -81,6 +89,7 @@ class UIConfig:
         for name in self.allowed_host:
             if not name or (any(c in name for c in "/:@ ") and not _is_ipv6(name)):
                 raise ValueError(f"--allowed-host {name!r}: give a host name or address, without a port or scheme")
+        offered_loras(self.entity_lora)  # each NAME=PATH well formed, the names distinct
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if not self.max_upload_mb > 0:
@@ -101,8 +110,28 @@ class UIConfig:
             raise ValueError("--plan-vlm transformers needs --plan-model (a local Qwen2-VL / Qwen2.5-VL)")
 
     @property
+    def entity_loras(self) -> dict[str, str]:
+        """The LoRAs offered per entity: ``{name: path}`` from ``--entity-lora NAME=PATH``."""
+        return offered_loras(self.entity_lora)
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+
+def offered_loras(given: list[str]) -> dict[str, str]:
+    """``--entity-lora NAME=PATH`` flags as ``{name: path}``: each well formed, the names distinct."""
+    offered: dict[str, str] = {}
+    for item in given:
+        name, equals, path = str(item).partition("=")
+        name, path = name.strip(), path.strip()
+        if not equals or not path or not LORA_NAME.fullmatch(name):
+            raise ValueError(f"--entity-lora {item!r}: give NAME=PATH, a short name (letters, digits, '_', '-', "
+                             "'.') the page shows, and the LoRA's file, folder or hub id")
+        if name in offered:
+            raise ValueError(f"--entity-lora: the name {name!r} is given twice; give each LoRA its own name")
+        offered[name] = path
+    return offered
 
 
 def _is_ipv6(name: str) -> bool:

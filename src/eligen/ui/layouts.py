@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..choices import SCALE_LIMIT
 from ..entities import (
     DATA_URI_PREFIX,
     LAYOUT_KEYS,
@@ -30,9 +31,12 @@ from ..generate import METADATA_KEY, checked_record
 from ..options import EDIT_FIELDS, INPAINT_FIELDS, EditOptions, EntityOptions, InpaintOptions, SamplingOptions
 from .messages import page_problem
 
-PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale"})
+PAGE_ENTITY_KEYS = frozenset({"prompt", "mask", "box", "polygon", "image", "image_scale", "lora", "lora_scale",
+                              "control_image", "control_scale"})
+IMAGE_FIELDS = {"image": "reference image", "ip_adapter_image": "reference image",
+                "control_image": "control image"}  # the images a page sends inside its layout, as data URIs
 REFERENCE_FORMATS = ("png", "jpeg", "webp")
-NOT_A_PATH = ("the web app takes reference images as files chosen in the page, never as paths on the server; "
+NOT_A_PATH = ("the web app takes {what}s as files chosen in the page, never as paths on the server; "
               "choose the image in the page")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # What a page may set for one generation (the option classes it renders its controls from, a seed and the LoRA
@@ -40,7 +44,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # on an edit model (:data:`EDIT_OPTIONS`).
 PAGE_OPTIONS = (SamplingOptions, EntityOptions, InpaintOptions)
 EDIT_OPTIONS = (*PAGE_OPTIONS, EditOptions)
-PAGE_PARAMS = frozenset({"seed", "lora_scale",
+PAGE_PARAMS = frozenset({"seed", "lora_scale", "control_scale",
                          *(f.name for cls in EDIT_OPTIONS for f in dataclasses.fields(cls))})
 INPAINT_PARAMS = frozenset(INPAINT_FIELDS)
 EDIT_PARAMS = frozenset(EDIT_FIELDS)
@@ -60,6 +64,7 @@ class Limits:
 
     max_pixels: int
     max_entities: int = 16
+    loras: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the entity LoRAs offered: name -> path
 
 
 def _header_size(data_uri: str, prefix: str, what: str, index: int | None, field: str) -> tuple[int, int]:
@@ -74,18 +79,20 @@ def _header_size(data_uri: str, prefix: str, what: str, index: int | None, field
 
 
 def check_reference_image(value: Any, limits: Limits, index: int | None, field: str) -> None:
-    """A reference image as the page sends it: a ``data:image/<png|jpeg|webp>;base64,`` URI within the pixel cap.
-    Anything else is refused without being opened, with one message that never repeats what was sent."""
+    """A reference (or control) image as the page sends it: a ``data:image/<png|jpeg|webp>;base64,`` URI within
+    the pixel cap. Anything else is refused without being opened, with one message that never repeats what was
+    sent."""
+    what = IMAGE_FIELDS.get(field, "reference image")
     prefix = next((f"data:image/{fmt};base64," for fmt in REFERENCE_FORMATS
                    if isinstance(value, str) and value.startswith(f"data:image/{fmt};base64,")), None)
     if prefix is None and isinstance(value, str) and value.startswith("data:"):
-        raise LayoutError("the reference image is not a PNG, JPEG or WebP file; choose one of those",
+        raise LayoutError(f"the {what} is not a PNG, JPEG or WebP file; choose one of those",
                           entity=index, field=field)
     if prefix is None:
-        raise LayoutError(NOT_A_PATH, entity=index, field=field)
-    width, height = _header_size(value, prefix, "reference image", index, field)
+        raise LayoutError(NOT_A_PATH.format(what=what), entity=index, field=field)
+    width, height = _header_size(value, prefix, what, index, field)
     if width * height > limits.max_pixels:
-        raise LayoutError(f"the reference image is {width}x{height}, above this app's {limits.max_pixels} pixels; "
+        raise LayoutError(f"the {what} is {width}x{height}, above this app's {limits.max_pixels} pixels; "
                           "choose a smaller one", entity=index, field=field)
 
 
@@ -98,8 +105,11 @@ def _check_page_entity(entity: Any, i: int, limits: Limits, pixels: int) -> None
     if unknown:
         raise LayoutError(f"unknown key(s) {unknown}; an entity has 'prompt' and one of 'mask', 'box', "
                           "'polygon'", entity=i, field=unknown[0])
-    if entity.get("image") is not None:
-        check_reference_image(entity["image"], limits, i, "image")
+    for field in ("image", "control_image"):
+        if entity.get(field) is not None:
+            check_reference_image(entity[field], limits, i, field)
+    if entity.get("lora") is not None or entity.get("lora_scale") is not None:
+        check_entity_lora(entity.get("lora"), entity.get("lora_scale", 1.0), limits, i)
     mask = entity.get("mask")
     if mask is None:
         return
@@ -136,11 +146,48 @@ def check_page_layout(data: Any, limits: Limits) -> dict[str, Any]:
     if len(entities) > limits.max_entities:
         raise LayoutError(f"{len(entities)} entities; this app takes up to {limits.max_entities}",
                           field="entities")
-    if data.get("ip_adapter_image") is not None:
-        check_reference_image(data["ip_adapter_image"], limits, None, "ip_adapter_image")
+    for field in ("ip_adapter_image", "control_image"):
+        if data.get(field) is not None:
+            check_reference_image(data[field], limits, None, field)
     for i, entity in enumerate(entities):
         _check_page_entity(entity, i, limits, width * height)
-    return dict(data)
+    return {**data, "entities": [_with_lora_path(entity, limits) for entity in entities]}
+
+
+def check_entity_lora(name: Any, scale: Any, limits: Limits, index: int) -> None:
+    """An entity's LoRA as the page names it: one of the operator's (``--entity-lora NAME=PATH``) by name, never a
+    path, at a scale in ``0..SCALE_LIMIT``."""
+    if name is not None and (not isinstance(name, str) or name not in limits.loras):
+        offered = ", ".join(limits.loras) or "none: whoever starts the app offers LoRAs by name at start"
+        raise LayoutError(f"not a LoRA this app offers (it offers {offered}); choose one in the page", entity=index,
+                          field="lora")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= SCALE_LIMIT:
+        raise LayoutError(f"must be a number in 0..{SCALE_LIMIT} (0 switches the LoRA off), got {scale!r}",
+                          entity=index, field="lora_scale")
+
+
+def _with_lora_path(entity: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """A checked entity with its LoRA's name replaced by the operator's path for it."""
+    out = dict(entity)
+    if out.get("lora") is not None:
+        out["lora"] = limits.loras[out["lora"]]
+    return out
+
+
+def lora_names(data: Any, limits: Limits) -> Any:
+    """A stored layout (a PNG's record, a layout file) with each entity LoRA this app offers named as the page names
+    it: a path (or its portable name, as records store it) becomes the operator's name for it; anything else is
+    left for :func:`check_page_layout` to refuse by entity and field."""
+    from ..models import portable_name
+
+    if not isinstance(data, Mapping) or not isinstance(data.get("entities"), list):
+        return data
+    names = {}
+    for name, path in limits.loras.items():
+        names.update({path: name, portable_name(path): name})
+    entities = [{**e, "lora": names.get(e["lora"], e["lora"])} if isinstance(e, Mapping) and
+                isinstance(e.get("lora"), str) and e["lora"] not in limits.loras else e for e in data["entities"]]
+    return {**data, "entities": entities}
 
 
 def page_layout(data: Any, limits: Limits, default_size: tuple[int, int] | None = None) -> Layout:
@@ -205,18 +252,26 @@ def preview(data: Any, limits: Limits, pipe) -> dict[str, Any]:
     return {"errors": problems, "grid": token_grid(masks, height, width, pipe.vae_scale_factor)}
 
 
-def layout_for_page(layout: Layout) -> dict[str, Any]:
-    """A layout as the page edits it: every entity a mask at the layout's size, as a PNG data URI."""
+def layout_for_page(layout: Layout, loras: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A layout as the page edits it: every entity a mask at the layout's size, as a PNG data URI, and its LoRA by
+    the name the app offers it under (``loras``: name -> path)."""
+    names = {path: name for name, path in (loras or {}).items()}
     out: dict[str, Any] = {"prompt": layout.prompt, "width": layout.width, "height": layout.height,
                            "negative_prompt": layout.negative_prompt, "seed": layout.seed, "entities": []}
     if layout.ip_adapter_image is not None:
         out["ip_adapter_image"] = layout.ip_adapter_image  # a data URI: check_page_layout allowed nothing else
+    if layout.control_image is not None:
+        out["control_image"] = layout.control_image  # a data URI likewise
     for entity, mask in zip(layout.entities, layout.masks(), strict=True):
         if mask.shape != (layout.height, layout.width):
             mask = resize_mask(mask, layout.height, layout.width)
         item: dict[str, Any] = {"prompt": entity.prompt, "mask": mask_to_png_data_uri(np.asarray(mask, bool))}
         if entity.image is not None:
             item.update(image=entity.image, image_scale=entity.image_scale)
+        if entity.control_image is not None:
+            item.update(control_image=entity.control_image, control_scale=entity.control_scale)
+        if entity.lora is not None:
+            item.update(lora=names.get(str(entity.lora), str(entity.lora)), lora_scale=entity.lora_scale)
         out["entities"].append(item)
     return out
 
@@ -240,10 +295,12 @@ def read_upload_record(raw: bytes, limits: Limits) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"the PNG's eligen record is not JSON ({exc})") from None
         params = {k: v for k, v in record["params"].items() if k in PAGE_PARAMS}
-        return {"layout": layout_for_page(page_layout(record["layout"], limits)), "params": params,
+        layout = page_layout(lora_names(record["layout"], limits), limits)
+        return {"layout": layout_for_page(layout, limits.loras), "params": params,
                 "command": record.get("command", "generate")}
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a layout JSON file or an eligen PNG ({exc})") from None
-    return {"layout": layout_for_page(page_layout(data, limits)), "params": {}, "command": "generate"}
+    return {"layout": layout_for_page(page_layout(lora_names(data, limits), limits), limits.loras), "params": {},
+            "command": "generate"}

@@ -19,7 +19,8 @@ LABELS = {
     "max_sequence_length": "Max sequence length", "entities_on_negative": "Entities on negative",
     "entity_tokens": "Entity tokens", "attention": "Attention", "compile": "Compile", "fusion": "Fusion",
     "strength": "Strength", "paste_back": "Paste back", "mask_dilate": "Mask dilate", "mask_blur": "Mask blur",
-    "lora_scale": "LoRA scale", "background": "Image to inpaint", "mode": "Mode", "text": "Description",
+    "lora_scale": "LoRA scale", "lora": "LoRA", "control_image": "control image", "control_scale": "control scale",
+    "background": "Image to inpaint", "mode": "Mode", "text": "Description",
 }
 FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 LATENT = re.compile(r"covers no token at the (\d+)x(\d+) latent grid of a \d+x\d+ image \(one token = (\d+)x\d+ "
@@ -35,7 +36,7 @@ def label(field: str | None, entity: int | None = None) -> str:
     name = LABELS.get(field, field.replace("_", " "))
     if entity is None and field == "prompt":
         return "Global prompt"
-    return name
+    return name[:1].upper() + name[1:] if entity is None else name  # the whole picture's controls: capitalised
 
 
 def _plain(reason: str) -> str:

@@ -15,6 +15,7 @@ const state = {
   background: null,  // the image to inpaint or edit: {ref: "upload:<id>" | "job:<id>", image, name, url}
   guide: null,       // a picture to draw over, in this page only: {image, name}
   reference: null,   // the whole picture's reference image (IP-Adapter), a data URI
+  control: null,     // the whole picture's control image (ControlNet), a data URI
   shown: null, running: null, attempted: false, undo: [], redo: [],
   drag: null, pan: null, space: false, polygon: [], checkTimer: null, checkSeq: 0, saveTimer: null, lastErrors: [],
 };
@@ -90,7 +91,7 @@ function freeColour() {
 function makeEntity(prompt = "", layer = null, colour = null) {
   const canvas = layer || blankCanvas(state.width, state.height);
   return { id: state.nextId++, colour: colour ?? freeColour(), prompt, layer: canvas, origin: canvas, image: null,
-           imageScale: 1 };
+           imageScale: 1, lora: null, loraScale: 1, control: null, controlScale: 1 };
 }
 
 function addEntity(prompt = "", layer = null) {
@@ -218,6 +219,8 @@ function entityExtras(entity, index) {
   extra.className = "entity-extra";
   extra.append(fileButton("Mask image", `Upload a mask image for entity ${index + 1}`, "image/*",
                           (file) => maskFromFile(entity, file)));
+  if (state.info.entity_loras.length) extra.append(...loraChoice(entity, index));
+  if (state.info.controlnet) extra.append(...controlChoice(entity, index));
   if (!state.info.ip_adapter) return extra;
   extra.append(fileButton("Reference image", `Reference image for entity ${index + 1}`, "image/*", async (file) => {
     const uri = await referenceFromFile(file);
@@ -238,6 +241,51 @@ function entityExtras(entity, index) {
                                             () => { entity.image = null; changed(); }));
   }
   return extra;
+}
+
+function scaleInput(value, label, onValue) {
+  const scale = document.createElement("input");
+  scale.type = "number";
+  scale.step = "0.1";
+  scale.min = "0";
+  scale.value = value;
+  scale.setAttribute("aria-label", label);
+  scale.title = label;
+  scale.addEventListener("input", () => { onValue(Number(scale.value)); scheduleCheck(); saveSoon(); });
+  return scale;
+}
+
+function loraChoice(entity, index) {
+  // one of the LoRAs the operator offers (by name; the server holds the files), or none, and its scale
+  const n = index + 1;
+  const select = document.createElement("select");
+  select.className = "entity-lora";
+  select.setAttribute("aria-label", `LoRA of entity ${n}`);
+  select.replaceChildren(new Option("no LoRA", ""), ...state.info.entity_loras.map((name) => new Option(`LoRA ${name}`, name)));
+  select.value = entity.lora || "";
+  select.addEventListener("change", () => { entity.lora = select.value || null; changed(); });
+  if (!entity.lora) return [select];
+  const scale = scaleInput(entity.loraScale, `LoRA scale of entity ${n}`, (value) => { entity.loraScale = value; });
+  scale.className = "entity-lora-scale";
+  return [select, scale];
+}
+
+function controlChoice(entity, index) {
+  // a control image (ControlNet) for this entity's region, and its scale
+  const n = index + 1;
+  const parts = [fileButton("Control image", `Control image for entity ${n}`, "image/*", async (file) => {
+    const uri = await referenceFromFile(file);
+    if (uri) { entity.control = uri; changed(); }
+  })];
+  if (!entity.control) return parts;
+  const thumb = document.createElement("img");
+  thumb.src = entity.control;
+  thumb.alt = `control image of entity ${n}`;
+  thumb.className = "entity-control";
+  const scale = scaleInput(entity.controlScale, `Control scale of entity ${n}`, (value) => { entity.controlScale = value; });
+  scale.className = "entity-control-scale";
+  return [...parts, thumb, scale, entityButton("control-remove", "✕", `Remove the control image of entity ${n}`,
+                                               () => { entity.control = null; changed(); })];
 }
 
 function entityItem(entity, index) {
@@ -645,11 +693,14 @@ function layoutPayload() {
     entities: state.entities.map((entity) => {
       const item = { prompt: entity.prompt, mask: maskDataURI(entity.layer) };
       if (entity.image) Object.assign(item, { image: entity.image, image_scale: entity.imageScale });
+      if (entity.lora) Object.assign(item, { lora: entity.lora, lora_scale: entity.loraScale });
+      if (entity.control) Object.assign(item, { control_image: entity.control, control_scale: entity.controlScale });
       return item;
     }),
   };
   if ($("negative-prompt").value.trim()) layout.negative_prompt = $("negative-prompt").value;
   if (state.reference) layout.ip_adapter_image = state.reference;
+  if (state.control) layout.control_image = state.control;
   return layout;
 }
 
@@ -719,6 +770,7 @@ function params() {
   for (const input of document.querySelectorAll("[data-option]")) {
     if (mode() === "generate" && input.closest("#inpaint-options")) continue;
     if (mode() !== "edit" && input.closest("#edit-options")) continue;
+    if (!state.info.controlnet && input.closest("#control-panel")) continue;
     out[input.dataset.option] = readOption(input);
   }
   return out;
@@ -743,6 +795,8 @@ async function entitiesFrom(layout) {
     const layer = await layerFromMask(item.mask, layout.width, layout.height);
     const entity = makeEntity(item.prompt, layer, item.colour ?? null);
     if (item.image) Object.assign(entity, { image: item.image, imageScale: item.image_scale ?? 1 });
+    if (item.lora) Object.assign(entity, { lora: item.lora, loraScale: item.lora_scale ?? 1 });
+    if (item.control_image) Object.assign(entity, { control: item.control_image, controlScale: item.control_scale ?? 1 });
     state.entities.push(entity);  // so that the next one takes the next free colour
     entities.push(entity);
   }
@@ -756,6 +810,7 @@ async function applyRecord(record, undoable = true) {
   $("prompt").value = layout.prompt || "";
   $("negative-prompt").value = layout.negative_prompt || "";
   state.reference = layout.ip_adapter_image || null;
+  state.control = layout.control_image || null;
   state.polygon = [];
   state.entities = [];
   state.width = layout.width;
@@ -772,6 +827,7 @@ async function applyRecord(record, undoable = true) {
     if (command === "edit") notice("this layout was an edit: upload its input image again to edit it");
   }
   referenceChanged();
+  controlChanged();
   modeChanged();
   changed();
 }
@@ -995,6 +1051,13 @@ function referenceChanged() {
   saveSoon();
 }
 
+function controlChanged() {
+  $("control-status").textContent = state.control ? "chosen" : "none";
+  $("control-clear").hidden = !state.control;
+  scheduleCheck();
+  saveSoon();
+}
+
 async function loadFile(file) {
   notice("");
   if (tooLarge(file)) return;
@@ -1130,6 +1193,7 @@ function buildControls(info) {
   if (steps) steps.max = info.max_steps;
   $("plan-panel").hidden = !info.plan;
   $("reference-panel").hidden = !info.ip_adapter;
+  $("control-panel").hidden = !info.controlnet;
   $("start-here").hidden = localStorage.getItem(START_KEY) === "1";
 }
 
@@ -1181,6 +1245,9 @@ function bindControls() {
   onFile("guide-file", setGuide);
   onFile("reference-file", async (file) => { const uri = await referenceFromFile(file); if (uri) { state.reference = uri; referenceChanged(); } });
   $("reference-clear").addEventListener("click", () => { state.reference = null; referenceChanged(); });
+  onFile("control-file", async (file) => { const uri = await referenceFromFile(file); if (uri) { state.control = uri; controlChanged(); } });
+  $("control-clear").addEventListener("click", () => { state.control = null; controlChanged(); });
+  $("control-scale").addEventListener("change", saveSoon);
   $("guide-clear").addEventListener("click", () => { state.guide = null; $("guide-clear").hidden = true; redraw(); });
   $("plan-button").addEventListener("click", plan);
   $("use-background").addEventListener("click", () => {
