@@ -205,3 +205,14 @@ def test_the_engine_options_are_checked_and_ray_is_imported_only_when_asked(tmp_
     monkeypatch.setattr(builtins, "__import__", no_ray)
     assert main(["data", "generate", str(captions), "-o", str(tmp_path / "o"), "--engine", "ray"]) == 2
     assert 'needs Ray Data: pip install "eligen[ray]"' in capsys.readouterr().err
+
+
+def test_a_benchmarks_generation_stage_on_ray_writes_the_local_images(ray_cluster, tiny_pipeline_dir, tmp_path):
+    from test_evals_harness import write_mig
+
+    data = write_mig(tmp_path / "mig")
+    args = ["bench", "cocomig", "--data", str(data), "--model", str(tiny_pipeline_dir), "--stage", "generate",
+            "--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "local")]) == 0
+    assert main([*args, "-o", str(tmp_path / "ray"), "--engine", "ray", "--num-gpus", "0"]) == 0
+    assert pngs(tmp_path / "ray") == pngs(tmp_path / "local") and len(pngs(tmp_path / "local")) == 2
