@@ -216,3 +216,16 @@ def test_a_benchmarks_generation_stage_on_ray_writes_the_local_images(ray_cluste
     assert main([*args, "-o", str(tmp_path / "local")]) == 0
     assert main([*args, "-o", str(tmp_path / "ray"), "--engine", "ray", "--num-gpus", "0"]) == 0
     assert pngs(tmp_path / "ray") == pngs(tmp_path / "local") and len(pngs(tmp_path / "local")) == 2
+
+
+def test_an_actor_that_dies_more_than_the_retries_stops_the_run_with_one_line(
+        ray_cluster, tiny_pipeline_dir, captions, tmp_path, monkeypatch, capsys):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    monkeypatch.setenv(EXIT_ONCE_HOOK, f"{hooks}:000000")
+    code = main(["data", "generate", str(captions), "-o", str(tmp_path / "out"), "--model", str(tiny_pipeline_dir),
+                 "--steps", "2", "--height", "32", "--width", "32", "--max-sequence-length", "16", "--no-progress",
+                 "--engine", "ray", "--num-gpus", "0", "--retries", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "eligen: error: the Ray run stopped (" in err and "every finished item is kept: rerun" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import warnings
@@ -339,8 +340,9 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for library in ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub"):
+    for library in ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "ray"):
         warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
+    logging.getLogger("ray").setLevel(logging.WARNING)  # --engine ray: Ray Data's per-dataset INFO lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

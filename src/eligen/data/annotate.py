@@ -15,6 +15,7 @@ always rebuilt from all per-image files, sorted by stem, so any order of shards 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -78,8 +79,9 @@ class AnnotateConfig(EngineOptions):
     convention: str = option("auto", "how the model writes boxes: qwen2 (0-1000 grid tags), qwen25 (pixel JSON)",
                              choices=CONVENTIONS)
     max_entities: int = option(8, "most entities kept per image")
-    retries: int = option(2, "extra attempts after a malformed answer or a request error (with --engine ray also "
-                          "of an image whose work raises, and restarts of an actor that dies)", metavar="K")
+    retries: int = dataclasses.field(default=2, kw_only=True, metadata={  # keyword-only, as EngineOptions' is
+        "help": "extra attempts after a malformed answer or a request error (with --engine ray also of an image whose "
+                "work raises, and restarts of an actor that dies)", "metavar": "K"})
     timeout: float = option(60.0, "seconds one request may take in all: connecting, the headers and the whole "
                             "answer (openai)")
     concurrency: int = option(4, "parallel requests (openai; transformers always uses 1)")

@@ -15,16 +15,18 @@ ENGINES = ("local", "ray")
 RAY_EXTRA = 'pip install "eligen[ray]"'
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineOptions:
-    """Where a batch command's items run: in this process, or on a pool of Ray actors (one model replica each)."""
+    """Where a batch command's items run: in this process, or on a pool of Ray actors (one model replica each).
+    Keyword-only, so a config's own positional fields (``AnnotateConfig(folder)``) stay first."""
 
     engine: str = option("local", "where the items run: local (this process) or ray (a pool of Ray actors, one "
                          "model replica each; needs eligen[ray])", choices=ENGINES)
     ray_address: str | None = option(None, "Ray cluster to run on with --engine ray (default: the RAY_ADDRESS "
                                      "environment variable, else a local Ray started for the run)", metavar="ADDRESS")
-    num_gpus: float | None = option(None, "GPUs per Ray actor (0: CPU actors; default: 1 when this machine sees a "
-                                    "GPU, else 0)", metavar="G")
+    num_gpus: float | None = option(None, "GPUs per Ray actor (0: CPU actors; default: 1 when the model runs on "
+                                    "CUDA, i.e. --device cuda or none given and a GPU seen here, else 0; 0 for a "
+                                    "served VLM)", metavar="G")
     actors: int = option(1, "Ray actors (model replicas) with --engine ray", metavar="N")
     retries: int = option(2, "with --engine ray: extra attempts of an item that raises, and restarts of an actor "
                           "that dies", metavar="K")
