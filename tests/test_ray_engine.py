@@ -229,3 +229,27 @@ def test_an_actor_that_dies_more_than_the_retries_stops_the_run_with_one_line(
     assert code == 2
     err = capsys.readouterr().err
     assert "eligen: error: the Ray run stopped (" in err and "every finished item is kept: rerun" in err
+
+
+def test_where_ray_runs_and_how_many_gpus_an_actor_gets(monkeypatch):
+    from eligen.scale import ray_engine
+
+    class FakeRay:
+        def __init__(self, initialized):
+            self.initialized, self.calls = initialized, []
+
+        def is_initialized(self):
+            return self.initialized
+
+        def init(self, **kwargs):
+            self.calls.append(kwargs)
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    fake = FakeRay(False)
+    assert ray_engine._connect(fake, None) is True and fake.calls[0]["address"] == "ray://head:10001"
+    assert ray_engine._connect(fake, "head:6379") is True and fake.calls[1]["address"] == "head:6379"  # the flag wins
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert ray_engine._connect(fake, None) is True and fake.calls[2]["address"] is None  # a local Ray
+    running = FakeRay(True)
+    assert ray_engine._connect(running, "head:6379") is False and not running.calls  # reused, never shut down
+    assert ray_engine.default_num_gpus("cuda:1") == 1.0 and ray_engine.default_num_gpus("cpu") == 0.0
