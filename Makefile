@@ -49,11 +49,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 browser: /usr/bin/chromedriver
 
-# The suite runs on every core (pytest-xdist, at most TEST_WORKERS processes; each test is single-threaded).
+# The suite runs on every core (pytest-xdist, at most TEST_WORKERS processes; each test is single-threaded); the
+# tests of one xdist_group (the browser's, Ray's) share one process, so one browser and one local Ray serve them.
 TEST_WORKERS ?= 4
 test: lint browser .diffsynth-min/diffsynth/models/qwen_image_dit.py
 	$(OFFLINE) PYTHONPATH=.diffsynth-min ELIGEN_REQUIRE_DIFFSYNTH=1 ELIGEN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest \
-		-n auto --maxprocesses $(TEST_WORKERS)
+		-n auto --maxprocesses $(TEST_WORKERS) --dist loadgroup
 
 # Refresh the lock: resolve pyproject.toml's ranges afresh (torch at its pin) in a scratch environment, freeze it.
 # Then run `make test`: the lock lands only with the suite passing on it (tests/test_install.py checks the pairing of

@@ -14,7 +14,7 @@ from eligen.families import cards
 SRC = Path(__file__).resolve().parents[1] / "src" / "eligen"
 CORE = ("regional", "sampling", "families", "pipelines", "lora", "entities", "masks", "inpaint", "schedules",
         "speedups", "choices", "config", "files", "overlay", "models", "options", "__init__")
-ABOVE = ("tiny", "train", "data", "evals", "ui", "cli", "generate")
+ABOVE = ("tiny", "train", "data", "evals", "scale", "ui", "cli", "generate")
 TEST_SUPPORT = re.compile(r"^families(\.[a-z_0-9]+)?\.testing$")  # tiny test pipelines, loaded only by tests
 
 

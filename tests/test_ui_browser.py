@@ -40,7 +40,8 @@ def _browser_available() -> str | None:
 MISSING = _browser_available()
 if MISSING and os.environ.get("ELIGEN_REQUIRE_BROWSER") == "1":
     raise RuntimeError(f"ELIGEN_REQUIRE_BROWSER=1 but {MISSING}")
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+# one browser per run: these tests share one pytest-xdist worker
+pytestmark = [pytest.mark.skipif(MISSING is not None, reason=MISSING or ""), pytest.mark.xdist_group("browser")]
 
 
 @pytest.fixture(scope="module")

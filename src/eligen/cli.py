@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import warnings
@@ -222,15 +223,29 @@ def run_train(given: dict) -> int:
 def run_data_generate(given: dict) -> int:
     from .data.generate import generate_images
 
-    result = generate_images(config_from_mapping(DataGenerateConfig, given))
-    print(f"images: {result.done} new, {result.skipped} already there, in {result.out}")
-    return 0
+    config = config_from_mapping(DataGenerateConfig, given)
+    result = generate_images(config)
+    failed = f", {len(result.failed)} failed" if result.failed else ""
+    print(f"images: {result.done} new, {result.skipped} already there{failed}, in {result.out}")
+    return _failures(result.failed, config.retries)
+
+
+def _failures(failed: list[tuple[str, str]], retries: int) -> int:
+    """Name each item that failed after its retries (--engine ray); 1 when any did."""
+    from .scale.ray_engine import report_failures
+
+    report_failures(failed, retries)
+    if failed:
+        print(f"eligen: error: {len(failed)} item(s) failed after {retries + 1} attempt(s) (named above); the others "
+              "are done: rerun to retry the failed ones", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_data_annotate(given: dict) -> int:
     from .data.annotate import annotate
 
-    result = annotate(config_from_mapping(AnnotateConfig, given))
+    config = config_from_mapping(AnnotateConfig, given)
+    result = annotate(config)
     left_out = f", {result.left_out} annotation file(s) left out (named above)" if result.left_out else ""
     print(f"annotated {result.done}, failed {result.failed}, skipped {result.skipped}{left_out}; dataset: "
           f"{result.jsonl}")
@@ -239,7 +254,7 @@ def run_data_annotate(given: dict) -> int:
     if result.failed and not result.done and not result.skipped:
         print("eligen: error: no image was annotated; see the reasons above", file=sys.stderr)
         return 1
-    return 0
+    return _failures(result.errors, config.retries)
 
 
 def run_plan(given: dict) -> int:
@@ -325,8 +340,9 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for library in ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub"):
+    for library in ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "ray"):
         warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
+    logging.getLogger("ray").setLevel(logging.WARNING)  # --engine ray: Ray Data's per-dataset INFO lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,13 +15,14 @@ always rebuilt from all per-image files, sorted by stem, so any order of shards 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..config import option
 from ..entities import box_to_mask
 from ..files import atomic_path, open_image, write_text_atomic
 from ..overlay import image_grid, render_overlay
+from ..scale.options import EngineOptions
 from . import vlm
 from .parse import (
     ANNOTATE_INSTRUCTIONS,
@@ -63,18 +65,23 @@ SHEET_NAME = "annotations_sheet.png"
 
 
 @dataclass
-class AnnotateConfig:
-    """Options of ``eligen annotate``: which folder, which model, how to retry, which shard."""
+class AnnotateConfig(EngineOptions):
+    """Options of ``eligen annotate``: which folder, which model, how to retry, which shard, which engine."""
 
     folder: Path = option(None, "dataset folder; images are read from FOLDER/images", positional=True, required=True)
     vlm: str = option("openai", "vision-language model backend", choices=VLM_KINDS)
     model: str | None = option(None, "model name on the server (openai), or a local path / hub id (transformers)")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang)")
+    vlm_url: list[str] = option([], "an endpoint of a pool of OpenAI-compatible servers (repeat; with --base-url "
+                                "too if given): requests go round-robin, a failing server's request goes to the "
+                                "next", repeat=True, metavar="URL")
     api_key_env: str = option("OPENAI_API_KEY", "name of the environment variable holding the API key")
     convention: str = option("auto", "how the model writes boxes: qwen2 (0-1000 grid tags), qwen25 (pixel JSON)",
                              choices=CONVENTIONS)
     max_entities: int = option(8, "most entities kept per image")
-    retries: int = option(2, "extra attempts after a malformed answer or a request error")
+    retries: int = dataclasses.field(default=2, kw_only=True, metadata={  # keyword-only, as EngineOptions' is
+        "help": "extra attempts after a malformed answer or a request error (with --engine ray also of an image whose "
+                "work raises, and restarts of an actor that dies)", "metavar": "K"})
     timeout: float = option(60.0, "seconds one request may take in all: connecting, the headers and the whole "
                             "answer (openai)")
     concurrency: int = option(4, "parallel requests (openai; transformers always uses 1)")
@@ -84,6 +91,7 @@ class AnnotateConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        EngineOptions.__post_init__(self)
         if self.folder is None or str(self.folder) == "":
             raise ValueError("the dataset folder is required")
         self.folder = Path(self.folder)
@@ -100,7 +108,13 @@ class AnnotateConfig:
         if not self.api_key_env:
             raise ValueError("api_key_env must name an environment variable")
         parse_shard(self.shard)
-        check_base_url(self.base_url)
+        for url in self.urls:
+            check_base_url(url)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every OpenAI-compatible endpoint given: ``--base-url`` then each ``--vlm-url``."""
+        return ([self.base_url] if self.base_url else []) + list(self.vlm_url)
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -123,6 +137,7 @@ class AnnotateResult:
     jsonl: Path
     sheet: Path | None
     left_out: int = 0  # annotation files not usable (not JSON, not an annotation, image gone), named in warnings
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (image, reason) whose work raised (--engine ray)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +268,7 @@ def _annotate_and_save(backend: VLMBackend, config: AnnotateConfig, path: Path, 
 
 def make_backend(config: AnnotateConfig) -> VLMBackend:
     """The backend ``config`` names; ValueError if its model or endpoint is missing."""
-    return vlm.make_backend(config.vlm, config.model, config.base_url, config.api_key_env, config.timeout,
+    return vlm.make_backend(config.vlm, config.model, config.urls or None, config.api_key_env, config.timeout,
                             config.convention)
 
 
@@ -373,24 +388,59 @@ def _run(backend: VLMBackend, config: AnnotateConfig, todo: list[Path], conventi
     return done, failed
 
 
+def _convention(backend: VLMBackend, config: AnnotateConfig) -> str:
+    """``config.convention``, or the backend's own when that is ``auto``."""
+    convention = config.convention
+    if convention == "auto":
+        convention = getattr(backend, "convention", "auto") or "auto"
+    if convention not in CONVENTIONS:
+        raise ValueError(f"backend convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    return convention
+
+
+def _replica(config: AnnotateConfig, backend: VLMBackend | None):
+    """A Ray actor's worker: the backend made once (a local VLM loaded once), then :func:`_annotate_and_save` on
+    each image of a group, ``--concurrency`` at a time, as the local loop calls it."""
+    backend = backend if backend is not None else make_backend(config)
+    convention = _convention(backend, config)
+    pool = ThreadPoolExecutor(max_workers=1 if config.vlm == "transformers" else config.concurrency,
+                              thread_name_prefix="annotate")
+    return lambda items: list(pool.map(lambda item: _annotate_and_save(backend, config, Path(item["path"]),
+                                                                       convention), items))
+
+
+def _run_ray(config: AnnotateConfig, todo: list[Path], backend: VLMBackend | None) -> tuple[int, int, list]:
+    """``todo`` on Ray actors: ``(done, failed, [(image, reason)] of images whose work raised)``."""
+    from functools import partial
+
+    from ..scale.ray_engine import run_items
+
+    items = [{"key": path.name, "path": str(path)} for path in todo]
+    run = run_items(items, partial(_replica, config, backend), config,
+                    device=None if config.vlm == "transformers" else "cpu", desc="annotate",
+                    progress=config.progress, group=1 if config.vlm == "transformers" else config.concurrency)
+    done = sum(1 for ok in run.results.values() if ok)
+    return done, len(run.results) - done + len(run.failed), run.failed
+
+
 def annotate(config: AnnotateConfig, backend: VLMBackend | None = None) -> AnnotateResult:
     """Annotate the pending images of ``config.shard``, then rebuild ``annotations.jsonl`` and the contact sheet.
 
     ``backend`` defaults to :func:`make_backend`. The convention is ``config.convention`` unless that is ``auto``,
-    in which case the backend's own ``convention`` is used.
+    in which case the backend's own ``convention`` is used. ``--engine ray`` annotates on Ray actors, each with its
+    own backend (``backend``, when given, is copied to each).
     """
     todo, skipped = pending_images(config)
     done = failed = 0
-    if todo:
+    errors: list[tuple[str, str]] = []
+    if todo and config.engine == "ray":
+        done, failed, errors = _run_ray(config, todo, backend)
+    elif todo:
         backend = backend if backend is not None else make_backend(config)
-        convention = config.convention
-        if convention == "auto":
-            convention = getattr(backend, "convention", "auto") or "auto"
-        if convention not in CONVENTIONS:
-            raise ValueError(f"backend convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
-        done, failed = _run(backend, config, todo, convention)
+        done, failed = _run(backend, config, todo, _convention(backend, config))
     records, left_out = load_annotation_records(config.folder)
     jsonl = write_jsonl(config.folder, records)
     sheet = contact_sheet(config.folder, records, config.sheet) if config.sheet else None
     logger.info("annotated %d, failed %d, skipped %d; %d records in %s", done, failed, skipped, len(records), jsonl)
-    return AnnotateResult(done=done, failed=failed, skipped=skipped, jsonl=jsonl, sheet=sheet, left_out=left_out)
+    return AnnotateResult(done=done, failed=failed, skipped=skipped, jsonl=jsonl, sheet=sheet, left_out=left_out,
+                          errors=errors)

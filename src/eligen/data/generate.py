@@ -26,6 +26,7 @@ from ..families import titles
 from ..files import read_utf8, write_text_atomic
 from ..generate import default_dtype, load_pipeline, read_metadata, resolve_device, save_png
 from ..options import SamplingOptions, pipeline_sampling_defaults, resolve_sampling
+from ..scale.options import EngineOptions
 from .shards import parse_shard, shard_from_env
 
 IMAGES_DIR = "images"
@@ -34,7 +35,7 @@ _IMAGE_NAME = re.compile(r"^(\d{6,})\.png$")
 
 
 @dataclass
-class DataGenerateConfig(SamplingOptions):
+class DataGenerateConfig(SamplingOptions, EngineOptions):
     """Everything `eligen data generate` reads. The CLI flags are built from these fields; the sampling options left
     unset are the model's, else its diffusers pipeline's (plain generation: :func:`eligen.options.sampling_defaults`
     with the ``diffusers`` baseline)."""
@@ -58,7 +59,8 @@ class DataGenerateConfig(SamplingOptions):
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        SamplingOptions.__post_init__(self)
+        EngineOptions.__post_init__(self)
         if self.captions is None:
             raise ValueError("give a captions file (.txt, one caption per line, or .jsonl)")
         self.captions = Path(self.captions)
@@ -85,6 +87,7 @@ class DataGenerateResult:
     done: int  # items of this shard rendered by this run
     skipped: int  # items of this shard already finished (their PNG existed)
     out: Path
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (item key, reason): --engine ray
 
 
 def load_captions(path: str | Path) -> list[dict[str, Any]]:
@@ -224,8 +227,59 @@ def _pipe_dtype(pipe) -> str:
     return dtype.removeprefix("torch.") if dtype.removeprefix("torch.") in DTYPE_NAMES else dtype
 
 
+def prepare(config: DataGenerateConfig, pipe=None) -> tuple[Any, str, DataGenerateConfig]:
+    """The pipeline (loaded unless given), the dtype it runs in, and ``config`` with its size and sampling filled
+    from the model: what every item is rendered with, by the local loop and by each Ray actor."""
+    pipe, dtype = (pipe, _pipe_dtype(pipe)) if pipe is not None else _load(config)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    native_height, native_width = pipe.native_size()
+    config = dataclasses.replace(config, height=config.height or native_height, width=config.width or native_width,
+                                 **resolve_sampling(config, pipeline_sampling_defaults(pipe, "diffusers")))
+    return pipe, dtype, config
+
+
+def render_items(pipe, config: DataGenerateConfig, dtype: str, batch: list[dict[str, Any]]) -> list[None]:
+    """Render one batch of items (one pipeline call) and write each item's PNG atomically: the per-item work of
+    both engines."""
+    assert config.out is not None  # generate_images refuses a run without --out
+    seeds = [item["seed"] for item in batch]
+    images = _render_batch(pipe, config, [item["prompt"] for item in batch], seeds)
+    for item, seed, image in zip(batch, seeds, images, strict=True):
+        save_png(image, image_path(config.out, item["index"]), item_metadata(config, item, seed, dtype))
+    return [None] * len(batch)
+
+
+def _replica(config: DataGenerateConfig):
+    """A Ray actor's worker: the pipeline loaded once, then :func:`render_items` on each group of items."""
+    pipe, dtype, config = prepare(config)
+    return lambda batch: render_items(pipe, config, dtype, batch)
+
+
+def _run_local(config: DataGenerateConfig, todo: list[dict[str, Any]], mine: int, pipe=None) -> None:
+    pipe, dtype, config = prepare(config, pipe)
+    with tqdm(total=mine, initial=mine - len(todo), desc="generate", unit="img", disable=not config.progress) as bar:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start:start + config.batch_size]
+            render_items(pipe, config, dtype, batch)
+            bar.update(len(batch))
+
+
+def _run_ray(config: DataGenerateConfig, todo: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The pending items on Ray actors (each loads the model once); ``(key, reason)`` of the items that failed."""
+    from functools import partial
+
+    from ..scale.ray_engine import run_items
+
+    items = [{"key": f"{item['index']:06d}", **item} for item in todo]
+    result = run_items(items, partial(_replica, config), config, device=config.device, desc="generate",
+                       progress=config.progress, group=config.batch_size)
+    return result.failed
+
+
 def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult:
-    """Render this shard's unfinished captions to ``config.out/images`` and refresh ``config.out/captions.jsonl``."""
+    """Render this shard's unfinished captions to ``config.out/images`` and refresh ``config.out/captions.jsonl``.
+    ``--engine ray`` renders them on Ray actors that load their own pipeline (``pipe`` is then not used)."""
     if config.out is None:
         raise ValueError("give an output folder with --out DIR")
     assert config.captions is not None  # __post_init__ refuses a missing captions file
@@ -235,24 +289,11 @@ def generate_images(config: DataGenerateConfig, pipe=None) -> DataGenerateResult
     shard, shards = config.shard_spec()
     mine = [item for item in items if item["index"] % shards == shard]
     todo = [item for item in mine if not _finished(config.out, item)]
-    if todo:
-        pipe, dtype = (pipe, _pipe_dtype(pipe)) if pipe is not None else _load(config)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        native_height, native_width = pipe.native_size()
-        config = dataclasses.replace(config, height=config.height or native_height, width=config.width or native_width,
-                                     **resolve_sampling(config, pipeline_sampling_defaults(pipe, "diffusers")))
-        assert config.out is not None  # checked above; the replace keeps it
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="img",
-                   disable=not config.progress)
-        with bar:
-            for start in range(0, len(todo), config.batch_size):
-                batch = todo[start:start + config.batch_size]
-                seeds = [item["seed"] for item in batch]
-                images = _render_batch(pipe, config, [item["prompt"] for item in batch], seeds)
-                for item, seed, image in zip(batch, seeds, images, strict=True):
-                    save_png(image, image_path(config.out, item["index"]), item_metadata(config, item, seed, dtype))
-                bar.update(len(batch))
-    assert config.out is not None  # checked above; the replace keeps it
+    failed: list[tuple[str, str]] = []
+    if todo and config.engine == "ray":
+        failed = _run_ray(config, todo)
+    elif todo:
+        _run_local(config, todo, len(mine), pipe)
     write_captions_index(config.out, items)
-    return DataGenerateResult(done=len(todo), skipped=len(mine) - len(todo), out=config.out)
+    return DataGenerateResult(done=len(todo) - len(failed), skipped=len(mine) - len(todo), out=config.out,
+                              failed=failed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import os
 from typing import Any, Protocol, runtime_checkable
@@ -165,13 +166,43 @@ class OpenAIBackend:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, convention={self.convention!r})"
 
 
+class PoolBackend:
+    """A pool of OpenAI-compatible servers serving one model (e.g. several vLLM replicas): request ``i`` goes to
+    server ``i mod n`` (round-robin), and a request that fails with a transport error is sent to the next server,
+    each at most once; :class:`VLMError` only when every server failed it. Safe to share between threads."""
+
+    def __init__(self, backends: list[OpenAIBackend]):
+        if not backends:
+            raise ValueError("a server pool needs at least one endpoint")
+        self.backends = backends
+        self.convention = backends[0].convention
+        self._turn = itertools.count()  # next() on a count is atomic under the GIL
+
+    def ask(self, prompt: str, image: Image.Image | None = None) -> str:
+        """The first answer, trying the servers from this request's turn onwards; :class:`VLMError` naming each
+        server's failure when none answered."""
+        start = next(self._turn)
+        failures = []
+        for offset in range(len(self.backends)):
+            backend = self.backends[(start + offset) % len(self.backends)]
+            try:
+                return backend.ask(prompt, image)
+            except VLMError as exc:
+                failures.append(str(exc))
+        raise VLMError(f"all {len(self.backends)} servers of the pool failed: " + "; ".join(failures))
+
+    def __repr__(self) -> str:
+        return f"PoolBackend({[b.base_url for b in self.backends]!r})"
+
+
 VLM_KINDS = ("openai", "transformers")
 
 
-def make_backend(kind: str, model: str | None, base_url: str | None, api_key_env: str, timeout: float,
+def make_backend(kind: str, model: str | None, base_url: str | list[str] | None, api_key_env: str, timeout: float,
                  convention: str = "auto") -> VLMBackend:
     """The backend a command names: ``openai`` (needs ``base_url`` and the served model's name; the key is read
-    from the environment variable ``api_key_env``) or ``transformers`` (a local Qwen2-VL / Qwen2.5-VL)."""
+    from the environment variable ``api_key_env``) or ``transformers`` (a local Qwen2-VL / Qwen2.5-VL). Several
+    ``base_url`` s make a :class:`PoolBackend`."""
     if kind == "transformers":
         if not model:
             raise ValueError("--model is required with --vlm transformers (a local path or a hub id)")
@@ -185,5 +216,7 @@ def make_backend(kind: str, model: str | None, base_url: str | None, api_key_env
                          "SGLang server)")
     if not model:
         raise ValueError("--model is required with --vlm openai (the model name the server serves)")
-    return OpenAIBackend(base_url, model, api_key=os.environ.get(api_key_env) or None, timeout=timeout,
-                         convention=convention)
+    urls = [base_url] if isinstance(base_url, str) else base_url
+    backends = [OpenAIBackend(url, model, api_key=os.environ.get(api_key_env) or None, timeout=timeout,
+                              convention=convention) for url in urls]
+    return backends[0] if len(backends) == 1 else PoolBackend(backends)

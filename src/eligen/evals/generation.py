@@ -37,6 +37,7 @@ from ..options import (
     pipeline_sampling_defaults,
     resolve_sampling,
 )
+from ..scale.options import EngineOptions
 from .boxes import pixel_box
 from .layouts import BenchLayout
 
@@ -45,7 +46,7 @@ SETTINGS = ("model", "lora", "lora_scale", *SAMPLING_FIELDS, "negative_prompt", 
 
 
 @dataclass
-class BenchRunConfig(SamplingOptions, EntityOptions):
+class BenchRunConfig(SamplingOptions, EntityOptions, EngineOptions):
     """What every benchmark run reads: the data, the model, how to render, which shard, where to write. The sampling
     options left unset are the model's (:func:`eligen.options.resolve_sampling`), recorded in every image."""
 
@@ -81,6 +82,7 @@ class BenchRunConfig(SamplingOptions, EntityOptions):
     def __post_init__(self) -> None:
         SamplingOptions.__post_init__(self)
         EntityOptions.__post_init__(self)
+        EngineOptions.__post_init__(self)
         if self.data is None or self.out is None:
             raise ValueError("give the benchmark's files with --data PATH and an output folder with --out DIR")
         self.data, self.out = Path(self.data), Path(self.out)
@@ -202,21 +204,60 @@ def generate_stage(layouts: list[BenchLayout], config: BenchRunConfig, benchmark
     todo = [layout for layout in mine if not finished(image_path(config.out, layout.index), layout, config, benchmark)]
     if not todo:
         return 0, len(mine)
+    if config.engine == "ray":
+        _generate_on_ray(todo, config, benchmark)
+        return len(todo), len(mine) - len(todo)
     if pipe is None or hasattr(pipe, "load"):
         pipe = pipe.load() if pipe is not None else load_bench_pipeline(config)
-    dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    width, height = render_size(pipe, config)
+    dtype, width, height = _ready(pipe, config)
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{benchmark}: generate", unit="img",
               disable=not config.progress) as bar:
         for layout in todo:
-            image, boxes = render_layout(pipe, layout, config, width, height)
-            record = {"version": __version__, "command": f"bench-{benchmark}", "benchmark": benchmark,
-                      "index": layout.index, "key": layout.key, "prompt": layout.prompt, "seed": config.seed,
-                      "width": width, "height": height, "dtype": dtype, **config.settings(),
-                      "entities": [{"prompt": e.prompt, "box": list(b)} for e, b in zip(layout.entities, boxes,
-                                                                                       strict=True)]}
-            save_png(image, image_path(config.out, layout.index), record)
+            write_layout(pipe, layout, config, benchmark, dtype, width, height)
             bar.update(1)
     return len(todo), len(mine) - len(todo)
+
+
+def _ready(pipe, config: BenchRunConfig) -> tuple[str, int, int]:
+    """The pipeline's dtype name and the render size; its progress bar off."""
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    width, height = render_size(pipe, config)
+    return str(getattr(pipe, "dtype", "")).removeprefix("torch."), width, height
+
+
+def write_layout(pipe, layout: BenchLayout, config: BenchRunConfig, benchmark: str, dtype: str, width: int,
+                 height: int) -> Path:
+    """Render one layout and write its PNG with its record, atomically: the per-layout work of both engines.
+    Returns the PNG's path."""
+    assert config.out is not None  # __post_init__ refuses a missing --out
+    image, boxes = render_layout(pipe, layout, config, width, height)
+    record = {"version": __version__, "command": f"bench-{benchmark}", "benchmark": benchmark,
+              "index": layout.index, "key": layout.key, "prompt": layout.prompt, "seed": config.seed,
+              "width": width, "height": height, "dtype": dtype, **config.settings(),
+              "entities": [{"prompt": e.prompt, "box": list(b)} for e, b in zip(layout.entities, boxes, strict=True)]}
+    save_png(image, image_path(config.out, layout.index), record)
+    return image_path(config.out, layout.index)
+
+
+def _replica(config: BenchRunConfig, benchmark: str, layouts: dict[int, BenchLayout]):
+    """A Ray actor's worker: the model loaded once, then :func:`write_layout` on each layout it is given."""
+    pipe = load_bench_pipeline(config)
+    dtype, width, height = _ready(pipe, config)
+    return lambda items: [write_layout(pipe, layouts[item["index"]], config, benchmark, dtype, width, height)
+                          for item in items]
+
+
+def _generate_on_ray(todo: list[BenchLayout], config: BenchRunConfig, benchmark: str) -> None:
+    """``todo`` rendered on Ray actors; a ValueError naming the layouts that failed after their retries."""
+    from functools import partial
+
+    from ..scale.ray_engine import report_failures, run_items
+
+    items: list[dict[str, Any]] = [{"key": f"{layout.index:06d}", "index": layout.index} for layout in todo]
+    run = run_items(items, partial(_replica, config, benchmark, {layout.index: layout for layout in todo}), config,
+                    device=config.device, desc=f"{benchmark}: generate", progress=config.progress)
+    if run.failed:
+        report_failures(run.failed, config.retries)
+        raise ValueError(f"{len(run.failed)} layout(s) failed after {config.retries + 1} attempt(s) (named above); "
+                         "the others are rendered: rerun to retry them")

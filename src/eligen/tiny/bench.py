@@ -24,6 +24,7 @@ from ..generate import resolve_device
 from ..models import loading, model_loras
 from ..options import SAMPLING_FIELDS, EntityOptions, SamplingOptions, pipeline_sampling_defaults, resolve_sampling
 from ..overlay import render_overlay
+from ..scale.options import EngineOptions
 from .metrics import entity_scores, summarise
 from .world import COLOURS, has_gap, is_rectangle, sample_layout
 
@@ -32,7 +33,7 @@ FIRST_HELD_OUT_SEED = 1_000_000  # the world's training data uses seeds below th
 
 
 @dataclass
-class BenchConfig(SamplingOptions, EntityOptions):
+class BenchConfig(SamplingOptions, EntityOptions, EngineOptions):
     """Everything `eligen bench shapes` reads; the sampling options left unset are the model's
     (:func:`eligen.options.resolve_sampling`)."""
 
@@ -51,6 +52,7 @@ class BenchConfig(SamplingOptions, EntityOptions):
     def __post_init__(self) -> None:
         SamplingOptions.__post_init__(self)
         EntityOptions.__post_init__(self)
+        EngineOptions.__post_init__(self)
         self.output_dir = Path(self.output_dir)
         if self.n < 1 or self.size < 16 or self.sheet < 0:
             raise ValueError("n must be >= 1, size >= 16, sheet >= 0")
@@ -101,10 +103,9 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
-    """Generate, score and report; writes ``shapesbench.json`` and ``contact_sheet.png`` to ``output_dir``."""
-    import torch
-
+def prepare(config: BenchConfig, pipe=None) -> tuple[Any, BenchConfig, list[str], str | None]:
+    """The pipeline (loaded unless given, with the EliGen LoRA), ``config`` with its sampling filled from the
+    model, the variants to run and the LoRA: what every layout is rendered with, locally and on each Ray actor."""
     from ..pipelines import load_eligen_pipeline
 
     if pipe is None:
@@ -120,32 +121,79 @@ def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
                          f"(e.g. {config.size // grid * grid} or {(config.size // grid + 1) * grid})")
     lora = config.lora or next(iter(model_loras(config.model) if config.model else []), None)
     config = dataclasses.replace(config, **resolve_sampling(config, pipeline_sampling_defaults(pipe)))
-    assert config.true_cfg is not None  # resolve_sampling fills every sampling option
     variants = [v for v in VARIANTS if v != "eligen" or lora is not None]
     if lora is not None:
         pipe.load_eligen_lora(lora, adapter_name="shapesbench")
-    layouts = [sample_layout(config.seed + i, config.size) for i in range(config.n)]
+    return pipe, config, variants, lora
+
+
+def bench_layout(pipe, config: BenchConfig, variants: list[str], lora: str | None, index: int) -> dict[str, Any]:
+    """Layout ``index`` rendered by every variant and scored: ``{"scores": {variant: rows}, "row": sheet tiles}``
+    (tiles only for the first ``config.sheet`` layouts). The per-layout work of both engines."""
+    import torch
+
+    assert config.true_cfg is not None  # prepare fills every sampling option
+    layout = sample_layout(config.seed + index, config.size)
+    scores: dict[str, list[dict[str, Any]]] = {}
+    row = []
+    for variant in variants:
+        if lora is not None:
+            (pipe.enable_lora if variant == "eligen" else pipe.disable_lora)()
+        entities = layout.entities if variant != "base" else None
+        image = pipe(prompt=layout.prompt, entities=entities, height=config.size, width=config.size,
+                     num_inference_steps=config.steps, guidance_scale=config.guidance,
+                     true_cfg_scale=config.true_cfg, cfg_mode=config.cfg_mode,
+                     negative_prompt="" if config.true_cfg > 1 else None,
+                     max_sequence_length=config.max_sequence_length,
+                     entities_on_negative=config.entities_on_negative, entity_tokens=config.entity_tokens,
+                     attention=config.attention, compile=config.compile,
+                     generator=torch.Generator().manual_seed(config.seed + index)).images[0]
+        scores[variant] = [{**s, "layout": index} for s in score_image(image, layout)]
+        if index < config.sheet:
+            row.append(render_overlay(image, [e.mask for e in layout.entities],
+                                      [f"{variant}: {e.prompt}" for e in layout.entities]))
+    return {"scores": scores, "row": row}
+
+
+def _replica(config: BenchConfig):
+    """A Ray actor's worker: the model loaded once, then each layout benchmarked, with the settings it resolved."""
+    pipe, config, variants, lora = prepare(config)
+    settings = {"config": config, "variants": variants, "lora": lora}
+    return lambda items: [{**bench_layout(pipe, config, variants, lora, item["index"]), **settings} for item in items]
+
+
+def _layouts_on_ray(config: BenchConfig) -> tuple[list[dict[str, Any]], BenchConfig, list[str], str | None]:
+    """Every layout's result from Ray actors, in order, and the settings the actors resolved; a ValueError naming
+    the layouts that failed (a benchmark is not reported with layouts missing)."""
+    from functools import partial
+
+    from ..scale.ray_engine import report_failures, run_items
+
+    items: list[dict[str, Any]] = [{"key": f"layout {index}", "index": index} for index in range(config.n)]
+    run = run_items(items, partial(_replica, config), config, device=config.device, desc="shapes: generate and "
+                    "score", progress=config.progress)
+    if run.failed:
+        report_failures(run.failed, config.retries)
+        raise ValueError(f"{len(run.failed)} layout(s) failed on every attempt (named above); no report written")
+    results = [run.results[item["key"]] for item in items]
+    return results, results[0]["config"], results[0]["variants"], results[0]["lora"]
+
+
+def run_shapes_bench(config: BenchConfig, pipe=None) -> dict[str, Any]:
+    """Generate, score and report; writes ``shapesbench.json`` and ``contact_sheet.png`` to ``output_dir``.
+    ``--engine ray`` benchmarks the layouts on Ray actors that load their own model (``pipe`` is then not used)."""
+    if config.engine == "ray":
+        results, config, variants, lora = _layouts_on_ray(config)
+    else:
+        pipe, config, variants, lora = prepare(config, pipe)
+        results = [bench_layout(pipe, config, variants, lora, index)
+                   for index in tqdm(range(config.n), desc="shapes: generate and score", disable=not config.progress)]
     scores: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     sheet: list = []
-    for index, layout in enumerate(tqdm(layouts, desc="shapes: generate and score", disable=not config.progress)):
-        row = []
+    for result in results:
         for variant in variants:
-            if lora is not None:
-                (pipe.enable_lora if variant == "eligen" else pipe.disable_lora)()
-            entities = layout.entities if variant != "base" else None
-            image = pipe(prompt=layout.prompt, entities=entities, height=config.size, width=config.size,
-                         num_inference_steps=config.steps, guidance_scale=config.guidance,
-                         true_cfg_scale=config.true_cfg, cfg_mode=config.cfg_mode,
-                         negative_prompt="" if config.true_cfg > 1 else None,
-                         max_sequence_length=config.max_sequence_length,
-                         entities_on_negative=config.entities_on_negative, entity_tokens=config.entity_tokens,
-                         attention=config.attention, compile=config.compile,
-                         generator=torch.Generator().manual_seed(config.seed + index)).images[0]
-            scores[variant].extend({**s, "layout": index} for s in score_image(image, layout))
-            if index < config.sheet:
-                row.append(render_overlay(image, [e.mask for e in layout.entities],
-                                          [f"{variant}: {e.prompt}" for e in layout.entities]))
-        sheet.extend(row)
+            scores[variant].extend(result["scores"][variant])
+        sheet.extend(result["row"])
     summary = report(scores)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"lora": lora, **{name: getattr(config, name) for name in SAMPLING_FIELDS}}
