@@ -53,7 +53,7 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
            "--iters 1", "E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --warmup 0 --iters 1 --variants "
            "plain,exact", "QWEN": "1", "QWEN_E2EARGS": "--steps 2 --entities 2 --accel-entities 2 --iters 0 "
            "--variants exact", "FAMILIES": "1", "FAMILY_ARGS": "--families z_image --steps 1 --warmup 0 --iters 1 "
-           "--forms dense", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
+           "--forms dense", "CP_ARGS": "--steps 1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -61,7 +61,12 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
                                                     "regional_attention.json", "regional_attention.log",
                                                     "generate_e2e.json", "generate_e2e.log",
                                                     "generate_e2e_qwen.json", "generate_e2e_qwen.log",
-                                                    "family_overhead.json", "family_overhead.log"}
+                                                    "family_overhead.json", "family_overhead.log",
+                                                    "context_parallel.json", "context_parallel.log"}
+    # no GPU here: 2 gloo ranks at the tiny size, said in the log, and the image equal to the single-device one
+    assert "2 ranks need 2 devices" in (tmp_path / "context_parallel.log").read_text()
+    cp = json.loads((tmp_path / "context_parallel.json").read_text())
+    assert cp["world_size"] == 2 and cp["device"] == "cpu" and cp["max_abs_diff"] <= 1e-4 * cp["max_abs"]
     families = json.loads((tmp_path / "family_overhead.json").read_text())  # SIZE=tiny: the tiny pipelines
     assert families["shapes"] == "tiny" and [(r["family"], r["variant"]) for r in families["rows"]] == [
         ("Z-Image", "stock"), ("Z-Image", "eligen"), ("Z-Image", "dense")]
