@@ -1,4 +1,4 @@
-"""The shipped accelerate configurations for training at scale (docs/design.md section 25).
+"""The shipped accelerate configurations for training at scale (docs/design.md section 6.1).
 
 accelerate 1.16 runs FSDP only on CUDA-like devices (on the CPU its state stays MULTI_CPU whatever the config says),
 so here the FSDP configuration is tested as far as it can be: accelerate's own loader reads it, and the wrap policy
