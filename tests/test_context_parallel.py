@@ -175,3 +175,18 @@ def test_two_gloo_processes_equal_one(tiny_pipeline_dir, tiny_qwen_dir, tmp_path
     for family in FAMILIES:
         pipe, kwargs = _generate(family, folders[family])
         torch.testing.assert_close(results[family], pipe(**kwargs).images, rtol=1e-4, atol=1e-5, msg=family)
+
+
+def test_the_pipeline_refuses_what_cannot_carry_the_mask(tiny_pipe):
+    """A transformer under context parallelism (its ``_parallel_config`` set): ``auto`` becomes dense, the segmented
+    form is refused by name before any attention runs."""
+    from eligen import Entity
+
+    tiny_pipe.transformer._parallel_config = _config()
+    try:
+        assert tiny_pipe.attention_mode("auto", torch.device("cuda")) == "dense"
+        with pytest.raises(ValueError, match=r"segmented form .* context parallelism"):
+            tiny_pipe(prompt="a red circle", entities=[Entity("a dog", box=(2, 2, 14, 10))], height=H, width=W,
+                      num_inference_steps=1, max_sequence_length=16, output_type="latent", attention="segmented")
+    finally:
+        tiny_pipe.transformer._parallel_config = None

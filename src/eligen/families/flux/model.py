@@ -182,10 +182,13 @@ class FluxFamily(ModelFamily):
     def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
         kwargs = dict(attention_kwargs or {})
+        parallel = getattr(transformer, "_parallel_config", None)
         if branch.attention_mask is not None:
-            kwargs["attention_mask"] = context_parallel_mask(branch.attention_mask,
-                                                             getattr(transformer, "_parallel_config", None),
+            kwargs["attention_mask"] = context_parallel_mask(branch.attention_mask, parallel,
                                                              branch.context.shape[1], latents.shape[1])
+        if parallel is not None and getattr(branch, "entity_ip", None) is not None:
+            raise ValueError("entity reference images (Entity(image=...)) are not supported under context "
+                             "parallelism; run on one device (docs/design.md section 24)")
         if getattr(branch, "ip_adapter_image_embeds", None) is not None:  # projected by the transformer
             kwargs["ip_adapter_image_embeds"] = branch.ip_adapter_image_embeds  # type: ignore[attr-defined]
         if getattr(branch, "entity_ip", None) is not None:
