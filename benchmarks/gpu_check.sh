@@ -43,3 +43,20 @@ if [ -n "${FAMILIES:-}" ]; then
     python3 benchmarks/family_overhead.py --shapes "$family_shapes" ${FAMILY_ARGS:---warmup 1 --iters 3} \
         --json "$dest/family_overhead.json" 2>&1 | tee "$dest/family_overhead.log"
 fi
+# Context parallelism (docs/design.md section 24): Ulysses over every GPU when there are 2 or more, the EliGen image
+# compared with the single-device one. A lent machine has one GPU and 2 ranks need 2 devices, so there the check runs
+# 2 gloo ranks on the CPU at the tiny size (the equality only, no speed) and says so. CP=0 skips it; CP_SIZE is the
+# multi-GPU size (default flux-dev), CP_ARGS further arguments of context_parallel.py.
+if [ "${CP:-1}" != 0 ]; then
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    if [ "$gpus" -ge 2 ]; then
+        cp_run=(--nproc_per_node "$gpus" benchmarks/context_parallel.py --device cuda --size "${CP_SIZE:-flux-dev}")
+        : > "$dest/context_parallel.log"
+    else
+        echo "context parallelism: $gpus GPU(s) here; 2 ranks need 2 devices, so 2 gloo ranks run on the CPU at the" \
+            "tiny size (the equality with one device, not the speed)" | tee "$dest/context_parallel.log"
+        cp_run=(--nproc_per_node 2 benchmarks/context_parallel.py --device cpu --size tiny)
+    fi
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python3 -m torch.distributed.run --standalone "${cp_run[@]}" ${CP_ARGS:-} \
+        --json "$dest/context_parallel.json" 2>&1 | tee -a "$dest/context_parallel.log"
+fi

@@ -33,7 +33,7 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
            "reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload,sequential-offload",
            "QWEN": "1", "QWEN_E2EARGS": "--steps 3 --iters 0 --entities 2 --accel-entities 2 --variants plain,exact,"
            "reference,fbc-0,fbc-100,fp8,entity-steps-1,mask-every-2,model-offload",
-           "FAMILIES": "1", "FAMILY_ARGS": "--families z_image --steps 2 --warmup 0 --iters 1",
+           "FAMILIES": "1", "FAMILY_ARGS": "--families z_image --steps 2 --warmup 0 --iters 1", "CP_ARGS": "--steps 1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this one
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -42,7 +42,12 @@ def test_gpu_check_script_runs_the_benchmarks(tmp_path):
                                                     "regional_attention.json", "regional_attention.log",
                                                     "generate_e2e.json", "generate_e2e.log",
                                                     "generate_e2e_qwen.json", "generate_e2e_qwen.log",
-                                                    "family_overhead.json", "family_overhead.log"}
+                                                    "family_overhead.json", "family_overhead.log",
+                                                    "context_parallel.json", "context_parallel.log"}
+    # no GPU here: 2 gloo ranks at the tiny size, said in the log, and the image equal to the single-device one
+    assert "2 ranks need 2 devices" in (tmp_path / "context_parallel.log").read_text()
+    cp = json.loads((tmp_path / "context_parallel.json").read_text())
+    assert cp["world_size"] == 2 and cp["device"] == "cpu" and cp["max_abs_diff"] <= 1e-4 * cp["max_abs"]
     check_attention_op(json.loads((tmp_path / "attention_op.json").read_text()),
                        (tmp_path / "attention_op.log").read_text())
     check_regional_attention(json.loads((tmp_path / "regional_attention.json").read_text()),

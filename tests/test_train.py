@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,23 +200,45 @@ def test_cli_train_with_yaml_and_flags(tmp_path, tiny_pipeline_dir, dataset, cap
     assert "missing dataset, output_dir" in capsys.readouterr().err
 
 
-def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset):
-    """The multi-process path as far as this machine allows: accelerate, 2 CPU processes, gloo."""
-    cfg = tmp_path / "train.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_pipeline_dir), "dataset": str(dataset), "output_dir": "run",
-                                   "resolution": 32, "rank": 4, "max_steps": 2, "batch_size": 2,
-                                   "max_sequence_length": 16, "checkpoint_every": 1}))
+def _torchrun_train(tmp_path: Path, name: str, settings: dict) -> None:
+    """``torchrun --nproc_per_node 2 -m eligen.cli train`` on the CPU (gloo) with the YAML ``settings``."""
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(settings))
     # accelerate's multi-CPU path: torchrun processes with ACCELERATE_USE_CPU (accelerate launch --cpu starts one)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     launcher = Path(sys.executable).with_name("torchrun")
     command = [str(launcher), "--standalone", "--nproc_per_node", "2", "-m", "eligen.cli", "train", str(cfg)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset):
+    """The multi-process path as far as this machine allows: accelerate, 2 CPU processes, gloo (DDP); a run resumed
+    from its step-1 checkpoint on 2 processes ends with the uninterrupted run's LoRA."""
+    settings = {"model": str(tiny_pipeline_dir), "dataset": str(dataset), "output_dir": "run", "resolution": 32,
+                "rank": 4, "max_steps": 2, "batch_size": 2, "max_sequence_length": 16, "checkpoint_every": 1,
+                "learning_rate": 1e-3}
+    _torchrun_train(tmp_path, "train", settings)
     run = tmp_path / "run"
     assert (run / "eligen_lora.safetensors").exists()
     assert [p.name for p in checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
     assert {p.name for p in (run / "checkpoint-2").glob("eligen_state_*.pt")} == {"eligen_state_0.pt",
                                                                                    "eligen_state_1.pt"}
+    # the same run stopped after step 1: its checkpoint-1 only, then resumed on 2 processes
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-1", resumed / "checkpoint-1")
+    written = (resumed / "checkpoint-1" / "trainer.json").stat().st_mtime_ns
+    _torchrun_train(tmp_path, "resume", {**settings, "output_dir": "resumed", "resume": True})
+    # it continued from checkpoint-1 (a fresh start would have written checkpoint-1 again)
+    assert (resumed / "checkpoint-1" / "trainer.json").stat().st_mtime_ns == written
+    assert [p.name for p in checkpoints(resumed)] == ["checkpoint-1", "checkpoint-2"]
+    straight, again = lora_tensors(run), lora_tensors(resumed)
+    assert straight.keys() == again.keys()
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=1e-5, atol=1e-6)
+    # the step-2 update is there (the LoRA up matrices start at zero): equal ends are not two untrained adapters
+    assert any(straight[key].abs().max() > 0 for key in straight if "lora_B" in key or "lora_up" in key)
 
 
 def test_sigint_finishes_the_step_and_saves(tmp_path, tiny_pipeline_dir, dataset, monkeypatch):

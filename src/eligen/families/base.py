@@ -83,6 +83,8 @@ class ModelFamily:
     block_kwargs: ClassVar[str] = "joint_attention_kwargs"  # the block argument that carries the mask
     processors: ClassVar[dict[type, type]]  # diffusers' stock attention processor -> the family's regional one
     has_pooled: ClassVar[bool] = False  # the transformer takes a pooled text vector
+    # the family's forward carries the regional mask under diffusers' context parallelism (docs/design.md section 24)
+    context_parallel: ClassVar[bool] = False
     # options the architecture cannot have -> why (eligen.speedups and the pipelines refuse them by name)
     unsupported: ClassVar[dict[str, str]] = {}
     # (module-name pattern, token stream) for regional LoRA (:meth:`lora_stream`); empty: the family has none

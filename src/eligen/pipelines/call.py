@@ -28,6 +28,7 @@ from ..families.base import Branch
 from ..inpaint import InpaintSource, pack_mask, prepare_source, restore, soft_union
 from ..masks import latent_grid_size
 from ..regional.lora import entity_lora_tokens
+from ..regional.parallel import check_context_parallel
 from ..regional.processors import check_regional_attention_support, install_regional_processors
 from ..regional.sequence import TokenSequence
 from ..sampling import Fusion, denoise
@@ -213,6 +214,7 @@ class EliGenCallMixin(EliGenMixin):
         if ents is not None:
             install_regional_processors(self.transformer, self.family.processors)
             check_regional_attention_support(self.transformer, backend=form)
+            check_context_parallel(self.transformer, form, self.family.name, self.family.context_parallel)
             sequence = ents.sequence(positive.context.shape[1])
             cover = self._regional_cover(ents.cover)
             self._join(positive, sequence, ents.embeds, sequence.mask(cover, form, self._flex_slot("cond")))

@@ -122,9 +122,12 @@ class EliGenMixin:
 
     def attention_mode(self, attention: str, device: torch.device) -> str:
         """``auto`` -> the exact mode that is fastest here: on CUDA ``segmented`` (unmasked flash-attention calls
-        merged by log-sum-exp, compiled or not), elsewhere ``dense``."""
+        merged by log-sum-exp, compiled or not), elsewhere ``dense``; under context parallelism always ``dense`` (the
+        only form diffusers parallelises, docs/design.md section 24)."""
         if attention != "auto":
             return attention
+        if getattr(self.transformer, "_parallel_config", None) is not None:
+            return "dense"
         return "segmented" if device.type == "cuda" else "dense"
 
     def compile_transformer(self, **compile_kwargs: Any) -> None:

@@ -83,8 +83,14 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, names
         param.requires_grad_("lora_" in name)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor shard (FSDP2) is gathered from the ranks, so every rank must call this."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if gather is not None else tensor
+
+
 def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
-    """The trained adapter as :class:`eligen.lora.LoraWeights` (float32 copies)."""
+    """The trained adapter as :class:`eligen.lora.LoraWeights` (float32 copies). Under FSDP every rank calls it."""
     from peft.utils import get_peft_model_state_dict
 
     from ..lora import LoraLayer
@@ -95,8 +101,8 @@ def lora_weights_from_model(transformer: torch.nn.Module, alpha: float):
         if key.endswith(".lora_A.weight"):
             module = key.removesuffix(".lora_A.weight")
             up = state[f"{module}.lora_B.weight"]
-            layers[module] = LoraLayer(tensor.detach().float().cpu().clone(), up.detach().float().cpu().clone(),
-                                       float(alpha))
+            layers[module] = LoraLayer(full_tensor(tensor).detach().float().cpu().clone(),
+                                       full_tensor(up).detach().float().cpu().clone(), float(alpha))
     return layers
 
 
@@ -298,13 +304,14 @@ class Trainer:
                               model=str(config.model))
 
     def _save_adapter_only(self, models, weights, output_dir) -> None:
-        """Checkpoints hold the LoRA parameters, not a copy of the frozen base model."""
+        """Checkpoints hold the LoRA parameters, not a copy of the frozen base model (gathered on every rank: under
+        FSDP each holds a shard)."""
         from safetensors.torch import save_file
 
-        if self.is_main:
-            for model in models:
-                weights_of = self.accelerator.unwrap_model(model).state_dict().items()
-                state = {k: v.detach().contiguous() for k, v in weights_of if "lora_" in k}
+        for model in models:
+            weights_of = self.accelerator.unwrap_model(model).state_dict().items()
+            state = {k: full_tensor(v).detach().contiguous() for k, v in weights_of if "lora_" in k}
+            if self.is_main:
                 save_file(state, str(Path(output_dir) / "lora_adapter.safetensors"))
         weights.clear()
 
@@ -581,12 +588,11 @@ class Trainer:
             return result
         if self.step % config.checkpoint_every:
             self.save_checkpoint()
+        alpha = config.alpha if config.alpha is not None else self.rank
+        weights = lora_weights_from_model(self.accelerator.unwrap_model(self.model), alpha)  # every rank (FSDP)
         if self.is_main:  # the LoRA first: a failing validation render must not cost the training
             self.text.save()
-            model = self.accelerator.unwrap_model(self.model)
-            alpha = config.alpha if config.alpha is not None else self.rank
-            result.lora_files = save_lora_files(lora_weights_from_model(model, alpha), config.output_dir,
-                                                self.family.name)
+            result.lora_files = save_lora_files(weights, config.output_dir, self.family.name)
         if not config.validate_every or self.step % config.validate_every:
             try:
                 self.validate()

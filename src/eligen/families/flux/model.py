@@ -18,6 +18,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from ...regional.parallel import context_parallel_mask
 from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, shifted_training_schedule
@@ -150,6 +151,7 @@ class FluxFamily(ModelFamily):
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     lora_rank = 64  # the paper's rank (the reference's FLUX trainer uses 32)
     has_pooled = True
+    context_parallel = True
     processors: ClassVar[dict[type, type]] = {FluxAttnProcessor: RegionalFluxAttnProcessor,
                                               FluxIPAdapterAttnProcessor: RegionalFluxIPAdapterAttnProcessor}
 
@@ -194,8 +196,13 @@ class FluxFamily(ModelFamily):
     def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
         kwargs = dict(attention_kwargs or {})
+        parallel = getattr(transformer, "_parallel_config", None)
         if branch.attention_mask is not None:
-            kwargs["attention_mask"] = branch.attention_mask
+            kwargs["attention_mask"] = context_parallel_mask(branch.attention_mask, parallel,
+                                                             branch.context.shape[1], latents.shape[1])
+        if parallel is not None and getattr(branch, "entity_ip", None) is not None:
+            raise ValueError("entity reference images (Entity(image=...)) are not supported under context "
+                             "parallelism; run on one device (docs/design.md section 24)")
         if getattr(branch, "ip_adapter_image_embeds", None) is not None:  # projected by the transformer
             kwargs["ip_adapter_image_embeds"] = branch.ip_adapter_image_embeds  # type: ignore[attr-defined]
         if getattr(branch, "entity_ip", None) is not None:
@@ -227,6 +234,7 @@ class FluxKontextFamily(FluxFamily):
     (defaults, classes) differs. The reference-image tokens are the pipeline's (docs/design.md section 21)."""
 
     card = KONTEXT_CARD
+    context_parallel = False  # untested with the reference-image tokens (docs/design.md section 24)
 
 
 FLUX_KONTEXT = FluxKontextFamily()
@@ -237,6 +245,7 @@ class FluxControlNetFamily(FluxFamily):
     the card (defaults, classes) differs. The residuals are the pipeline's (docs/design.md section 23)."""
 
     card = CONTROLNET_CARD
+    context_parallel = False  # diffusers' ControlNet model is not context-parallel (docs/design.md section 24)
 
 
 FLUX_CONTROLNET = FluxControlNetFamily()

@@ -18,6 +18,7 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0, apply_rotary_emb_qwen
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from ...regional.parallel import context_parallel_mask, local_text_rope
 from ...regional.processors import RegionalProcessor, attend
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, exponential_training_schedule
@@ -29,8 +30,12 @@ TRAIN_SHIFT_TERMINAL = 0.02
 
 
 def _qwen_mask(attention_mask, encoder_hidden_states_mask: torch.Tensor | None, n_img: int):
-    """The joint mask of a Qwen-Image layer: the regional mask, the text padding mask, both, or neither."""
+    """The joint mask of a Qwen-Image layer: the regional mask, the text padding mask, both, or neither. A regional
+    mask longer than the local sequence (context parallelism) already holds the padding (``_parallel_mask``)."""
     if encoder_hidden_states_mask is None:
+        return attention_mask
+    if isinstance(attention_mask, torch.Tensor) and \
+            attention_mask.shape[-1] != encoder_hidden_states_mask.shape[1] + n_img:
         return attention_mask
     keys = torch.cat([encoder_hidden_states_mask.bool(),
                       encoder_hidden_states_mask.new_ones(encoder_hidden_states_mask.shape[0], n_img).bool()], dim=1)
@@ -73,7 +78,7 @@ class RegionalQwenAttnProcessor(RegionalProcessor, QwenDoubleStreamAttnProcessor
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             if text_positions is not None:
-                txt_freqs = txt_freqs[text_positions]
+                txt_freqs = local_text_rope(txt_freqs, text_positions, self._parallel_config)
             img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
             img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
@@ -102,6 +107,7 @@ QWEN_LORA_STREAMS: tuple[tuple[str, str | None], ...] = (
 class QwenImageFamily(ModelFamily):
     card = CARD
     lora_streams = QWEN_LORA_STREAMS
+    context_parallel = True
     processors: ClassVar[dict[type, type]] = {QwenDoubleStreamAttnProcessor2_0: RegionalQwenAttnProcessor}
     # the reference's lora_target_modules for Qwen-Image EliGen (rank 32, lr 1e-4)
     lora_targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
@@ -150,13 +156,23 @@ class QwenImageFamily(ModelFamily):
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None) -> torch.Tensor:
         kwargs = dict(attention_kwargs or {})
         if branch.attention_mask is not None:
-            kwargs["attention_mask"] = branch.attention_mask
+            kwargs["attention_mask"] = self._parallel_mask(transformer, branch, latents.shape[1])
         if branch.positions is not None:
             kwargs["text_positions"] = branch.positions
         return transformer(
             hidden_states=latents, timestep=timestep, guidance=guidance, encoder_hidden_states_mask=branch.text_mask,
             encoder_hidden_states=branch.context, img_shapes=geometry, attention_kwargs=kwargs, return_dict=False,
         )[0]
+
+    @staticmethod
+    def _parallel_mask(transformer, branch: Branch, n_img: int):
+        """The branch's regional mask, under context parallelism joined with the text padding mask (each rank holds
+        only its chunk of that) and reordered for Ulysses (docs/design.md section 24)."""
+        config = getattr(transformer, "_parallel_config", None)
+        if getattr(config, "context_parallel_config", None) is None:
+            return branch.attention_mask
+        mask = _qwen_mask(branch.attention_mask, branch.text_mask, n_img)
+        return context_parallel_mask(mask, config, branch.context.shape[1], n_img)
 
     def training_schedule(self) -> TrainingSchedule:
         """The reference Qwen-Image trainer's: exponential shift mu 0.8, terminal sigma 0.02, bell-weighted."""
@@ -172,6 +188,7 @@ class QwenImageEditPlusFamily(QwenImageFamily):
     (docs/design.md section 21)."""
 
     card = EDIT_PLUS_CARD
+    context_parallel = False  # untested with the input-image tokens (docs/design.md section 24)
 
     def instruction_embeds(self, pipe, text: str, device: torch.device | None = None) -> torch.Tensor:
         """``(1, T, D)``: one instruction encoded with the edit template, without the input images."""
@@ -220,6 +237,7 @@ class QwenImageControlNetFamily(QwenImageFamily):
     latents; only the card differs. The residuals are the pipeline's (docs/design.md section 23)."""
 
     card = CONTROLNET_CARD
+    context_parallel = False  # diffusers' ControlNet model is not context-parallel (docs/design.md section 24)
 
 
 QWEN_IMAGE_CONTROLNET = QwenImageControlNetFamily()
