@@ -335,6 +335,26 @@ def test_every_attention_form(flux, attention):
     torch.testing.assert_close(run(family.pipe, entities, attention=attention), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
+def test_inpainting_keeps_the_masked_lora_and_the_input_outside(flux, cfg):
+    """Inpainting fusion with an entity LoRA: the masked reference under the same fusion; the latents outside the
+    entities' union end at the input's."""
+    family = flux
+    size = GRID * token_pixels(family.pipe)
+    source = Image.fromarray((np.random.RandomState(1).rand(size, size, 3) * 255).astype(np.uint8))
+    entities = [Entity(ENTITY_PROMPTS[0], box=family.boxes[0], lora=family.files[0], lora_scale=0.9),
+                Entity(ENTITY_PROMPTS[1], box=family.boxes[1])]
+    got = run(family.pipe, entities, cfg, image=source, inpaint=True)
+    want = reference(family, [(family.loras[0], text_weights(family, [0.9, 0]), 0.9 * box_tokens(TOKEN_BOXES[0]))],
+                     cfg, image=source, inpaint=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    without = run(family.pipe, [Entity(p, box=b) for p, b in zip(ENTITY_PROMPTS, family.boxes, strict=True)], cfg,
+                  image=source, inpaint=True)
+    outside = box_tokens(TOKEN_BOXES[0]) + box_tokens(TOKEN_BOXES[1]) == 0  # (n_img,) tokens outside the union
+    assert outside.any() and torch.equal(got[:, outside], without[:, outside])  # both at the input's latents
+    assert not torch.equal(got, without)
+
+
 # -- the layout file, the record, the CLI -----------------------------------------------------------------------
 
 
