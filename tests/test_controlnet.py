@@ -338,8 +338,8 @@ def _z_image_layer_input(pipe, entities, latents, **call):
     hooks = [pipe.transformer.layers[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())),
              pipe.controlnet.register_forward_pre_hook(lambda m, a: calls.append(a))]
     try:
-        pipe(prompt="a cat", entities=entities, height=SIZE, width=SIZE, num_inference_steps=1, guidance_scale=0.0,
-             max_sequence_length=16, latents=latents, output_type="latent", **call)
+        pipe(**{"guidance_scale": 0.0, **call}, prompt="a cat", entities=entities, height=SIZE, width=SIZE,
+             num_inference_steps=1, max_sequence_length=16, latents=latents, output_type="latent")
     finally:
         for hook in hooks:
             hook.remove()
@@ -377,6 +377,12 @@ def test_z_image_entity_control_reaches_only_its_image_tokens_and_equals_the_mas
     outside = torch.cat([torch.ones(text, dtype=torch.bool), mask[0, :, 0] == 0])
     assert torch.equal(got[:, outside], uncontrolled[:, outside])  # no text token, no image token outside the mask
     assert (got[:, ~outside] - uncontrolled[:, ~outside]).abs().max() > 1e-3
+    # under CFG each branch's ControlNet reads that branch's global prompt: the negative one the negative prompt
+    _, calls = _z_image_layer_input(pipe, [entity], latents, control_image=_control(0), guidance_scale=2.0,
+                                    negative_prompt="ugly")
+    negative = pipe._encode_prompt(["ugly"], device=torch.device("cpu"), max_sequence_length=16)
+    assert len(calls) == 4 and [len(c[2]) for c in calls] == [1, 1, 1, 1]
+    assert torch.equal(calls[0][2][0], caption[0]) and torch.equal(calls[2][2][0], negative[0])
 
 
 def test_cli_runs_a_z_image_controlnet_with_entity_control(cli_files, tmp_path):

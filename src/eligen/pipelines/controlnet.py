@@ -65,10 +65,13 @@ def control_keep(step: int, steps: int, starts: Sequence[float], ends: Sequence[
 def weighted(block: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """A residual ``(B, L, D)`` times a token weight ``(B or 1, n_img, 1)``; a weight shorter than the residual's
     token axis covers its first ``n_img`` tokens (the image tokens, where a residual over a joint sequence starts)
-    and zeroes the rest (that sequence's image padding and text): docs/design.md section 23.1."""
+    and zeroes the rest (that sequence's image padding and text): docs/design.md section 23.1. A residual of CFG
+    branches batched together (``k B`` rows) takes the weight once per branch."""
     if weight is None:
         return block
     weight = weight.to(block.dtype)
+    if weight.shape[0] not in (1, block.shape[0]):
+        weight = weight.repeat(block.shape[0] // weight.shape[0], 1, 1)
     if weight.shape[1] < block.shape[1]:
         weight = torch.nn.functional.pad(weight, (0, 0, 0, block.shape[1] - weight.shape[1]))
     return block * weight
