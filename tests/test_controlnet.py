@@ -256,13 +256,14 @@ def test_cli_refuses_control_without_a_controlnet_and_a_family_without_one(cli_f
     assert main(["generate", layout, "-o", str(tmp_path / "o.png")]) != 0
     assert "entity 0, field 'control_image': a control image needs a ControlNet: pass --controlnet" in \
         capsys.readouterr().err
-    zimage = tmp_path / "zimage"
-    zimage.mkdir()
-    (zimage / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
-    assert main(["generate", layout, "-o", str(tmp_path / "o.png"), "--model", str(zimage), "--controlnet",
+    krea = tmp_path / "krea2"
+    krea.mkdir()
+    (krea / "model_index.json").write_text(json.dumps({"_class_name": "Krea2Pipeline"}))
+    assert main(["generate", layout, "-o", str(tmp_path / "o.png"), "--model", str(krea), "--controlnet",
                  str(cli_files / "controlnet")]) != 0
     err = capsys.readouterr().err
-    assert "is a Z-Image model, and eligen runs no ControlNet on it; ControlNet runs on FLUX.1, Qwen-Image" in err
+    assert ("is a Krea 2 model, and eligen runs no ControlNet on it; ControlNet runs on FLUX.1, Qwen-Image, "
+            "Z-Image") in err
     assert "Traceback" not in err
 
 
@@ -295,3 +296,106 @@ def test_entity_control_with_inpainting_and_every_attention_form(flux_pipes):
     for form in ("segmented", "flex"):
         other = pipe(**call, attention=form, generator=torch.Generator().manual_seed(2)).images[0]
         assert np.abs(other - dense).max() < 1e-4, form
+
+
+# -- Z-Image: per-layer hints over the unified stream ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def z_image_pipes():
+    from diffusers import ZImageControlNetPipeline
+
+    from eligen.families.z_image.controlnet import EliGenZImageControlNetPipeline
+    from eligen.families.z_image.testing import build_components, build_controlnet
+
+    stock = ZImageControlNetPipeline(**build_components(0), controlnet=build_controlnet(0))
+    pipes = (stock, EliGenZImageControlNetPipeline(**stock.components))
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_z_image_without_entities_is_the_stock_controlnet_pipeline_bit_for_bit(z_image_pipes, guidance):
+    stock, ours = z_image_pipes
+    call = dict(prompt="a cat", negative_prompt="ugly", guidance_scale=guidance, height=SIZE, width=SIZE,
+                num_inference_steps=2, control_image=_control(0), controlnet_conditioning_scale=0.7,
+                max_sequence_length=16, output_type="latent")
+    expected = stock(**call, generator=torch.Generator().manual_seed(1)).images
+    assert torch.equal(ours(**call, generator=torch.Generator().manual_seed(1)).images, expected)
+    if guidance:
+        return
+    # the hints change the image, and a guidance window that excludes every step is scale 0
+    off = stock(**{**call, "controlnet_conditioning_scale": 0.0}, generator=torch.Generator().manual_seed(1)).images
+    assert (off - expected).abs().max() > 1e-3
+    outside = ours(**call, control_guidance_start=1.0, generator=torch.Generator().manual_seed(1)).images
+    assert torch.equal(outside, off)
+
+
+def _z_image_layer_input(pipe, entities, latents, **call):
+    """The unified stream entering main layer 1 (layer 0's output plus the first hints) at the first step, and every
+    ControlNet call's positional arguments ``(latents, time, captions, control)``."""
+    seen, calls = [], []
+    hooks = [pipe.transformer.layers[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone())),
+             pipe.controlnet.register_forward_pre_hook(lambda m, a: calls.append(a))]
+    try:
+        pipe(**{"guidance_scale": 0.0, **call}, prompt="a cat", entities=entities, height=SIZE, width=SIZE,
+             num_inference_steps=1, max_sequence_length=16, latents=latents, output_type="latent")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen[0], calls
+
+
+def test_z_image_entity_control_reaches_only_its_image_tokens_and_equals_the_masked_hints(z_image_pipes):
+    """Layer 1's input over ``[entity | global | image]`` = the plain run's + the global hints on the global prompt's
+    and every image token + the entity's hints on its image tokens only, each recomputed here from the ControlNet
+    on a separately encoded global prompt."""
+    _, pipe = z_image_pipes
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    plain, _ = _z_image_layer_input(pipe, [Entity("a dog", box=BOX)], latents, control_image=_control(0),
+                                    controlnet_conditioning_scale=0.0)
+    uncontrolled, _ = _z_image_layer_input(pipe, [Entity("a dog", box=BOX)], latents, control_image=_control(0),
+                                           controlnet_conditioning_scale=0.8)
+    entity = Entity("a dog", box=BOX, control_image=_control(1), control_scale=0.6)
+    got, calls = _z_image_layer_input(pipe, [entity], latents, control_image=_control(0),
+                                      controlnet_conditioning_scale=0.8)
+    assert len(calls) == 2  # the global input, then the entity's
+    caption = pipe._encode_prompt(["a cat"], device=torch.device("cpu"), max_sequence_length=16)
+    with torch.no_grad():
+        hint_global, hint_entity = (pipe.controlnet(call[0], call[1], caption, call[3], conditioning_scale=scale)[0]
+                                    for call, scale in ((calls[0], 0.8), (calls[1], 0.6)))
+    n_img = 64
+    text = got.shape[1] - n_img  # [entity, padded | global, padded]
+    caption_len = hint_global.shape[1] - n_img  # the ControlNet's [image | global, padded]
+    entity_len = text - caption_len
+    assert entity_len > 0 and entity_len % 32 == 0
+    expected_global = torch.cat([torch.zeros_like(hint_global[:, :entity_len]), hint_global[:, n_img:],
+                                 hint_global[:, :n_img]], dim=1)
+    assert torch.allclose(uncontrolled, plain + expected_global, atol=1e-5)
+    mask = ((torch.arange(n_img) % 8) < 4).float()[None, :, None]
+    assert torch.allclose(got[:, text:], uncontrolled[:, text:] + mask * hint_entity[:, :n_img], atol=1e-5)
+    outside = torch.cat([torch.ones(text, dtype=torch.bool), mask[0, :, 0] == 0])
+    assert torch.equal(got[:, outside], uncontrolled[:, outside])  # no text token, no image token outside the mask
+    assert (got[:, ~outside] - uncontrolled[:, ~outside]).abs().max() > 1e-3
+    # under CFG each branch's ControlNet reads that branch's global prompt: the negative one the negative prompt
+    _, calls = _z_image_layer_input(pipe, [entity], latents, control_image=_control(0), guidance_scale=2.0,
+                                    negative_prompt="ugly")
+    negative = pipe._encode_prompt(["ugly"], device=torch.device("cpu"), max_sequence_length=16)
+    assert len(calls) == 4 and [len(c[2]) for c in calls] == [1, 1, 1, 1]
+    assert torch.equal(calls[0][2][0], caption[0]) and torch.equal(calls[2][2][0], negative[0])
+
+
+def test_cli_runs_a_z_image_controlnet_with_entity_control(cli_files, tmp_path):
+    from eligen.families.z_image.testing import save_tiny_controlnet, save_tiny_pipeline
+
+    model, net = save_tiny_pipeline(tmp_path / "z-image"), save_tiny_controlnet(tmp_path / "z-controlnet")
+    out = tmp_path / "out.png"
+    args = [str(cli_files / "layout.json"), "--model", str(model), "--steps", "2", "--true-cfg", "2", "--no-progress",
+            "--max-sequence-length", "16", "--controlnet", str(net), "--control-image", str(cli_files / "edges.png")]
+    assert main(["generate", *args, "-o", str(out), "--control-scale", "0.8"]) == 0
+    record = json.loads(Image.open(out).text["eligen"])
+    assert record["params"]["controlnet"] == str(net) and record["params"]["control_scale"] == 0.8
+    assert record["layout"]["entities"][0]["control_image"].startswith("data:image/")
+    plain = tmp_path / "plain.png"
+    assert main(["generate", *args, "-o", str(plain), "--control-scale", "0"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))

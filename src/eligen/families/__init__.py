@@ -60,7 +60,7 @@ def family_of_transformer(transformer: Any) -> str | None:
 
 
 def controlnet_titles() -> str:
-    """``"FLUX.1, Qwen-Image"``: the families whose ControlNet eligen runs (cards with the ``"controlnet"``
+    """``"FLUX.1, Qwen-Image, Z-Image"``: the families whose ControlNet eligen runs (cards with the ``"controlnet"``
     feature)."""
     return ", ".join(family.title for family in cards().values()
                      if any("controlnet" in c.features for c in family.all_cards()))

@@ -62,10 +62,25 @@ def control_keep(step: int, steps: int, starts: Sequence[float], ends: Sequence[
     return [1.0 - float(step / steps < s or (step + 1) / steps > e) for s, e in zip(starts, ends, strict=True)]
 
 
+def weighted(block: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """A residual ``(B, L, D)`` times a token weight ``(B or 1, n_img, 1)``; a weight shorter than the residual's
+    token axis covers its first ``n_img`` tokens (the image tokens, where a residual over a joint sequence starts)
+    and zeroes the rest (that sequence's image padding and text): docs/design.md section 23.1. A residual of CFG
+    branches batched together (``k B`` rows) takes the weight once per branch."""
+    if weight is None:
+        return block
+    weight = weight.to(block.dtype)
+    if weight.shape[0] not in (1, block.shape[0]):
+        weight = weight.repeat(block.shape[0] // weight.shape[0], 1, 1)
+    if weight.shape[1] < block.shape[1]:
+        weight = torch.nn.functional.pad(weight, (0, 0, 0, block.shape[1] - weight.shape[1]))
+    return block * weight
+
+
 def masked_sum(parts: Sequence[tuple[Residuals, torch.Tensor | None]]) -> Residuals:
     """``sum_k weight_k * residuals_k`` kind by kind and block by block (a weight ``(1, n_img, 1)`` masks the image
-    tokens; None keeps all). One unweighted part is returned as it is; a kind that every part leaves None stays
-    None."""
+    tokens, :func:`weighted`; None keeps all). One unweighted part is returned as it is; a kind that every part
+    leaves None stays None."""
     if len(parts) == 1 and parts[0][1] is None:
         return parts[0][0]
     total: list[Any] = [None] * len(parts[0][0])
@@ -73,9 +88,8 @@ def masked_sum(parts: Sequence[tuple[Residuals, torch.Tensor | None]]) -> Residu
         for kind, blocks in enumerate(residuals):
             if blocks is None:
                 continue
-            weighted = [b if weight is None else b * weight.to(b.dtype) for b in blocks]
-            total[kind] = weighted if total[kind] is None else [t + w for t, w in zip(total[kind], weighted,
-                                                                                      strict=True)]
+            masked = [weighted(b, weight) for b in blocks]
+            total[kind] = masked if total[kind] is None else [t + w for t, w in zip(total[kind], masked, strict=True)]
     return tuple(total)
 
 
@@ -85,10 +99,11 @@ def _as_list(value: Any, count: int) -> list[Any]:
 
 class ControlNetMixin:
     """The ControlNet half of an EliGen ControlNet pipeline (before the family's hooks in the MRO).
-    ``controlnet_class``: the diffusers ControlNet model class the pipeline loads (``--controlnet``)."""
+    ``controlnet_class``: the diffusers ControlNet model class the pipeline loads (``--controlnet``);
+    ``multi_controlnet_class``: its several-ControlNets wrapper (None where diffusers has none)."""
 
     controlnet_class: ClassVar[str]
-    multi_controlnet_class: ClassVar[type]
+    multi_controlnet_class: ClassVar[type | None]
     _control_plan: ControlPlan | None = None
     _control_text: Branch | None = None
 
@@ -126,7 +141,8 @@ class ControlNetMixin:
                   size: tuple[int, int], device: torch.device) -> None:
         """The call's control inputs, prepared once (before the initial latents, as diffusers prepares them)."""
         self._control_plan, self._control_text = None, branches["cond"]
-        x, multi = call.extra, isinstance(self.controlnet, self.multi_controlnet_class)  # type: ignore[attr-defined]
+        multi_class, x = self.multi_controlnet_class, call.extra
+        multi = multi_class is not None and isinstance(self.controlnet, multi_class)  # type: ignore[attr-defined]
         count = len(self.controlnet.nets) if multi else 1  # type: ignore[attr-defined]
         dtype = branches["cond"].context.dtype
         inputs = []

@@ -20,7 +20,7 @@ With no entities the forward is the stock transformer's, so every step is stock 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -35,9 +35,14 @@ from ...regional.segmented import SegmentedMask
 from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, shifted_training_schedule
 from ..base import Branch, ModelFamily
-from . import CARD
+from . import CARD, CONTROLNET_CARD
 
 PATCH = "2-1"  # the transformer's patch embedder and final layer for 2x2 spatial patches, one frame
+
+# A ControlNet run for one transformer call: (the per-sample latents ``(C, 1, h, w)``, the model time ``(B,)``, the
+# global prompt's per-sample real tokens ``(T_b, D)``) -> ZImageControlNetModel's hints, ``{layer: (B, L_c, D)}`` over
+# its own sequence ``[image | image padding | global prompt, padded]`` (docs/design.md section 23).
+Control = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], dict[int, torch.Tensor]]
 
 
 # -- latents ---------------------------------------------------------------------------------------------------------
@@ -235,6 +240,24 @@ def in_layout(mask: Any, layout: Layout, device: torch.device) -> Any:
     return dense_in_layout(mask, layout)
 
 
+def hints_in_layout(hints: dict[int, torch.Tensor], layout: Layout) -> dict[int, torch.Tensor]:
+    """ControlNet hints over the ControlNet's sequence ``[image | image padding | global prompt, padded]`` ``(B, L_c,
+    D)`` -> over the joint sequence ``[e_1 | ... | e_N | global | image padding | image]`` ``(B, L, D)``: the image
+    tokens, the image padding and the global prompt's tokens take theirs, the entity segments (which the ControlNet
+    never read) and the batch padding nothing."""
+    n_img, pad = layout.n_img, layout.image_pad
+    joint = {}
+    for place, hint in hints.items():
+        rows = []
+        for b in range(layout.batch):
+            padded = layout.padded(b)
+            text = hint[b, n_img + pad: n_img + pad + padded[-1]]
+            rows.append(torch.cat([hint.new_zeros(sum(padded[:-1]), hint.shape[-1]), text,
+                                   hint[b, n_img: n_img + pad], hint[b, :n_img]]))
+        joint[place] = pad_sequence(rows, batch_first=True, padding_value=0.0)
+    return joint
+
+
 @dataclass
 class ZImageBranch(Branch):
     """A Z-Image CFG branch; ``joint_masks`` keeps its regional mask in each joint-sequence layout it has met (built
@@ -354,35 +377,42 @@ class ZImageFamily(ModelFamily):
 
     def forward(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, branch: Branch, geometry,
                 guidance: torch.Tensor | None, attention_kwargs: dict | None = None,
-                model_time: torch.Tensor | None = None) -> torch.Tensor:
+                model_time: torch.Tensor | None = None, control: Control | None = None) -> torch.Tensor:
         """Packed latents ``(B, n_img, C)`` at noise level ``timestep`` (B,) -> the velocity ``noise - x0``, packed.
 
         The transformer's time is ``1 - timestep``; ``model_time`` gives it directly (the pipeline passes
-        ``(1000 - t) / 1000`` of the scheduler's ``t``, bit for bit the stock loop's).
+        ``(1000 - t) / 1000`` of the scheduler's ``t``, bit for bit the stock loop's). ``control``: a ControlNet
+        whose hints the main layers add (ZImageControlNetPipeline's way).
         """
         if model_time is None:
             model_time = 1 - timestep
         if branch.attention_mask is None and not (branch.sequence and branch.sequence.entities):
-            return self.forward_stock(transformer, latents, model_time, [branch], geometry, attention_kwargs)[0]
-        return self.forward_regional(transformer, latents, model_time, branch, geometry, attention_kwargs)
+            return self.forward_stock(transformer, latents, model_time, [branch], geometry, attention_kwargs,
+                                      control)[0]
+        return self.forward_regional(transformer, latents, model_time, branch, geometry, attention_kwargs, control)
 
     def forward_stock(self, transformer, latents: torch.Tensor, model_time: torch.Tensor, branches: Sequence[Branch],
-                      geometry, attention_kwargs: dict | None = None) -> list[torch.Tensor]:
+                      geometry, attention_kwargs: dict | None = None,
+                      control: Control | None = None) -> list[torch.Tensor]:
         """Branches without entities in one stock transformer call, the latents repeated for each, as
-        ZImagePipeline batches its CFG branches (the numerics of a batch depend on its size): a velocity each."""
+        ZImagePipeline batches its CFG branches (the numerics of a batch depend on its size): a velocity each.
+        ``control`` runs on the same inputs, as ZImageControlNetPipeline runs its ControlNet."""
         batch, k = latents.shape[0], len(branches)
         x = unpack_latents(latents, *geometry).to(_unwrapped(transformer).dtype)
         if k > 1:
             x = x.repeat(k, 1, 1, 1)
         captions = [c for branch in branches for c in _captions(branch)]
-        out = transformer(list(x.unsqueeze(2).unbind(dim=0)), model_time.repeat(k) if k > 1 else model_time,
-                          captions, joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
+        images, time = list(x.unsqueeze(2).unbind(dim=0)), model_time.repeat(k) if k > 1 else model_time
+        hints = None if control is None else control(images, time, captions)
+        out = transformer(images, time, captions, controlnet_block_samples=hints,
+                          joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
         velocity = -torch.stack([o.float() for o in out], dim=0).squeeze(2)
         return list(pack_latents(velocity).split(batch))
 
     def forward_regional(self, transformer, latents: torch.Tensor, model_time: torch.Tensor, branch: Branch, geometry,
-                         attention_kwargs: dict | None = None) -> torch.Tensor:
-        """The transformer's forward written out with the entity segments (see the module doc)."""
+                         attention_kwargs: dict | None = None, control: Control | None = None) -> torch.Tensor:
+        """The transformer's forward written out with the entity segments (see the module doc); ``control``'s hints
+        reach the joint sequence through :func:`hints_in_layout`."""
         module = _unwrapped(transformer)
         scale = dict(attention_kwargs or {}).get("scale", 1.0)
         from diffusers.utils import USE_PEFT_BACKEND
@@ -391,13 +421,13 @@ class ZImageFamily(ModelFamily):
         if USE_PEFT_BACKEND:
             scale_lora_layers(module, scale)
         try:
-            return self._joint_forward(module, latents, model_time, branch, geometry)
+            return self._joint_forward(module, latents, model_time, branch, geometry, control)
         finally:
             if USE_PEFT_BACKEND:
                 unscale_lora_layers(module, scale)
 
     def _joint_forward(self, module, latents: torch.Tensor, model_time: torch.Tensor, branch: Branch,
-                       geometry) -> torch.Tensor:
+                       geometry, control: Control | None = None) -> torch.Tensor:
         device, dtype = latents.device, module.dtype
         checkpointing = torch.is_grad_enabled() and module.gradient_checkpointing
 
@@ -473,9 +503,15 @@ class ZImageFamily(ModelFamily):
         if key not in masks:
             masks[key] = in_layout(branch.attention_mask, layout, device)
         mask = {"attention_mask": masks[key], "padding": padding}
+        hints = {}
+        if control is not None:  # the ControlNet reads the global prompt alone: the last segment's real tokens
+            captions = [context[b, raw_starts[-2]: raw_starts[-2] + layout.real[b][-1]] for b in range(layout.batch)]
+            hints = hints_in_layout(control(list(images.unsqueeze(2).unbind(dim=0)), model_time, captions), layout)
 
-        for layer in module.layers:
+        for i, layer in enumerate(module.layers):
             unified = run(layer, unified, attn_mask=mask, freqs_cis=unified_freqs, adaln_input=adaln)
+            if i in hints:
+                unified = unified + hints[i]
         unified = module.all_final_layer[PATCH](unified, c=adaln)
         image_tokens = [unified[b, layout.image_start(b): layout.length(b)] for b in range(layout.batch)]
         out = module.unpatchify(image_tokens, sizes, 2, 1)
@@ -490,3 +526,13 @@ class ZImageFamily(ModelFamily):
 
 
 Z_IMAGE = ZImageFamily()
+
+
+class ZImageControlNetFamily(ZImageFamily):
+    """Z-Image with a ControlNet (diffusers ``ZImageControlNetPipeline``): Z-Image's transformer, text and latents;
+    only the card differs. The hints are the pipeline's (docs/design.md section 23)."""
+
+    card = CONTROLNET_CARD
+
+
+Z_IMAGE_CONTROLNET = ZImageControlNetFamily()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import ZImagePipeline
@@ -29,7 +29,7 @@ from ...entities import Entity
 from ...pipelines.arguments import Call, eligen_call_doc
 from ...pipelines.call import EliGenCallMixin
 from ..base import Branch
-from .model import Z_IMAGE, ZImageBranch, latent_grid, pack_latents, unpack_latents
+from .model import Z_IMAGE, Control, ZImageBranch, ZImageFamily, latent_grid, pack_latents, unpack_latents
 
 
 def default_sigmas(steps: int) -> list[float]:
@@ -71,10 +71,11 @@ class _ModelCfg:
         return torch.stack([p * f if f is not None else p for p, f in zip(prediction, factors, strict=True)])
 
 
-class EliGenZImagePipeline(EliGenCallMixin, ZImagePipeline):
-    """Z-Image (and Z-Image-Turbo) with EliGen entity control; loads any diffusers Z-Image directory or hub id."""
+class ZImageHooks(EliGenCallMixin):
+    """The Z-Image hooks of the shared call, for every pipeline whose ``_encode_prompt`` and ``prepare_latents`` are
+    ZImagePipeline's (ZImageControlNetPipeline's are the same)."""
 
-    family = Z_IMAGE
+    family: ClassVar[ZImageFamily]
     output_class = ZImagePipelineOutput
     _cfg_branches: dict[str, Branch] | None = None
     _cfg_rule: _ModelCfg | None = None
@@ -198,11 +199,15 @@ class EliGenZImagePipeline(EliGenCallMixin, ZImagePipeline):
             self._pending = (partner, latents, torch.zeros_like(latents))
         elif partner is not None:
             positive, negative = self.family.forward_stock(self.transformer, latents, model_time, [branch, partner],
-                                                           geometry, kwargs)
+                                                           geometry, kwargs, control=self._control_hints(latents))
             self._pending = (partner, latents, negative)
             return positive
         return self.family.forward(self.transformer, latents, timestep, branch, geometry, guidance, kwargs,
-                                   model_time=model_time)
+                                   model_time=model_time, control=self._control_hints(latents))
+
+    def _control_hints(self, latents: torch.Tensor) -> Control | None:
+        """The ControlNet of the step whose latents are ``latents`` (a ControlNet pipeline's; None here)."""
+        return None
 
     def _partner(self, branch: Branch) -> Branch | None:
         """The negative branch run with ``branch`` in one call: both without entities (a positive one only)."""
@@ -246,6 +251,12 @@ class EliGenZImagePipeline(EliGenCallMixin, ZImagePipeline):
         if call.output_type == "latent":
             return unpack_latents(latents, *latent_grid(self, *size))
         return super()._output(call, latents, ents, source, size)
+
+
+class EliGenZImagePipeline(ZImageHooks, ZImagePipeline):
+    """Z-Image (and Z-Image-Turbo) with EliGen entity control; loads any diffusers Z-Image directory or hub id."""
+
+    family = Z_IMAGE
 
     @torch.no_grad()
     @eligen_call_doc("diffusers' ZImagePipeline", """

@@ -156,6 +156,46 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, config: TinyZImageConfig
     return path
 
 
+def build_controlnet(seed: int = 0, config: TinyZImageConfig = TinyZImageConfig(), places: tuple[int, ...] = (0, 1),
+                     extra_channels: int = 4):
+    """A random ``ZImageControlNetModel`` for the tiny transformer of ``config``: hints after the main layers
+    ``places``, ``extra_channels`` zero control channels beyond the latents' (as the 2.0 ControlNets take), every
+    weight (the zero-initialised projections too) drawn from ``seed``, so its hints change the image. Its shared
+    parts (embedders, refiners) are the transformer's, attached by the pipeline (``from_transformer``)."""
+    from diffusers.models.controlnets.controlnet_z_image import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(
+        control_layers_places=list(places), control_in_dim=config.latent_channels + extra_channels,
+        all_patch_size=(2,), all_f_patch_size=(1,), dim=config.heads * sum(config.axes_dims),
+        n_refiner_layers=config.refiner_layers, n_heads=config.heads, n_kv_heads=config.heads,
+    )
+    randomise(controlnet, torch.Generator().manual_seed(seed + 1))
+    return controlnet.eval()
+
+
+def save_tiny_controlnet(path: str | Path, seed: int = 0, config: TinyZImageConfig = TinyZImageConfig()) -> Path:
+    """Save :func:`build_controlnet` as a diffusers model folder (what ``--controlnet`` loads) and return its path."""
+    path = Path(path)
+    build_controlnet(seed, config).save_pretrained(path)
+    return path
+
+
+def save_tiny_controlnet_pipeline(path: str | Path, seed: int = 0, config: TinyZImageConfig = TinyZImageConfig(),
+                                  layers: int | None = None) -> Path:
+    """The random components with a random ControlNet, saved as a diffusers ZImageControlNetPipeline directory;
+    ``layers`` as :func:`save_tiny_pipeline`."""
+    from diffusers import ZImageControlNetPipeline
+
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers)
+    path = Path(path)
+    places = tuple(range(min(2, config.num_layers)))
+    ZImageControlNetPipeline(**build_components(seed, config),  # type: ignore[attr-defined]
+                             controlnet=build_controlnet(seed, config, places)).save_pretrained(path)
+    return path
+
+
 def real_shapes(pipeline: str) -> tuple[RealShapes, ...]:
     """Z-Image's transformer (6B), for benchmarks on random weights. Source: diffusers' ``ZImageTransformer2DModel``
     defaults, which match Tongyi-MAI/Z-Image-Turbo's as third-party ports document them (30 layers, 2 refiner layers
