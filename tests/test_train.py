@@ -40,6 +40,16 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, tiny_pipel
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_with_per_process_noise_is_refused_by_name(tmp_path, tiny_pipeline_dir, dataset):
+    """Checkpoints of an older eligen (one noise stream per process, no ``random_draws`` in trainer.json) cannot
+    continue bit for bit under the per-batch draws: resume names the checkpoint and the way out."""
+    old = tmp_path / "out" / "checkpoint-2"
+    old.mkdir(parents=True)
+    (old / "trainer.json").write_text(json.dumps({"step": 2, "config": {}, "dataset_sha256": ""}))
+    with pytest.raises(ValueError, match=r"checkpoint-2 was written by an older eligen .* --overwrite"):
+        train(config(tmp_path, tiny_pipeline_dir, dataset, resume=True))
+
+
 def test_overfitting_a_fixed_batch_halves_the_loss(tmp_path, tiny_pipeline_dir, dataset):
     trainer = Trainer(config(tmp_path, tiny_pipeline_dir, dataset, rank=8, learning_rate=5e-3, drop_entities=0.0))
     batch = next(trainer.batches())
@@ -212,18 +222,41 @@ def _torchrun_train(tmp_path: Path, name: str, settings: dict) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def logged_losses(run: Path) -> dict[int, float]:
+    """The ``loss`` scalars of a run's TensorBoard log, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses = {}
+    for events in (run / "logs").rglob("events.out.tfevents.*"):
+        log = EventAccumulator(str(events))
+        log.Reload()
+        losses.update({e.step: e.value for e in log.Scalars("loss")} if "loss" in log.Tags()["scalars"] else {})
+    return losses
+
+
 def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset):
-    """The multi-process path as far as this machine allows: accelerate, 2 CPU processes, gloo (DDP); a run resumed
-    from its step-1 checkpoint on 2 processes ends with the uninterrupted run's LoRA."""
+    """The multi-process path as far as this machine allows: accelerate, 2 CPU processes, gloo (DDP). The run takes
+    the steps of one process with gradient accumulation 2 (same logged losses, same LoRA: the draws are per global
+    batch, the logged loss the mean over processes); a run resumed from its step-1 checkpoint on 2 processes ends
+    with the uninterrupted run's losses and LoRA."""
     settings = {"model": str(tiny_pipeline_dir), "dataset": str(dataset), "output_dir": "run", "resolution": 32,
-                "rank": 4, "max_steps": 2, "batch_size": 2, "max_sequence_length": 16, "checkpoint_every": 1,
-                "learning_rate": 1e-3}
+                "rank": 4, "max_steps": 3, "batch_size": 2, "max_sequence_length": 16, "checkpoint_every": 1,
+                "learning_rate": 1e-3, "log_every": 1}
     _torchrun_train(tmp_path, "train", settings)
     run = tmp_path / "run"
     assert (run / "eligen_lora.safetensors").exists()
-    assert [p.name for p in checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
-    assert {p.name for p in (run / "checkpoint-2").glob("eligen_state_*.pt")} == {"eligen_state_0.pt",
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert {p.name for p in (run / "checkpoint-3").glob("eligen_state_*.pt")} == {"eligen_state_0.pt",
                                                                                    "eligen_state_1.pt"}
+    # one process, gradient accumulation 2: the same global batches (4 per epoch: 3 steps cross an epoch) and draws
+    single = train(config(tmp_path / "one", tiny_pipeline_dir, dataset, max_steps=3, gradient_accumulation=2))
+    curve = logged_losses(run)
+    assert sorted(curve) == [1, 2, 3]
+    assert [curve[step] for step in (1, 2, 3)] == pytest.approx(single.losses, rel=1e-5)
+    straight, one = lora_tensors(run), lora_tensors(tmp_path / "one" / "out")
+    assert straight.keys() == one.keys()
+    for key in straight:
+        torch.testing.assert_close(straight[key], one[key], rtol=1e-5, atol=1e-6)
     # the same run stopped after step 1: its checkpoint-1 only, then resumed on 2 processes
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -232,12 +265,13 @@ def test_two_cpu_processes_with_accelerate(tmp_path, tiny_pipeline_dir, dataset)
     _torchrun_train(tmp_path, "resume", {**settings, "output_dir": "resumed", "resume": True})
     # it continued from checkpoint-1 (a fresh start would have written checkpoint-1 again)
     assert (resumed / "checkpoint-1" / "trainer.json").stat().st_mtime_ns == written
-    assert [p.name for p in checkpoints(resumed)] == ["checkpoint-1", "checkpoint-2"]
-    straight, again = lora_tensors(run), lora_tensors(resumed)
+    assert [p.name for p in checkpoints(resumed)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert logged_losses(resumed) == {2: curve[2], 3: curve[3]}
+    again = lora_tensors(resumed)
     assert straight.keys() == again.keys()
     for key in straight:
         torch.testing.assert_close(again[key], straight[key], rtol=1e-5, atol=1e-6)
-    # the step-2 update is there (the LoRA up matrices start at zero): equal ends are not two untrained adapters
+    # the later updates are there (the LoRA up matrices start at zero): equal ends are not two untrained adapters
     assert any(straight[key].abs().max() > 0 for key in straight if "lora_B" in key or "lora_up" in key)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
 import torch
 
 from eligen.schedules import shifted_training_schedule as reference_schedule
-from eligen.train.loss import flow_loss, noisy_latents, per_sample_loss, sample_sigmas
+from eligen.train.loss import batch_generator, flow_loss, noisy_latents, per_sample_loss, sample_sigmas
 
 
 def test_reference_schedule_follows_the_rules():
@@ -40,6 +41,21 @@ def test_sampling_is_deterministic_and_in_range():
     assert abs(sigmas.mean().item() - 0.5) < 0.02  # sigmoid of a standard normal is centred on 1/2
     with pytest.raises(ValueError, match="timestep sampling"):
         sample_sigmas(2, "uniform", torch.Generator())
+
+
+def test_each_global_batch_draws_from_its_own_seed():
+    """The rule of docs/design.md section 6.1: seed = the first 8 bytes (little-endian) of
+    sha256("eligen-batch:{seed}:{epoch}:{index}")."""
+    def seed_of(seed, epoch, index):
+        return int.from_bytes(hashlib.sha256(f"eligen-batch:{seed}:{epoch}:{index}".encode()).digest()[:8], "little")
+
+    for key in [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (7, 3, 12)]:
+        assert batch_generator(*key).initial_seed() == seed_of(*key)
+    draws = {key: torch.randn(4, generator=batch_generator(*key)) for key in [(0, 0, 1), (0, 1, 0), (1, 0, 0)]}
+    assert len({tuple(d.tolist()) for d in draws.values()}) == 3  # neighbours do not share a stream
+    torch.testing.assert_close(torch.randn(4, generator=batch_generator(0, 0, 1)), draws[0, 0, 1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch index must be >= 0"):
+        batch_generator(0, 0, -1)
 
 
 def test_noisy_latents_and_the_velocity_target():

@@ -6,10 +6,24 @@ training schedule (its noise levels and their weights) is the family's own (``Mo
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ..choices import TIMESTEP_SAMPLING
 from ..schedules import TrainingSchedule
+
+
+def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator for global batch ``index`` of ``epoch`` (its place in the sampler's order of all batches, before
+    they are dealt to the processes): every random draw of that batch (the entity-drop coin, the noise, the noise
+    levels) comes from it, so the draws depend on the batch and not on which process takes it or how many there are.
+    Seeded with the first 8 bytes (little-endian) of ``sha256("eligen-batch:{seed}:{epoch}:{index}")``: neighbouring
+    seeds, epochs and batches get unrelated streams (docs/design.md section 6.1)."""
+    if min(epoch, index) < 0:
+        raise ValueError(f"epoch and batch index must be >= 0, got epoch={epoch}, index={index}")
+    digest = hashlib.sha256(f"eligen-batch:{seed}:{epoch}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def sample_sigmas(

@@ -5,8 +5,9 @@ and the batch's regional mask (dense, per sample: padded entities have empty mas
 regress the velocity ``noise - x0``, step AdamW on the LoRA parameters only. An edit model (a card with the "edit"
 feature) learns from edit records: the input image's reference tokens, made by the edit pipeline's own code, follow
 the noisy image tokens as at inference, and the loss is on the image tokens only (docs/design.md section 21).
-Checkpoints hold the adapter, optimizer, LR schedule, every RNG and the data position, so a resumed run continues
-bit for bit.
+Every random draw of a batch comes from a generator seeded by (seed, epoch, global batch index), so W processes with
+gradient accumulation A take the steps of one process with accumulation W x A (docs/design.md section 6.1).
+Checkpoints hold the adapter, optimizer, LR schedule and the data position, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from ..masks import latent_grid_size, pixel_masks_to_covers, reference_cover
 from ..options import pipeline_sampling_defaults
 from ..regional.sequence import TokenSequence
 from .config import TrainConfig, changed_options, jsonable_config
-from .loss import flow_loss, noisy_latents, per_sample_loss, sample_sigmas
+from .loss import batch_generator, flow_loss, noisy_latents, per_sample_loss, sample_sigmas
 
 CHECKPOINT_PREFIX = "checkpoint-"
+RANDOM_DRAWS = "per-batch"  # trainer.json's "random_draws": how the run drew its noise (older checkpoints lack it)
 LOSS_BINS = 5  # TensorBoard: loss per noise-level bin (sigma in [0, 0.2), ..., [0.8, 1])
 
 
@@ -236,7 +238,7 @@ class Trainer:
 
         self._load_data(config)
         self.schedule = self.family.training_schedule()
-        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        self.generator = batch_generator(config.seed, 0, 0)  # replaced by each batch's own (batches())
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.warmup_steps))
@@ -339,6 +341,9 @@ class Trainer:
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
                                                  num_workers=self.config.num_workers)
             for batch in loader:
+                # this batch's draws, whichever process takes it: its index in the global order of the epoch
+                index = self.data_state["position"] * self.sampler.world_size + self.sampler.rank
+                self.generator = batch_generator(self.config.seed, start["epoch"], index)
                 self.data_state["position"] += 1
                 yield batch
             self.sampler.set_epoch(start["epoch"] + 1)
@@ -413,7 +418,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Adapter, optimizer, LR schedule, RNGs and data position, written to a temp dir then renamed."""
+        """Adapter, optimizer, LR schedule and data position, written to a temp dir then renamed."""
         assert self.config.output_dir is not None  # checked by require() in __init__
         final = self.config.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         tmp = self.config.output_dir / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
@@ -436,16 +441,17 @@ class Trainer:
         return final
 
     def _write_state(self, tmp: Path) -> None:
-        """A checkpoint's files into ``tmp``: accelerate's state, each rank's RNG and data position, the run."""
+        """A checkpoint's files into ``tmp``: accelerate's state, each rank's data position, the run."""
         self.accelerator.save_state(str(tmp))
         tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its own state file into it
         rank = self.accelerator.process_index
-        torch.save({"generator": self.generator.get_state(), "sampler": dict(self.data_state),
+        torch.save({"sampler": dict(self.data_state),
                     "lr_schedule": self.lr_schedule.state_dict()}, tmp / f"eligen_state_{rank}.pt")
         self.accelerator.wait_for_everyone()
         if self.is_main:
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": jsonable_config(self.config),
-                                                          "dataset_sha256": self.dataset_sha256}))
+                                                          "dataset_sha256": self.dataset_sha256,
+                                                          "random_draws": RANDOM_DRAWS}))
 
     def start_or_resume(self) -> None:
         """Resume from the newest readable checkpoint (an unreadable one is skipped, with a note), refusing changed
@@ -468,6 +474,10 @@ class Trainer:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 print(f"note: skipping {path.name}, its record is unreadable ({exc})", file=sys.stderr)
                 continue
+            if record.get("random_draws") != RANDOM_DRAWS:
+                raise ValueError(f"{path.name} was written by an older eligen that drew each process's noise from one "
+                                 "stream; this one draws per batch (docs/design.md section 6.1), so the run cannot go "
+                                 "on as it began: start afresh with --overwrite, or finish it with the older eligen")
             changed = changed_options(stored, config, record.get("dataset_sha256") == self.dataset_sha256)
             if changed:
                 raise ValueError(f"--resume with options changed since {path.name}: {', '.join(changed)}; rerun "
@@ -484,7 +494,6 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
         state = torch.load(path / f"eligen_state_{self.accelerator.process_index}.pt", weights_only=False)
-        self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = json.loads((path / "trainer.json").read_text())["step"]
@@ -562,7 +571,8 @@ class Trainer:
         return self._finish(result, interrupted["flag"])
 
     def _optimisation_step(self, data: Iterator[dict], stats: LossStats) -> float:
-        """One optimisation step over ``gradient_accumulation`` micro-batches; returns its loss."""
+        """One optimisation step over ``gradient_accumulation`` micro-batches; returns its loss, averaged over the
+        processes."""
         step_loss = 0.0
         for _ in range(self.config.gradient_accumulation):
             batch = next(data)
@@ -575,7 +585,8 @@ class Trainer:
             stats.add(per_sample, sigmas, self.accelerator.num_processes)
         self.lr_schedule.step()
         self.step += 1
-        return step_loss
+        # the mean over the processes, as the averaged gradients: W processes log one process's curve
+        return self.accelerator.reduce(torch.tensor(step_loss, device=self.device), reduction="mean").item()
 
     def _finish(self, result: TrainResult, interrupted: bool) -> TrainResult:
         """A checkpoint, then (unless interrupted) the LoRA files and the final validation grid."""
