@@ -59,15 +59,17 @@ class Row:
 
 
 def benchmark_cards(names: str | None) -> list[FamilyCard]:
-    """The cards to time: every registered family's (``names``: a comma-separated subset), each pipeline a family
-    serves (its own card first, then its variants')."""
+    """The cards to time: every registered family's (``names``: a comma-separated subset), each text-to-image
+    pipeline a family serves (its own card first, then its variants'). Edit and ControlNet variants run the family's
+    own transformer and need an input image besides the text: they are not timed apart."""
     known = cards()
     chosen = list(known) if not names else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in known]
     if unknown:
         raise SystemExit(f"error: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
                          f"known: {', '.join(known)}")
-    return [c for name in chosen for c in (known[name], *known[name].variants)]
+    return [c for name in chosen for c in (known[name], *known[name].variants)
+            if not {"edit", "controlnet"} & set(c.features)]
 
 
 def slug(card: FamilyCard) -> str:
