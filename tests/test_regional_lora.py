@@ -24,6 +24,7 @@ from eligen import (
     EliGenPipeline,
     EliGenQwenImage21Pipeline,
     EliGenQwenImagePipeline,
+    EliGenZImagePipeline,
     Entity,
 )
 from eligen.cli import main
@@ -66,11 +67,21 @@ QWEN21_LAYERS = {  # one [text | image] sequence; after the first step the text 
     "transformer_blocks.0.attn.to_k": "joint", "transformer_blocks.0.img_mlp.out": "joint", "proj_out": "joint",
     "modulation.1": None,
 }
+Z_IMAGE_LAYERS = {  # Z-Image: its forwards pad, split and order the tokens their own way (see z_image_weight)
+    "all_x_embedder.2-1": "patches", "cap_embedder.1": "captions",
+    "noise_refiner.0.attention.to_q": "image", "noise_refiner.0.feed_forward.w2": "image",
+    "context_refiner.0.attention.to_k": "refined", "context_refiner.0.feed_forward.w1": "refined",
+    "layers.0.attention.to_v": "unified", "layers.1.feed_forward.w3": "unified",
+    "all_final_layer.2-1.linear": "unified",
+    "t_embedder.mlp.0": None, "layers.0.adaLN_modulation.0": None, "all_final_layer.2-1.adaLN_modulation.1": None,
+}
+Z_PAD = 32  # Z-Image pads every text segment and the image to a multiple of 32 tokens
 FAMILIES = {"flux": (EliGenPipeline, "tiny_pipeline_dir", FLUX_LAYERS, "context_embedder"),
             "qwen_image": (EliGenQwenImagePipeline, "tiny_qwen_dir", QWEN_LAYERS, "txt_in"),
             "flux2": (EliGenFlux2Pipeline, "tiny_flux2_dir", FLUX2_LAYERS, "context_embedder"),
             "krea2": (EliGenKrea2Pipeline, "tiny_krea2_dir", KREA2_LAYERS, "txt_in.linear_1"),
-            "qwen_image21": (EliGenQwenImage21Pipeline, "tiny_qwen21_dir", QWEN21_LAYERS, "txt_in.in_layer")}
+            "qwen_image21": (EliGenQwenImage21Pipeline, "tiny_qwen21_dir", QWEN21_LAYERS, "txt_in.in_layer"),
+            "z_image": (EliGenZImagePipeline, "tiny_z_image_dir", Z_IMAGE_LAYERS, "cap_embedder.1")}
 EDIT_FAMILIES = {"flux_kontext": (EliGenFluxKontextPipeline, "tiny_kontext_dir", FLUX_LAYERS, "context_embedder")}
 INPUT = Image.fromarray((np.random.RandomState(0).rand(48, 32, 3) * 255).astype(np.uint8))  # 12 x 8 input tokens
 TOKEN_BOXES = ([0, 0, 4, 8], [2, 2, 8, 6])  # in tokens, overlapping: columns 0-3; rows 2-5 x columns 2-7
@@ -104,6 +115,7 @@ class Family:
     """A family's tiny pipeline, a plain twin for the reference, two random LoRAs and the stock segment lengths."""
 
     def __init__(self, name: str, request):
+        self.name = name
         cls, folder_fixture, self.layers, self.first_text = {**FAMILIES, **EDIT_FAMILIES}[name]
         folder = request.getfixturevalue(folder_fixture)
         self.pipe, self.plain = cls.from_pretrained(folder), cls.from_pretrained(folder)
@@ -126,6 +138,8 @@ class Family:
             return [int(self.plain.encode_prompt(prompt=p, max_sequence_length=M)[1].sum()) for p in prompts]
         if isinstance(self.plain, EliGenQwenImage21Pipeline):
             return [min(M, self.plain.encode_prompt(prompt=p)[0].shape[1]) for p in prompts]
+        if isinstance(self.plain, EliGenZImagePipeline):  # a list of each prompt's real tokens
+            return [len(self.plain.encode_prompt(prompt=p, max_sequence_length=M)[0][0]) for p in prompts]
         return [self.plain.encode_prompt(prompt=p, max_sequence_length=M)[0].shape[1] for p in prompts]
 
 
@@ -155,6 +169,13 @@ def tiny_qwen21_dir(tmp_path_factory):
     from eligen.families.qwen_image21.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("regional-lora-qwen21") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def tiny_z_image_dir(tmp_path_factory):
+    from eligen.families.z_image.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("regional-lora-z-image") / "pipe")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -188,21 +209,33 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=None, **kwargs)
     ``adapters``: ``[(lora weights, text weights (T,), image weights (n_img,))]`` for the positive branch; the
     negative branch (the second forward of each step with CFG; its text holds no entity's prompt, even in the entity
     slots of ``entities_on_negative``) gets the same image weights and 0 on its text."""
-    state = {"forwards": 0}
+    state: dict = {"forwards": 0}
     per_step = 2 if cfg else 1
     entity_forwards = per_step * kwargs.get("entity_steps", 2)  # after entity_steps, no entity text is left
+    z_image, on_negative = family.name == "z_image", kwargs.get("entities_on_negative", False)
+    if z_image:  # the segments: the positive branch's, the negative's with entities_on_negative (all its prompt)
+        state["lengths"] = {True: family.lengths([*ENTITY_PROMPTS, PROMPT]), False: family.lengths([NEGATIVE] * 3)}
 
     def branch(module, args, kwargs):
         count = state["forwards"]
         state["cond"] = count % per_step == 0 and count < entity_forwards
-        state["text"] = kwargs["encoder_hidden_states"].shape[1]  # this branch's text tokens
+        # Z-Image: a branch with entity segments (the positive one, the negative with entities_on_negative) takes the
+        # regional forward, the others diffusers' own; each forward runs its time embedder once
+        state["regional"] = count < entity_forwards and (state["cond"] or on_negative)
+        state["calls"] = {}
+        if not z_image:
+            state["text"] = kwargs["encoder_hidden_states"].shape[1]  # this branch's text tokens
         state["forwards"] += 1
 
     def added(name, stream):
         def hook(module, args, output):
             x = args[0]
+            state["calls"][name] = state["calls"].get(name, -1) + 1
             for weights, text, image in adapters:
                 down, up = weights[name]
+                if z_image:
+                    output = output + (x @ down.T @ up.T) * z_image_weight(state, name, stream, x, text, image)
+                    continue
                 text_row = text if state["cond"] else torch.zeros(state["text"])
                 if stream == "text-rows":  # tokens on the first axis
                     weight = text_row.repeat(x.shape[0] // len(text_row)).view(-1, *[1] * (x.ndim - 1))
@@ -217,7 +250,8 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=None, **kwargs)
         return hook
 
     modules = dict(family.plain.transformer.named_modules())
-    handles = [family.plain.transformer.register_forward_pre_hook(branch, with_kwargs=True)]
+    counted = modules["t_embedder"] if z_image else family.plain.transformer  # once per forward
+    handles = [counted.register_forward_pre_hook(branch, with_kwargs=True)]
     handles += [modules[name].register_forward_hook(added(name, stream)) for name, stream in family.layers.items()
                 if stream is not None]  # a layer without a token axis: the entity LoRA is not applied
     try:
@@ -226,6 +260,36 @@ def reference(family: Family, adapters, cfg: bool = False, boxes=None, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def z_image_weight(state: dict, name: str, stream: str, x: torch.Tensor, text: torch.Tensor,
+                   image: torch.Tensor) -> torch.Tensor:
+    """Z-Image's token weights for a layer of ``stream`` given ``x``, from the rules: a text segment's padding (to a
+    multiple of 32) takes its segment's weight, the image's padding 0; the regional forward refines the segments one
+    at a time and runs ``[e_1 | e_2 | global | image padding | image]`` through the main layers, diffusers' forward
+    ``[image | image padding | caption]``; the embedders see the tokens flat (the regional forward: segment by
+    segment). A branch without the entities' text has weight 0 on every text token."""
+    image_pad = torch.zeros(-len(image) % Z_PAD)
+    image_row = torch.cat([image, image_pad])
+    calls = state["calls"][name]  # the how-many-th call of the layer in this forward
+    segments = []  # the regional forward's padded segments; none in diffusers' forward of a text with no entity
+    if state["regional"]:
+        start = 0
+        for n in state["lengths"][state["cond"]]:
+            own = text[start] if state["cond"] else torch.tensor(0.0)
+            segments.append(own.expand(n + (-n % Z_PAD)))
+            start += n
+    if stream == "patches":
+        return image_row.view(-1, 1)
+    if stream == "image":
+        return image_row.view(1, -1, 1)
+    if stream == "captions":  # flat
+        return (torch.cat(segments) if segments else torch.zeros(x.shape[0])).view(-1, 1)
+    if stream == "refined":
+        return (segments[calls] if segments else torch.zeros(x.shape[1])).view(1, -1, 1)
+    if segments:  # unified
+        return torch.cat([*segments, image_pad, image]).view(1, -1, 1)
+    return torch.cat([image_row, torch.zeros(x.shape[1] - len(image_row))]).view(1, -1, 1)
 
 
 def text_weights(family: Family, scales) -> torch.Tensor:
@@ -249,6 +313,45 @@ def test_two_entity_loras_equal_the_masked_reference(family, cfg, on_negative):
                                                                                     strict=True)], cfg,
                                     entities_on_negative=on_negative))
     assert family.pipe.get_active_adapters() == []  # the entity adapters are off outside the call
+
+
+def test_z_image_places_padding_and_batch_padding_by_the_rules():
+    """Z-Image's token tables where the pipeline test does not reach: image padding (30 tokens -> 32) and a batch
+    whose samples pad to different lengths (written here from the rules: a segment's padding is its segment's first
+    token, the image's padding and the batch's -1; the regional order ``[segments | image padding | image]``,
+    diffusers' ``[image | image padding | caption]``); and the weights a placed stream gives."""
+    from eligen.families.z_image.model import Layout
+    from eligen.families.z_image.regional_lora import place_refined_segment, place_regional, place_stock
+    from eligen.regional.lora import LoraTokens
+
+    def full(n, value):
+        return torch.full((n,), value)
+
+    image, none = 34 + torch.arange(30), full(2, -1)  # raw text [e_1 (1) | global (33)], then the image
+    tokens = LoraTokens({"a": torch.arange(34.0)[None]}, {"a": 100 + torch.arange(30.0)[None]})
+    layout = Layout(real=((1, 33), (1, 1)), raw=(1, 33), n_img=30)
+    place_regional(tokens, layout, torch.device("cpu"))
+    e1, global0, global1 = full(32, 0), torch.cat([1 + torch.arange(33), full(31, 1)]), full(32, 1)
+    assert torch.equal(tokens.placed["z-image-unified"], torch.stack([
+        torch.cat([e1, global0, none, image]), torch.cat([e1, global1, none, image, full(32, -1)])]))
+    assert torch.equal(tokens.placed["z-image-captions"], torch.cat([e1, e1, global0, global1]))
+    assert torch.equal(tokens.placed["z-image-patches"], torch.cat([image, none, image, none]))
+    place_refined_segment(tokens, layout, 1, torch.device("cpu"))
+    refined = torch.stack([global0, torch.cat([global1, full(32, -1)])])
+    assert torch.equal(tokens.placed["z-image-refined-text"], refined)
+    stock = Layout(real=((5,), (3,)), raw=(5,), n_img=30)
+    place_stock(tokens, stock, torch.device("cpu"))
+    image = 5 + torch.arange(30)
+    captions = [torch.cat([torch.arange(5), full(27, 0)]), torch.cat([torch.arange(3), full(29, 0)])]
+    assert torch.equal(tokens.placed["z-image-unified"], torch.stack([torch.cat([image, none, c]) for c in captions]))
+    assert torch.equal(tokens.placed["z-image-refined-text"], torch.stack(captions))
+    # a placed stream's weights: the [text | image] weight of each token's place, 0 for -1
+    tokens.place("s", torch.tensor([[33, 34, -1]]))
+    assert torch.equal(tokens.weight("a", "s", (1, 3, 8)), torch.tensor([33.0, 100.0, 0.0]).view(1, 3, 1))
+    with pytest.raises(ValueError, match="gives \\(1, 4, 8\\) where the family's forward placed \\(1, 3\\)"):
+        tokens.weight("a", "s", (1, 4, 8))
+    with pytest.raises(ValueError, match="or one the family's forward placed, got 'unplaced'"):
+        tokens.weight("a", "unplaced", (1, 3, 8))
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +419,8 @@ def test_other_entities_text_is_unchanged_at_the_first_layer(family):
             handle.remove()
     first_with, first_without = outputs[0], outputs[2]  # two steps per run: the first forward of each
     n0 = family.lengths(ENTITY_PROMPTS[:1])[0]
+    if family.name == "z_image":  # the caption embedder's tokens are flat, the segment's padding is its own
+        first_with, first_without, n0 = first_with[None], first_without[None], n0 + (-n0 % Z_PAD)
     assert not torch.equal(first_with[:, :n0], first_without[:, :n0])
     assert torch.equal(first_with[:, n0:], first_without[:, n0:])
 
@@ -421,14 +526,13 @@ def test_an_adapter_active_globally_stays_global(tiny_pipeline_dir, flux, caplog
     assert pipe.get_active_adapters() == ["style"]
 
 
-def test_z_image_refuses_an_entity_lora_by_entity_and_field(tmp_path):
-    """Z-Image packs each text segment and the image per sample with its own padding, which no token stream here
-    describes: an entity LoRA is refused before anything loads."""
-    from eligen.families.z_image.testing import save_tiny_pipeline
-    from eligen.pipelines import load_eligen_pipeline
-
-    pipe = load_eligen_pipeline(str(save_tiny_pipeline(tmp_path / "z")), load_default_lora=False)
-    with pytest.raises(LayoutError, match=r"entity 1, field 'lora': Z-Image has no regional LoRA yet"):
+def test_a_family_without_a_stream_table_refuses_an_entity_lora_by_entity_and_field(tiny_pipeline_dir, monkeypatch):
+    """A family that has not said which layer acts on which tokens: an entity LoRA is refused before anything
+    loads."""
+    pipe = EliGenPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(type(pipe.family), "lora_streams", ())
+    with pytest.raises(LayoutError, match=r"entity 1, field 'lora': FLUX.1 has no regional LoRA yet"):
         run(pipe, [Entity("a", box=[0, 0, 32, 32]), Entity("b", box=[0, 0, 32, 32], lora="style.safetensors")])
     assert not getattr(pipe.transformer, "peft_config", None)
 

@@ -115,7 +115,8 @@ class ModelFamily:
 
     def lora_stream(self, module: str) -> str | None:
         """The token stream an adapted linear layer acts on (docs/design.md section 22): ``"text"``, ``"image"``,
-        ``"joint"`` (``[text | image]`` in one sequence) or None (no token axis: modulation and timestep layers, where
+        ``"joint"`` (``[text | image]`` in one sequence), ``"text-rows"``, a stream the family's forward places
+        (:meth:`eligen.regional.lora.LoraTokens.place`) or None (no token axis: modulation and timestep layers, where
         an entity LoRA is not applied). The first of :attr:`lora_streams` whose pattern matches the whole name wins.
         Raises ``ValueError`` for a layer the family cannot place, or a family without regional LoRA."""
         if not self.lora_streams:

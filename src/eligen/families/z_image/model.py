@@ -36,6 +36,7 @@ from ...regional.sequence import TokenSequence
 from ...schedules import TrainingSchedule, shifted_training_schedule
 from ..base import Branch, ModelFamily
 from . import CARD, CONTROLNET_CARD
+from .regional_lora import Z_IMAGE_LORA_STREAMS, place_refined_segment, place_regional, place_stock
 
 PATCH = "2-1"  # the transformer's patch embedder and final layer for 2x2 spatial patches, one frame
 
@@ -309,6 +310,7 @@ class ZImageFamily(ModelFamily):
     block_kwargs = "attn_mask"  # the main layers' mask argument (the regional forward passes a dictionary there)
     processors: ClassVar[dict[type, type]] = {ZSingleStreamAttnProcessor: RegionalZImageAttnProcessor}
     lora_rank = 32
+    lora_streams = Z_IMAGE_LORA_STREAMS
     # options the architecture cannot have -> why (eligen.speedups and the pipelines refuse them by name)
     unsupported: ClassVar[dict[str, str]] = {
         "first_block_cache": "diffusers' ZImageTransformer2DModel has no cache support (it is not a CacheMixin: no "
@@ -398,6 +400,11 @@ class ZImageFamily(ModelFamily):
         ZImagePipeline batches its CFG branches (the numerics of a batch depend on its size): a velocity each.
         ``control`` runs on the same inputs, as ZImageControlNetPipeline runs its ControlNet."""
         batch, k = latents.shape[0], len(branches)
+        tokens = [branch.lora_tokens for branch in branches if branch.lora_tokens is not None]
+        if tokens and k > 1:
+            raise ValueError("branches with entity LoRAs run one at a time (each has its own token weights)")
+        if tokens:
+            place_stock(tokens[0], _layout(branches[0], latents.shape[1]), latents.device)
         x = unpack_latents(latents, *geometry).to(_unwrapped(transformer).dtype)
         if k > 1:
             x = x.repeat(k, 1, 1, 1)
@@ -438,6 +445,9 @@ class ZImageFamily(ModelFamily):
         images = unpack_latents(latents, *geometry).to(dtype)
         adaln = module.t_embedder(model_time * module.t_scale).type_as(images)
         layout = _layout(branch, (geometry[0] // 2) * (geometry[1] // 2))
+        weights = branch.lora_tokens  # the entity LoRAs' token weights, placed for each stream as it runs
+        if weights is not None:
+            place_regional(weights, layout, device)
 
         # The image alone: patchified, padded to a multiple of 32, refined (the stock code, with the image's
         # positions after the longest padded segment).
@@ -479,6 +489,8 @@ class ZImageFamily(ModelFamily):
             mine = embedded[s * layout.batch: (s + 1) * layout.batch]
             cap, freqs, mask, seqlens, _ = module._prepare_sequence(mine, positions[s], pads[s], module.cap_pad_token,
                                                                     None, device)
+            if weights is not None:
+                place_refined_segment(weights, layout, s, device)
             for layer in module.context_refiner:
                 cap = run(layer, cap, mask, freqs)
             refined.append([cap[b, :n] for b, n in enumerate(seqlens)])

@@ -189,6 +189,9 @@ class ZImageHooks(EliGenCallMixin):
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is branch and pending[1] is latents:
             return pending[2]
+        scope = self._entity_lora_scope
+        if scope is not None:
+            scope.current = branch.lora_tokens
         t = self._current_timestep
         assert t is not None  # set by the shared loop before every forward
         model_time = (1000 - t.expand(latents.shape[0])) / 1000
@@ -210,14 +213,15 @@ class ZImageHooks(EliGenCallMixin):
         return None
 
     def _partner(self, branch: Branch) -> Branch | None:
-        """The negative branch run with ``branch`` in one call: both without entities (a positive one only)."""
+        """The negative branch run with ``branch`` in one call: both without entities and entity LoRAs (each branch's
+        LoRA weights are its own; a positive one only)."""
         branches = self._cfg_branches or {}
         name = next((n for n, b in branches.items() if b is branch), None)
         if name is None or not name.startswith("cond"):
             return None
         partner = branches.get("un" + name)
         if partner is None or any(b.attention_mask is not None or (b.sequence and b.sequence.entities)
-                                  for b in (branch, partner)):
+                                  or b.lora_tokens is not None for b in (branch, partner)):
             return None
         return partner
 
