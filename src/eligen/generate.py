@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import re
 import secrets
 import sys
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from .config import option, torch_dtype
 from .entities import Layout, LayoutError, layout_from_dict, layout_to_dict, load_layout
 from .families import edit_titles, titles
 from .files import atomic_path, file_sha256, open_image, read_utf8, write_text_atomic
-from .models import loading, model_loras, portable_name, resolve_file
+from .models import HUB_ID, loading, model_loras, portable_name, resolve_file
 from .options import (
     EditOptions,
     EntityOptions,
@@ -570,7 +569,7 @@ def check_entity_loras(layout: Layout) -> None:
     no adapter an entity could name)."""
     for i, entity in enumerate(layout.entities):
         lora = entity.lora
-        if lora is None or Path(resolve_file(str(lora))).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", str(lora)):
+        if lora is None or Path(resolve_file(str(lora))).exists() or HUB_ID.fullmatch(str(lora)):
             continue
         raise LayoutError(f"LoRA not found: {lora} is neither a file, a folder nor a hub id; paths in a layout file "
                           "are relative to that file", entity=i, field="lora")

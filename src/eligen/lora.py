@@ -373,7 +373,7 @@ def write_lora(weights: LoraWeights, fmt: str, family: str | None = None) -> dic
 def resolve_lora_path(path_or_hub_id: str | Path, filename: str | None = None) -> Path:
     """A local file, a directory holding one ``.safetensors``, a file of the shipped model
     (``"eligen-tiny/<file>"``) or a hub id (downloaded via huggingface_hub)."""
-    from .models import resolve_file
+    from .models import HUB_ID, resolve_file
 
     path = Path(resolve_file(path_or_hub_id))
     if path.is_file():
@@ -384,7 +384,7 @@ def resolve_lora_path(path_or_hub_id: str | Path, filename: str | None = None) -
             raise LoraFormatError(f"{path} holds {len(files)} .safetensors files; name the LoRA file itself")
         return files[0]
     text = str(path_or_hub_id)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not path.suffix:
+    if HUB_ID.fullmatch(text) and not path.suffix:
         from huggingface_hub import hf_hub_download
 
         name = filename or hub_default_files().get(text)
